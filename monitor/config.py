@@ -1,0 +1,259 @@
+"""driftd's configuration: one YAML or TOML file, validated once into frozen dataclasses.
+
+Every error names its key (``signals.mmd.permutations: must be >= 1, got 0``) and all of them
+are reported together. Relative paths are resolved against the config file's directory.
+Sections owned by other layers are parsed by their own modules: ``http``/``scheduler`` by
+``monitor.service.config``, ``policy`` by ``monitor.policy``, ``retrain`` by ``retrain.config``.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from monitor.configutil import Section
+from monitor.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class LogsConfig:
+    inference: str                  # directory or pyarrow.fs URI of the inference Parquet logs
+    labels: str | None              # directory or URI of the label Parquet files (None: no labels)
+
+
+@dataclass(frozen=True)
+class IngestConfig:
+    batch_rows: int = 65_536        # rows per bounded read (caps memory for big files)
+    settle_seconds: float = 30.0    # an unreadable file younger than this is retried, not quarantined
+    max_files_per_cycle: int = 1000
+    quarantine_dir: str | None = None  # move quarantined files here; None: record only, leave in place
+    prediction_ttl_seconds: float = 14 * 86400.0  # how long a prediction waits for its label
+    label_ttl_seconds: float = 86400.0            # how long an early label waits for its prediction
+    max_pending_predictions: int = 5_000_000
+    max_pending_labels: int = 1_000_000
+    labelled_retention_seconds: float = 30 * 86400.0  # joined rows kept for retraining
+
+
+@dataclass(frozen=True)
+class WindowConfig:
+    rows: int = 2000                # close a window after this many rows ...
+    seconds: float = 300.0          # ... or once it spans this much event time, whichever is first
+    min_rows: int = 50              # a shorter window (time-closed) skips the MMD test
+
+
+@dataclass(frozen=True)
+class ActivationConfig:
+    alpha: float = 0.05             # Benjamini-Hochberg false discovery rate
+    top_k: int = 10
+
+
+@dataclass(frozen=True)
+class MmdConfig:
+    enabled: bool = True
+    permutations: int = 100
+    alpha: float = 0.05
+    max_window_rows: int = 500      # window rows are subsampled to this for the test
+    max_reference_rows: int = 1000  # reference rows used by the test (of those stored)
+    projection: str = "pca"         # "pca", "random" or "none"
+    projection_dims: int = 32
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class OnlineMmdConfig:
+    enabled: bool = True
+    window_rows: int = 100          # sliding test window of the sequential detector
+    ert_rows: float = 100_000.0     # expected rows between false alarms on undrifted data
+    bootstraps: int = 1000          # bootstrap samples used to calibrate thresholds
+    max_reference_rows: int = 1000
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class AccuracyConfig:
+    last_n: int = 1000
+    last_seconds: float = 3600.0
+
+
+@dataclass(frozen=True)
+class SignalsConfig:
+    activations: ActivationConfig = field(default_factory=ActivationConfig)
+    mmd: MmdConfig = field(default_factory=MmdConfig)
+    online_mmd: OnlineMmdConfig = field(default_factory=OnlineMmdConfig)
+    accuracy: AccuracyConfig = field(default_factory=AccuracyConfig)
+
+
+@dataclass(frozen=True)
+class MonitorConfig:
+    """What the monitoring core needs: where logs, references and state live, and how to measure."""
+
+    model: str                      # a name for the monitored model (the `model` metric label)
+    logs: LogsConfig
+    state_dir: Path
+    reference_dir: Path
+    ingest: IngestConfig = field(default_factory=IngestConfig)
+    window: WindowConfig = field(default_factory=WindowConfig)
+    signals: SignalsConfig = field(default_factory=SignalsConfig)
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole file. ``service``, ``policy`` and ``retrain`` are typed by their owners."""
+
+    source: str                     # the file it was read from ("<flags>" for CLI flags)
+    monitor: MonitorConfig
+    service: Any
+    policy: Any
+    retrain: Any
+
+
+def resolve_location(value: str, base: Path) -> str:
+    """A path relative to the config file, or a URI (``s3://``, ``gs://``, ``file://``) unchanged."""
+    if "://" in value:
+        return value
+    path = Path(os.path.expanduser(value))
+    return str(path if path.is_absolute() else (base / path).resolve())
+
+
+def _parse_monitor(root: Section, base: Path) -> MonitorConfig:
+    logs = root.section("logs")
+    inference = logs.str("inference")
+    labels = logs.optional_str("labels")
+    logs.finish()
+
+    ing = root.section("ingest")
+    d = IngestConfig()
+    quarantine_dir = ing.optional_str("quarantine_dir")
+    ingest = IngestConfig(
+        batch_rows=ing.int("batch_rows", d.batch_rows, minimum=1),
+        settle_seconds=ing.float("settle_seconds", d.settle_seconds, minimum=0),
+        max_files_per_cycle=ing.int("max_files_per_cycle", d.max_files_per_cycle, minimum=1),
+        quarantine_dir=None if quarantine_dir is None else resolve_location(quarantine_dir, base),
+        prediction_ttl_seconds=ing.float("prediction_ttl_seconds", d.prediction_ttl_seconds, minimum=1),
+        label_ttl_seconds=ing.float("label_ttl_seconds", d.label_ttl_seconds, minimum=1),
+        max_pending_predictions=ing.int("max_pending_predictions", d.max_pending_predictions, minimum=1),
+        max_pending_labels=ing.int("max_pending_labels", d.max_pending_labels, minimum=1),
+        labelled_retention_seconds=ing.float("labelled_retention_seconds", d.labelled_retention_seconds, minimum=1),
+    )
+    ing.finish()
+
+    win = root.section("window")
+    w = WindowConfig()
+    window = WindowConfig(
+        rows=win.int("rows", w.rows, minimum=2),
+        seconds=win.float("seconds", w.seconds, minimum=0.001),
+        min_rows=win.int("min_rows", w.min_rows, minimum=2),
+    )
+    win.finish()
+    if window.min_rows > window.rows:
+        root.error("window.min_rows", f"must be <= window.rows ({window.rows}), got {window.min_rows}")
+
+    sig = root.section("signals")
+    act = sig.section("activations")
+    a = ActivationConfig()
+    activations = ActivationConfig(
+        alpha=act.float("alpha", a.alpha, minimum=1e-9, maximum=1),
+        top_k=act.int("top_k", a.top_k, minimum=1),
+    )
+    act.finish()
+    mm = sig.section("mmd")
+    m = MmdConfig()
+    mmd = MmdConfig(
+        enabled=mm.bool("enabled", m.enabled),
+        permutations=mm.int("permutations", m.permutations, minimum=1),
+        alpha=mm.float("alpha", m.alpha, minimum=1e-9, maximum=1),
+        max_window_rows=mm.int("max_window_rows", m.max_window_rows, minimum=2),
+        max_reference_rows=mm.int("max_reference_rows", m.max_reference_rows, minimum=2),
+        projection=mm.choice("projection", ("pca", "random", "none"), m.projection),
+        projection_dims=mm.int("projection_dims", m.projection_dims, minimum=1),
+        seed=mm.int("seed", m.seed),
+    )
+    mm.finish()
+    on = sig.section("online_mmd")
+    o = OnlineMmdConfig()
+    online = OnlineMmdConfig(
+        enabled=on.bool("enabled", o.enabled),
+        window_rows=on.int("window_rows", o.window_rows, minimum=2),
+        ert_rows=on.float("ert_rows", o.ert_rows, minimum=1),
+        bootstraps=on.int("bootstraps", o.bootstraps, minimum=10),
+        max_reference_rows=on.int("max_reference_rows", o.max_reference_rows, minimum=4),
+        seed=on.int("seed", o.seed),
+    )
+    on.finish()
+    if online.max_reference_rows <= 2 * online.window_rows:
+        root.error(
+            "signals.online_mmd.max_reference_rows",
+            f"must exceed 2 x window_rows ({2 * online.window_rows}) so the detector can be calibrated",
+        )
+    acc = sig.section("accuracy")
+    ac = AccuracyConfig()
+    accuracy = AccuracyConfig(
+        last_n=acc.int("last_n", ac.last_n, minimum=1),
+        last_seconds=acc.float("last_seconds", ac.last_seconds, minimum=1),
+    )
+    acc.finish()
+    sig.finish()
+
+    state_dir = root.str("state_dir", "./driftd-state")
+    reference_dir = root.str("reference_dir", "./driftd-reference")
+    return MonitorConfig(
+        model=root.str("model", "model"),
+        logs=LogsConfig(
+            inference=resolve_location(inference, base) if inference else "",
+            labels=None if labels is None else resolve_location(labels, base),
+        ),
+        state_dir=Path(resolve_location(state_dir, base)),
+        reference_dir=Path(resolve_location(reference_dir, base)),
+        ingest=ingest,
+        window=window,
+        signals=SignalsConfig(activations=activations, mmd=mmd, online_mmd=online, accuracy=accuracy),
+    )
+
+
+def parse_config(data: Any, *, source: str, base: Path) -> Config:
+    """Validate a parsed document; raises ConfigError listing every bad key."""
+    from monitor.policy import parse_policy
+    from monitor.service.config import parse_service
+    from retrain.config import parse_retrain
+
+    errors: list[str] = []
+    root = Section(data, "", errors)
+    monitor = _parse_monitor(root, base)
+    service = parse_service(root, base)
+    policy = parse_policy(root.section("policy"))
+    retrain = parse_retrain(root.section("retrain"), base)
+    root.finish()
+    if errors:
+        raise ConfigError(f"{source}: invalid configuration:\n  " + "\n  ".join(errors))
+    return Config(source=source, monitor=monitor, service=service, policy=policy, retrain=retrain)
+
+
+def read_document(path: Path) -> Any:
+    """Parse a YAML (.yaml/.yml) or TOML (.toml) file into plain Python data."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found; pass --config with an existing YAML or TOML file") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config file: {exc.strerror}") from None
+    try:
+        if path.suffix.lower() == ".toml":
+            return tomllib.loads(text)
+        return yaml.safe_load(text)
+    except (yaml.YAMLError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid {'TOML' if path.suffix.lower() == '.toml' else 'YAML'}: {exc}") from None
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    p = Path(path).expanduser().resolve()
+    return parse_config(read_document(p), source=str(p), base=p.parent)
+
+
+def with_overrides(config: Config, **monitor_fields: Any) -> Config:
+    """A copy with some MonitorConfig fields replaced (used by CLI flags)."""
+    return replace(config, monitor=replace(config.monitor, **monitor_fields))

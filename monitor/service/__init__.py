@@ -1,0 +1,1 @@
+"""The long-running daemon: scheduler, HTTP API, Prometheus metrics, sd_notify."""

@@ -1,0 +1,1 @@
+"""Retraining: registry of model versions, guarded fine-tuning recipe, promotion gate, launchers."""
