@@ -1,0 +1,64 @@
+"""The `retrain` config section: defaults, relative paths, key-named errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from monitor.config import parse_config
+from monitor.errors import ConfigError
+
+
+def _parse(retrain: dict, base: Path = Path("/srv/driftd")):
+    return parse_config({"logs": {"inference": "logs"}, "retrain": retrain}, source="driftd.yaml", base=base).retrain
+
+
+def test_defaults_and_relative_paths() -> None:
+    cfg = _parse({"registry_dir": "reg", "input_root": "inputs", "replay_logs": "replay"})
+    assert cfg.registry_dir == Path("/srv/driftd/reg")
+    assert cfg.input_root == Path("/srv/driftd/inputs")
+    assert cfg.replay_logs == "/srv/driftd/replay"
+    assert (cfg.mode, cfg.strategy, cfg.min_labelled_rows, cfg.max_rows) == ("auto", "auto", 200, 5000)
+    assert cfg.gate.min_gain == 0.02 and cfg.gate.max_forgetting == 0.01 and cfg.gate.gate_fraction == 0.25
+    assert cfg.hyper.replay_fraction == 0.5 and cfg.hyper.layer_decay is None
+    assert cfg.launcher == "local" and cfg.nproc_per_node == 1
+
+
+def test_kubernetes_section_is_typed() -> None:
+    cfg = _parse(
+        {
+            "launcher": "kubernetes",
+            "kubernetes": {
+                "image": "registry.local/driftd:1",
+                "cpu": 8,
+                "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+                "node_selector": {"gpu": "h100"},
+            },
+        }
+    )
+    assert cfg.kubernetes.cpu == "8"
+    assert cfg.kubernetes.tolerations[0].key == "nvidia.com/gpu"
+    assert cfg.kubernetes.node_selector == (("gpu", "h100"),)
+
+
+def test_every_bad_key_is_named_in_one_error() -> None:
+    with pytest.raises(ConfigError) as err:
+        _parse(
+            {
+                "mode": "pixels",
+                "hyper": {"lr_head": 0, "schedul": "cosine"},
+                "launcher": "kubernetes",
+                "kubernetes": {"memory": "lots", "tolerations": [{"operator": "Equal"}]},
+            }
+        )
+    text = str(err.value)
+    for key in (
+        "retrain.mode:",
+        "retrain.hyper.lr_head:",
+        "retrain.hyper.schedul: unknown key",
+        "retrain.kubernetes.memory:",
+        "retrain.kubernetes.tolerations[0].key:",
+        "retrain.kubernetes.image: required",
+    ):
+        assert key in text
