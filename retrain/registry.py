@@ -1,0 +1,350 @@
+"""A local model registry: immutable versions, an atomic CURRENT pointer and a promotion history.
+
+Layout under the registry directory::
+
+    versions/<version>/model.safetensors   weights (never pickled)
+    versions/<version>/meta.json           ModelMeta (architecture, data config, lineage, gate, ...)
+    CURRENT                                the promoted version's name (switched with os.replace)
+    history.json                           {"format": 1, "promoted": [...]} for rollback
+    .lock                                  flock held while the registry changes
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import re
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import safetensors.torch
+import torch
+from torch import nn
+
+from monitor.errors import DriftdError
+from retrain.model import DataConfig, create_model, resolve_data_config, unwrap
+
+META_FORMAT = 1
+HISTORY_FORMAT = 1
+_VERSION = re.compile(r"v([0-9]+)")
+
+
+class RegistryError(DriftdError):
+    """The registry is missing, a version does not exist, or its files cannot be used."""
+
+
+@dataclass(frozen=True)
+class ModelMeta:
+    """Everything needed to rebuild a version and to explain where it came from."""
+
+    architecture: str
+    num_classes: int
+    data_config: DataConfig
+    class_names: tuple[str, ...] = ()
+    parent: str | None = None
+    created_at: float = 0.0                    # epoch seconds; set by Registry.add when 0
+    data_window: dict[str, Any] = field(default_factory=dict)   # since/until/rows used to train
+    strategy: str | None = None
+    strategy_reason: str | None = None
+    hyper: dict[str, Any] = field(default_factory=dict)
+    gate: dict[str, Any] = field(default_factory=dict)
+    source: str = ""                           # "import:<file>" or "retrain:<job id>"
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["class_names"] = list(self.class_names)
+        return {"format": META_FORMAT, **data}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any], where: str) -> "ModelMeta":
+        fmt = data.get("format")
+        if fmt != META_FORMAT:
+            raise RegistryError(
+                f"{where}: meta.json format {fmt!r} is not {META_FORMAT}; it was written by a different driftd version"
+            )
+        known = {f.name for f in fields(cls)}
+        missing = {"architecture", "num_classes", "data_config"} - set(data)
+        if missing:
+            raise RegistryError(f"{where}: meta.json lacks {', '.join(sorted(missing))}")
+        values = {k: v for k, v in data.items() if k in known}
+        values["class_names"] = tuple(values.get("class_names", ()))
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class ModelVersion:
+    version: str
+    path: Path                                 # the version's directory
+    meta: ModelMeta
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+class Registry:
+    """Versions of one model in a local directory. ``clock`` supplies creation times (epoch s)."""
+
+    def __init__(self, path: Path, *, clock: Callable[[], float] = time.time):
+        self.path = Path(path)
+        self._clock = clock
+
+    # -- reading ---------------------------------------------------------------------------
+    @property
+    def _versions(self) -> Path:
+        return self.path / "versions"
+
+    def list(self) -> list[ModelVersion]:
+        """All versions, oldest first."""
+        if not self._versions.is_dir():
+            return []
+        names = [p.name for p in self._versions.iterdir() if _VERSION.fullmatch(p.name)]
+        return [self.get(n) for n in sorted(names, key=lambda n: int(n[1:]))]
+
+    def get(self, version: str) -> ModelVersion:
+        if not _VERSION.fullmatch(version):
+            raise RegistryError(f"{version!r} is not a version name (expected v1, v2, ...)")
+        directory = self._versions / version
+        meta_file = directory / "meta.json"
+        if not meta_file.is_file():
+            known = ", ".join(v.name for v in sorted(self._versions.glob("v*"))) if self._versions.is_dir() else ""
+            raise RegistryError(
+                f"{self.path}: version {version} not found (known: {known or 'none'}); "
+                "see `driftd models list`"
+            )
+        try:
+            data = json.loads(meta_file.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise RegistryError(f"{meta_file}: unreadable meta.json: {exc}") from None
+        return ModelVersion(version=version, path=directory, meta=ModelMeta.from_json(data, str(meta_file)))
+
+    def current(self) -> ModelVersion | None:
+        """The promoted version, or None before anything was promoted."""
+        pointer = self.path / "CURRENT"
+        if not pointer.exists():
+            return None
+        return self.get(pointer.read_text(encoding="utf-8").strip())
+
+    def history(self) -> list[str]:
+        """Promoted versions, oldest first (a rollback pops the last one)."""
+        path = self.path / "history.json"
+        if not path.exists():
+            return []
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise RegistryError(f"{path}: unreadable promotion history: {exc}") from None
+        if data.get("format") != HISTORY_FORMAT:
+            raise RegistryError(f"{path}: history format {data.get('format')!r} is not {HISTORY_FORMAT}")
+        return list(data["promoted"])
+
+    def load_model(self, version: str | None = None, *, device: str | torch.device = "cpu") -> tuple[nn.Module, ModelVersion]:
+        """The model of ``version`` (default: CURRENT) in eval mode, weights from safetensors."""
+        mv = self._resolve(version)
+        model = create_model(mv.meta.architecture, mv.meta.num_classes)
+        weights = mv.path / "model.safetensors"
+        try:
+            state = safetensors.torch.load_file(str(weights), device=str(device))
+        except (OSError, safetensors.SafetensorError) as exc:
+            raise RegistryError(f"{weights}: cannot read weights: {exc}") from None
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as exc:
+            first = str(exc).splitlines()[0]
+            raise RegistryError(f"{weights}: weights do not fit {mv.meta.architecture}: {first}") from None
+        return model.to(device).eval(), mv
+
+    def _resolve(self, version: str | None) -> ModelVersion:
+        if version is not None:
+            return self.get(version)
+        current = self.current()
+        if current is None:
+            raise RegistryError(
+                f"{self.path}: no promoted model yet; import one with `driftd models import ...`"
+            )
+        return current
+
+    # -- changing --------------------------------------------------------------------------
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        self.path.mkdir(parents=True, exist_ok=True)
+        with open(self.path / ".lock", "a+") as lock:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+
+    def add(self, model: nn.Module, meta: ModelMeta) -> str:
+        """Store a new immutable version; returns its name (v1, v2, ...). Does not promote."""
+        if meta.created_at == 0.0:
+            meta = ModelMeta(**{**{f.name: getattr(meta, f.name) for f in fields(meta)}, "created_at": self._clock()})
+        self._versions.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=self._versions, prefix=".staging-"))
+        try:
+            state = {k: v.detach().cpu().contiguous() for k, v in unwrap(model).state_dict().items()}
+            safetensors.torch.save_file(state, str(staging / "model.safetensors"))
+            (staging / "meta.json").write_text(json.dumps(meta.to_json(), indent=2, sort_keys=True), encoding="utf-8")
+            for name in ("model.safetensors", "meta.json"):
+                with open(staging / name, "rb") as f:
+                    os.fsync(f.fileno())
+            with self._locked():
+                numbers = [int(p.name[1:]) for p in self._versions.iterdir() if _VERSION.fullmatch(p.name)]
+                version = f"v{max(numbers, default=0) + 1}"
+                os.rename(staging, self._versions / version)
+        except BaseException:
+            for child in staging.glob("*") if staging.exists() else ():
+                child.unlink()
+            if staging.exists():
+                staging.rmdir()
+            raise
+        return version
+
+    def promote(self, version: str) -> ModelVersion:
+        """Make ``version`` CURRENT and append it to the history."""
+        mv = self.get(version)
+        with self._locked():
+            history = self.history()
+            if history and history[-1] == version and self._pointer() == version:
+                return mv
+            self._switch([*history, version])
+        return mv
+
+    def rollback(self) -> str:
+        """Return CURRENT to the previously promoted version; returns that version."""
+        with self._locked():
+            history = self.history()
+            if len(history) < 2:
+                raise RegistryError(f"{self.path}: nothing to roll back to (promotion history: {history or 'empty'})")
+            self.get(history[-2])
+            self._switch(history[:-1])
+            return history[-2]
+
+    def _pointer(self) -> str | None:
+        pointer = self.path / "CURRENT"
+        return pointer.read_text(encoding="utf-8").strip() if pointer.exists() else None
+
+    def _switch(self, history: Sequence[str]) -> None:
+        # History first: if we die between the two writes CURRENT still names a valid version
+        # and the next promote/rollback rewrites both.
+        _write_atomic(self.path / "history.json", json.dumps({"format": HISTORY_FORMAT, "promoted": list(history)}))
+        _write_atomic(self.path / "CURRENT", history[-1] + "\n")
+
+
+def _classifier_outputs(model: nn.Module, state: dict[str, torch.Tensor]) -> int | None:
+    name = model.pretrained_cfg.get("classifier")
+    names = (name,) if isinstance(name, str) else tuple(name or ())
+    for n in names:
+        weight = state.get(f"{n}.weight")
+        if weight is not None:
+            return int(weight.shape[0])
+    return None
+
+
+def _import_meta(model: nn.Module, architecture: str, num_classes: int, class_names: Sequence[str],
+                 input_size: int | None, source: str) -> ModelMeta:
+    if class_names and len(class_names) != num_classes:
+        raise RegistryError(f"got {len(class_names)} class names for num_classes={num_classes}")
+    return ModelMeta(
+        architecture=architecture,
+        num_classes=num_classes,
+        data_config=resolve_data_config(model, input_size),
+        class_names=tuple(class_names),
+        source=source,
+    )
+
+
+def import_timm_checkpoint(
+    registry: Registry,
+    architecture: str,
+    num_classes: int,
+    checkpoint_file: Path,
+    *,
+    class_names: Sequence[str] = (),
+    input_size: int | None = None,
+    promote: bool = True,
+) -> str:
+    """Import a local timm checkpoint (.pth/.bin via ``torch.load(weights_only=True)`` or
+    .safetensors) through ``timm.create_model(pretrained=True, pretrained_cfg_overlay=file)``.
+
+    A checkpoint with a different classifier size (e.g. ImageNet's 1000) gets a fresh head of
+    ``num_classes``. Nothing is downloaded. Returns the new version (promoted unless told not to).
+    """
+    import timm
+    from timm.models import load_state_dict
+
+    checkpoint_file = Path(checkpoint_file)
+    if not checkpoint_file.is_file():
+        raise RegistryError(f"{checkpoint_file}: checkpoint file not found")
+    try:
+        probe = create_model(architecture, num_classes)
+    except RuntimeError as exc:
+        raise RegistryError(f"unknown timm architecture {architecture!r}: {exc}") from None
+    try:
+        state = load_state_dict(str(checkpoint_file), weights_only=True)
+    except Exception as exc:  # torch raises UnpicklingError/RuntimeError/... for non-weight files
+        raise RegistryError(f"{checkpoint_file}: not a weights-only checkpoint: {str(exc).splitlines()[0]}") from None
+    checkpoint_classes = _classifier_outputs(probe, state) or num_classes
+    try:
+        model = timm.create_model(
+            architecture,
+            pretrained=True,
+            num_classes=num_classes,
+            pretrained_cfg_overlay=dict(file=str(checkpoint_file), num_classes=checkpoint_classes),
+        )
+    except RuntimeError as exc:
+        raise RegistryError(f"{checkpoint_file}: does not fit {architecture}: {str(exc).splitlines()[0]}") from None
+    meta = _import_meta(model, architecture, num_classes, class_names, input_size, f"import:{checkpoint_file}")
+    version = registry.add(model, meta)
+    if promote:
+        registry.promote(version)
+    return version
+
+
+def import_safetensors(
+    registry: Registry,
+    architecture: str,
+    num_classes: int,
+    weights_file: Path,
+    *,
+    class_names: Sequence[str] = (),
+    input_size: int | None = None,
+    promote: bool = True,
+) -> str:
+    """Import a full state dict saved with safetensors (must match the architecture exactly)."""
+    weights_file = Path(weights_file)
+    if not weights_file.is_file():
+        raise RegistryError(f"{weights_file}: weights file not found")
+    try:
+        model = create_model(architecture, num_classes)
+    except RuntimeError as exc:
+        raise RegistryError(f"unknown timm architecture {architecture!r}: {exc}") from None
+    try:
+        model.load_state_dict(safetensors.torch.load_file(str(weights_file)), strict=True)
+    except (OSError, safetensors.SafetensorError, RuntimeError) as exc:
+        raise RegistryError(f"{weights_file}: does not fit {architecture}: {str(exc).splitlines()[0]}") from None
+    meta = _import_meta(model, architecture, num_classes, class_names, input_size, f"import:{weights_file}")
+    version = registry.add(model, meta)
+    if promote:
+        registry.promote(version)
+    return version
