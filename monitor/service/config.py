@@ -1,19 +1,119 @@
-"""PLACEHOLDER owned by the daemon work (issue 3): parses the `http` and `scheduler` sections."""
+"""The daemon's own config sections: ``http`` (where to listen, the control token) and ``scheduler``.
+
+The token itself never lives in the config file: ``http.token_file`` names a file holding it and
+``http.token_env`` an environment variable; :func:`load_token` reads it when the daemon starts.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import ipaddress
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from monitor.config import resolve_location
 from monitor.configutil import Section
+from monitor.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class HttpConfig:
+    host: str = "127.0.0.1"
+    port: int = 9464
+    token_file: Path | None = None  # file whose stripped content is the bearer token
+    token_env: str | None = None    # or the name of an environment variable holding it
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        if host in ("0.0.0.0", "[::]"):  # a wildcard bind is reached through loopback from this host
+            host = "127.0.0.1"
+        return f"http://{host}:{self.port}"
+
+    @property
+    def has_token(self) -> bool:
+        return self.token_file is not None or self.token_env is not None
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    interval_seconds: float = 30.0          # between ingest/evaluate cycles
+    shutdown_grace_seconds: float = 30.0    # SIGTERM: finish the batch and exit within this
+    retrain_poll_seconds: float = 5.0       # how often a running retrain's progress is read
 
 
 @dataclass(frozen=True)
 class ServiceConfig:
-    pass
+    http: HttpConfig = field(default_factory=HttpConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+
+
+# Keys whose change only takes effect after a restart (a SIGHUP reload keeps the old value).
+RESTART_KEYS: tuple[str, ...] = ("http.host", "http.port", "state_dir", "logs.inference", "logs.labels", "model")
+
+
+def is_loopback(host: str) -> bool:
+    """True for names/addresses that only this machine can reach."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def parse_service(root: Section, base: Path) -> ServiceConfig:
-    root.section("http").finish()
-    root.section("scheduler").finish()
-    return ServiceConfig()
+    """Read ``http`` and ``scheduler`` from the top-level section; errors are collected in ``root``.
+
+    A non-loopback ``http.host`` without ``token_file``/``token_env`` is an error: the control
+    endpoints would be open to the network.
+    """
+    h = root.section("http")
+    d = HttpConfig()
+    token_file = h.optional_str("token_file")
+    http = HttpConfig(
+        host=h.str("host", d.host),
+        port=h.int("port", d.port, minimum=0, maximum=65535),
+        token_file=None if token_file is None else Path(resolve_location(token_file, base)),
+        token_env=h.optional_str("token_env"),
+    )
+    h.finish()
+    if not is_loopback(http.host) and not http.has_token:
+        root.error(
+            "http.host",
+            f"{http.host!r} is not a loopback address, so the control API needs a token: "
+            "set http.token_file or http.token_env (or bind 127.0.0.1)",
+        )
+
+    s = root.section("scheduler")
+    sd = SchedulerConfig()
+    scheduler = SchedulerConfig(
+        interval_seconds=s.float("interval_seconds", sd.interval_seconds, minimum=0.05),
+        shutdown_grace_seconds=s.float("shutdown_grace_seconds", sd.shutdown_grace_seconds, minimum=0.1),
+        retrain_poll_seconds=s.float("retrain_poll_seconds", sd.retrain_poll_seconds, minimum=0.05),
+    )
+    s.finish()
+    return ServiceConfig(http=http, scheduler=scheduler)
+
+
+def load_token(http: HttpConfig, environ: Mapping[str, str] = os.environ) -> str | None:
+    """The control token, or None when none is configured.
+
+    Raises ConfigError when a token is configured but missing or empty (the daemon must not
+    start with its control API silently open).
+    """
+    if http.token_file is not None:
+        try:
+            token = http.token_file.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ConfigError(f"http.token_file: cannot read {http.token_file}: {exc.strerror}; create it with the token") from None
+        if not token:
+            raise ConfigError(f"http.token_file: {http.token_file} is empty; write the control token into it")
+        return token
+    if http.token_env is not None:
+        token = environ.get(http.token_env, "").strip()
+        if not token:
+            raise ConfigError(f"http.token_env: environment variable {http.token_env} is unset or empty; export the token")
+        return token
+    return None
