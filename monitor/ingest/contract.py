@@ -1,0 +1,462 @@
+"""The log contract: what an inference or label Parquet file must contain, checked on read.
+
+Inference files (one row per prediction; extra columns are ignored, only these are read):
+
+=============== ===================================================== ==========
+column          type                                                  required
+=============== ===================================================== ==========
+request_id      string (unique)                                       yes
+timestamp       Arrow timestamp (any unit; naive means UTC) or int64  yes
+                epoch milliseconds
+model_version   string                                                yes
+features        fixed_size_list or list of float16/32/64 ([D])        yes
+probs           fixed_size_list or list of float ([C]) ...            one of
+logits          ... or the same for raw logits (softmaxed on read)    the two
+prediction      integer class index (argmax of probs when absent)     no
+input_uri       string (where to re-read the input for retraining)    no
+label           integer, nullable (ground truth logged inline)        no
+=============== ===================================================== ==========
+
+Label files: ``request_id`` string, ``label`` integer >= 0, ``labeled_at`` timestamp or int64
+epoch milliseconds. Timestamps leave this module as float64 epoch seconds (UTC).
+
+Two kinds of defect:
+
+* file-level (checked from the footer only, before any row is used): a missing or mistyped
+  column, or a fixed-size list whose length matches no reference -> :class:`ContractError`;
+  the caller quarantines the whole file.
+* row-level: a bad row is dropped and counted by reason in :class:`RowRejections`, the rest of
+  the file goes on. Reasons, checked in this order (a row counts once, under its first reason):
+  ``null_field``, ``non_finite``, ``feature_dim``, ``probs_length``, ``probs_invalid``,
+  ``prediction_invalid`` (a logged prediction outside ``[0, C)``); labels: ``null_field``,
+  ``label_invalid``.
+
+A batch carries a single feature width D and class count C. Per row the expected (D, C) is
+``expectations[model_version]`` when that version has a reference, otherwise the dims of the
+file (fixed-size list type, or the first valid row the reader saw in this file, ``file_dims``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from monitor.errors import ContractError
+from monitor.ingest.records import InferenceBatch, LabelBatch
+
+PROBS_TOLERANCE = 1e-3  # |sum(probs) - 1| allowed per row (float32 producers round)
+
+_TIME_UNITS = {"s": 1.0, "ms": 1e3, "us": 1e6, "ns": 1e9}
+_FLOATS = (pa.float16(), pa.float32(), pa.float64())
+
+
+@dataclass(frozen=True)
+class InferenceLayout:
+    """What one inference file's footer says: which columns to read and how to convert them."""
+
+    path: str
+    scores: Literal["probs", "logits"]   # which column holds the class scores
+    feature_dim: int | None              # D when ``features`` is a fixed-size list, else None
+    class_dim: int | None                # C when the scores column is a fixed-size list, else None
+    timestamp_unit: str                  # "s"/"ms"/"us"/"ns" for Arrow timestamps, "epoch_ms" for int64
+    has_prediction: bool
+    has_input_uri: bool
+    has_label: bool
+
+    @property
+    def columns(self) -> list[str]:
+        """The only columns a reader should fetch (extra columns are never read)."""
+        cols = ["request_id", "timestamp", "model_version", "features", self.scores]
+        cols += [name for name, present in (("prediction", self.has_prediction),
+                                           ("input_uri", self.has_input_uri),
+                                           ("label", self.has_label)) if present]
+        return cols
+
+
+@dataclass(frozen=True)
+class LabelLayout:
+    path: str
+    timestamp_unit: str                  # unit of ``labeled_at``, as in InferenceLayout
+
+    @property
+    def columns(self) -> list[str]:
+        return ["request_id", "label", "labeled_at"]
+
+
+@dataclass(frozen=True)
+class RowRejections:
+    """Rows dropped from one batch (or file), by reason, plus the first offender for the record.
+
+    ``first_row`` is a row index within the file; ``counts`` maps reason -> number of rows.
+    """
+
+    counts: Mapping[str, int] = field(default_factory=dict)
+    first_row: int | None = None
+    first_column: str = ""
+    first_reason: str = ""
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def __bool__(self) -> bool:
+        return self.total > 0
+
+    def merge(self, other: "RowRejections") -> "RowRejections":
+        """Counts added together; the first offender is the earlier row of the two."""
+        counts = dict(self.counts)
+        for reason, n in other.counts.items():
+            counts[reason] = counts.get(reason, 0) + n
+        first = self
+        if self.first_row is None or (other.first_row is not None and other.first_row < self.first_row):
+            first = other
+        return RowRejections(counts, first.first_row, first.first_column, first.first_reason)
+
+
+def classify_rows(first_row: int, checks: Sequence[tuple[str, str, np.ndarray]]) -> tuple[np.ndarray, RowRejections]:
+    """Apply row checks in order; each ``(reason, column, bad_mask)`` only claims rows still kept.
+
+    Returns the keep mask and the rejections (row indices offset by ``first_row``). The engine
+    uses this too, e.g. for ``duplicate_request_id``.
+    """
+    keep: np.ndarray | None = None
+    counts: dict[str, int] = {}
+    first: tuple[int, str, str] | None = None
+    for reason, column, bad in checks:
+        if keep is None:
+            keep = np.ones(bad.shape[0], dtype=bool)
+        hit = bad & keep
+        n = int(hit.sum())
+        if n == 0:
+            continue
+        counts[reason] = counts.get(reason, 0) + n
+        row = int(np.argmax(hit))
+        if first is None or row < first[0]:
+            first = (row, column, reason)
+        keep &= ~hit
+    if keep is None:
+        keep = np.ones(0, dtype=bool)
+    if first is None:
+        return keep, RowRejections()
+    return keep, RowRejections(counts, first_row + first[0], first[1], first[2])
+
+
+# ---------------------------------------------------------------------------- schema checks
+
+def _schema_error(path: str, column: str, found: str, expected: str) -> ContractError:
+    return ContractError(
+        f"{path}: column {column!r} is {found}, expected {expected}; "
+        "fix the producer (see monitor.ingest.writer.LogWriter) and write a corrected file under a new name",
+        reason="schema", path=path, column=column,
+    )
+
+
+def _field_type(schema: pa.Schema, name: str, path: str, expected: str, *, required: bool = True) -> pa.DataType | None:
+    index = schema.get_field_index(name)
+    if index < 0:
+        if required:
+            raise _schema_error(path, name, "missing", expected)
+        return None
+    return schema.field(index).type
+
+
+def _is_string(t: pa.DataType) -> bool:
+    return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t)
+
+
+def _check_string(schema: pa.Schema, name: str, path: str, *, required: bool = True) -> bool:
+    t = _field_type(schema, name, path, "string", required=required)
+    if t is None:
+        return False
+    if not _is_string(t):
+        raise _schema_error(path, name, f"of type {t}", "string")
+    return True
+
+
+def _check_int(schema: pa.Schema, name: str, path: str, *, required: bool = True) -> bool:
+    t = _field_type(schema, name, path, "an integer type", required=required)
+    if t is None:
+        return False
+    if not pa.types.is_integer(t):
+        raise _schema_error(path, name, f"of type {t}", "an integer type (int32/int64)")
+    return True
+
+
+def _time_unit(schema: pa.Schema, name: str, path: str) -> str:
+    expected = "an Arrow timestamp (any unit) or int64 epoch milliseconds"
+    t = _field_type(schema, name, path, expected)
+    if pa.types.is_timestamp(t):
+        return str(t.unit)
+    if pa.types.is_int64(t):
+        return "epoch_ms"
+    raise _schema_error(path, name, f"of type {t}", expected)
+
+
+def _float_list_dim(schema: pa.Schema, name: str, path: str, *, required: bool = True) -> tuple[bool, int | None]:
+    """(present, fixed size or None) for a list-of-float column."""
+    expected = "fixed_size_list<float32>[N] or list<float32> (float16/float64 values are accepted)"
+    t = _field_type(schema, name, path, expected, required=required)
+    if t is None:
+        return False, None
+    is_list = pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)
+    if not is_list or t.value_type not in _FLOATS:
+        raise _schema_error(path, name, f"of type {t}", expected)
+    return True, (t.list_size if pa.types.is_fixed_size_list(t) else None)
+
+
+def check_inference_schema(schema: pa.Schema, path: str) -> InferenceLayout:
+    """File-level check of an inference file from its footer schema.
+
+    Raises ContractError(reason="schema", column=...) naming the file, column, found and expected type.
+    """
+    _check_string(schema, "request_id", path)
+    unit = _time_unit(schema, "timestamp", path)
+    _check_string(schema, "model_version", path)
+    _, feature_dim = _float_list_dim(schema, "features", path)
+    has_probs, probs_dim = _float_list_dim(schema, "probs", path, required=False)
+    has_logits, logits_dim = _float_list_dim(schema, "logits", path, required=False)
+    if not (has_probs or has_logits):
+        raise _schema_error(path, "probs", "missing (and no 'logits' column either)",
+                            "a 'probs' or 'logits' list<float32> column")
+    return InferenceLayout(
+        path=path,
+        scores="probs" if has_probs else "logits",
+        feature_dim=feature_dim,
+        class_dim=probs_dim if has_probs else logits_dim,
+        timestamp_unit=unit,
+        has_prediction=_check_int(schema, "prediction", path, required=False),
+        has_input_uri=_check_string(schema, "input_uri", path, required=False),
+        has_label=_check_int(schema, "label", path, required=False),
+    )
+
+
+def check_label_schema(schema: pa.Schema, path: str) -> LabelLayout:
+    """File-level check of a label file; raises ContractError(reason="schema") like the above."""
+    _check_string(schema, "request_id", path)
+    _check_int(schema, "label", path)
+    return LabelLayout(path=path, timestamp_unit=_time_unit(schema, "labeled_at", path))
+
+
+def check_layout_dims(layout: InferenceLayout, expectations: Mapping[str, tuple[int, int]]) -> None:
+    """A fixed-size list whose length no reference expects makes every row unusable: a file defect.
+
+    Raises ContractError(reason="feature_dim" | "probs_length"). No-op when expectations is empty.
+    """
+    if not expectations:
+        return
+    checks = (("feature_dim", "features", layout.feature_dim, 0), ("probs_length", layout.scores, layout.class_dim, 1))
+    for reason, column, dim, i in checks:
+        wanted = sorted({dims[i] for dims in expectations.values()})
+        if dim is not None and dim not in wanted:
+            versions = ", ".join(f"{v}={d[i]}" for v, d in sorted(expectations.items()))
+            raise ContractError(
+                f"{layout.path}: column {column!r} is a fixed-size list of {dim} values but the references "
+                f"expect {wanted} ({versions}); the producer logs a different model than the references "
+                "describe: build a reference for it (`driftd reference build`) or fix the producer",
+                reason=reason, path=layout.path, column=column,
+            )
+
+
+# ---------------------------------------------------------------------------- row conversion
+
+def _column(data: pa.RecordBatch | pa.Table, name: str) -> pa.Array:
+    col = data.column(name)
+    return col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+
+
+def _epoch_seconds(arr: pa.Array, unit: str) -> tuple[np.ndarray, np.ndarray]:
+    """(float64 epoch seconds with 0 for nulls, null mask)."""
+    nulls = arr.is_null().to_numpy(zero_copy_only=False)
+    ints = arr.cast(pa.int64()).fill_null(0).to_numpy()
+    scale = 1e3 if unit == "epoch_ms" else _TIME_UNITS[unit]
+    return ints.astype(np.float64) / scale, nulls
+
+
+def _strings(arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    return arr.to_numpy(zero_copy_only=False), arr.is_null().to_numpy(zero_copy_only=False)
+
+
+@dataclass(frozen=True)
+class _FloatLists:
+    """A list<float> column flattened: ``values`` float32, row ``lengths`` and ``starts`` into values."""
+
+    values: np.ndarray
+    lengths: np.ndarray     # int64[n], 0 for null rows
+    starts: np.ndarray      # int64[n]
+    null: np.ndarray        # bool[n], the list itself is null
+    bad: np.ndarray         # bool[n], some value is null, NaN or infinite
+
+    @classmethod
+    def of(cls, arr: pa.Array) -> "_FloatLists":
+        n = len(arr)
+        null = arr.is_null().to_numpy(zero_copy_only=False)
+        lengths = pc.list_value_length(arr).fill_null(0).to_numpy().astype(np.int64)
+        flat = pc.list_flatten(arr)  # skips null rows, honours slicing
+        values = flat.cast(pa.float32()).to_numpy(zero_copy_only=False)  # null values -> NaN
+        starts = np.cumsum(lengths) - lengths
+        bad = np.zeros(n, dtype=bool)
+        with np.errstate(over="ignore"):
+            bad_values = ~np.isfinite(values)
+        if bad_values.any():
+            rows = np.repeat(np.arange(n), lengths)
+            bad[rows[bad_values]] = True
+        return cls(values, lengths, starts, null, bad)
+
+    def matrix(self, rows: np.ndarray, width: int) -> np.ndarray:
+        """float32[len(rows), width] for rows known to hold exactly ``width`` values."""
+        if rows.shape[0] == 0:
+            return np.zeros((0, width), dtype=np.float32)
+        starts = self.starts[rows]
+        if rows.shape[0] * width == self.values.shape[0] and np.all(np.diff(starts) == width) and starts[0] == 0:
+            return self.values.reshape(rows.shape[0], width)  # common case: every row kept, no copy
+        return self.values[starts[:, None] + np.arange(width)]
+
+
+def _expected_dims(
+    versions: pa.Array, expectations: Mapping[str, tuple[int, int]], default: tuple[int, int]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-row expected (D, C): the version's reference dims, else the file's."""
+    encoded = versions.dictionary_encode()
+    table = [expectations.get(v, default) for v in encoded.dictionary.to_pylist()] or [default]
+    lookup = np.asarray(table, dtype=np.int64).reshape(-1, 2)
+    index = encoded.indices.fill_null(0).to_numpy().astype(np.int64)
+    return lookup[index, 0], lookup[index, 1]
+
+
+def _first_dims(features: _FloatLists, scores: _FloatLists, usable: np.ndarray) -> tuple[int, int]:
+    ok = np.flatnonzero(usable)
+    if ok.shape[0] == 0:
+        return (0, 0)
+    return int(features.lengths[ok[0]]), int(scores.lengths[ok[0]])
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    e = np.exp(shifted, dtype=np.float32)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def to_inference_batch(
+    batch: pa.RecordBatch | pa.Table,
+    layout: InferenceLayout,
+    *,
+    path: str,
+    first_row: int,
+    expectations: Mapping[str, tuple[int, int]],
+    file_dims: tuple[int, int] | None = None,
+) -> tuple[InferenceBatch, RowRejections]:
+    """Validate and convert rows to numpy; bad rows are dropped and counted (see module docstring).
+
+    ``first_row`` is the file row index of ``batch[0]``. ``expectations`` maps model_version to
+    its reference (D, C). ``file_dims`` is the (D, C) of the file's first valid row when a reader
+    has seen it in an earlier chunk; otherwise the fixed-size type or this batch's first valid row.
+    """
+    n = batch.num_rows
+    request_id, rid_null = _strings(_column(batch, "request_id"))
+    timestamp, ts_null = _epoch_seconds(_column(batch, "timestamp"), layout.timestamp_unit)
+    versions = _column(batch, "model_version")
+    model_version, mv_null = _strings(versions)
+    features = _FloatLists.of(_column(batch, "features"))
+    scores = _FloatLists.of(_column(batch, layout.scores))
+
+    null = rid_null | ts_null | mv_null | features.null | scores.null
+    usable = ~null & ~features.bad & ~scores.bad
+    dims = file_dims or (layout.feature_dim or 0, layout.class_dim or 0)
+    if 0 in dims:
+        first = _first_dims(features, scores, usable)
+        dims = (dims[0] or first[0], dims[1] or first[1])
+    want_d, want_c = _expected_dims(versions, expectations, dims)
+    # One batch holds one (D, C): rows expecting other dims (another version's reference) are
+    # checked against the batch's first usable row after the per-row expectation.
+    wrong_d = (features.lengths != want_d) | (features.lengths == 0)
+    wrong_c = (scores.lengths != want_c) | (scores.lengths < 1)
+    ok_so_far = usable & ~wrong_d & ~wrong_c
+    batch_d, batch_c = _first_dims(features, scores, ok_so_far)
+    wrong_d |= ok_so_far & (features.lengths != batch_d)
+    wrong_c |= ok_so_far & (scores.lengths != batch_c)
+
+    keep, rejections = classify_rows(first_row, [
+        ("null_field", _first_null_column([("request_id", rid_null), ("timestamp", ts_null), ("model_version", mv_null),
+                                            ("features", features.null), (layout.scores, scores.null)]), null),
+        ("non_finite", "features", features.bad),
+        ("non_finite", layout.scores, scores.bad),
+        ("feature_dim", "features", wrong_d),
+        ("probs_length", layout.scores, wrong_c),
+    ])
+    rows = np.flatnonzero(keep)
+    feats = features.matrix(rows, batch_d)
+    raw = scores.matrix(rows, batch_c)
+    probs = _softmax(raw.astype(np.float32)) if layout.scores == "logits" else raw
+    invalid = np.zeros(n, dtype=bool)
+    if layout.scores == "probs" and rows.shape[0]:
+        invalid[rows] = (probs < 0).any(axis=1) | (np.abs(probs.sum(axis=1, dtype=np.float64) - 1.0) > PROBS_TOLERANCE)
+
+    argmax = np.zeros(n, dtype=np.int64)
+    if rows.shape[0]:
+        argmax[rows] = probs.argmax(axis=1)
+    prediction = argmax
+    bad_pred = np.zeros(n, dtype=bool)
+    if layout.has_prediction:
+        logged = _column(batch, "prediction")
+        pred_null = logged.is_null().to_numpy(zero_copy_only=False)
+        values = logged.cast(pa.int64()).fill_null(0).to_numpy()
+        prediction = np.where(pred_null, argmax, values)  # a null prediction falls back to argmax
+        bad_pred = keep & ((prediction < 0) | (prediction >= max(batch_c, 1)))
+
+    keep2, late = classify_rows(first_row, [("probs_invalid", layout.scores, invalid), ("prediction_invalid", "prediction", bad_pred)])
+    keep &= keep2
+    rejections = rejections.merge(late)
+    final = np.flatnonzero(keep)
+    sub = np.isin(rows, final, assume_unique=True)  # rows of the matrices still kept
+
+    input_uri = _strings(_column(batch, "input_uri"))[0][final] if layout.has_input_uri else None
+    label = None
+    if layout.has_label:
+        raw_label = _column(batch, "label")
+        label = raw_label.cast(pa.int64()).fill_null(-1).to_numpy()[final]
+        label = np.where(label < 0, -1, label)
+    out = InferenceBatch(
+        source=path,
+        first_row=first_row,
+        request_id=request_id[final],
+        timestamp=timestamp[final],
+        model_version=model_version[final],
+        features=np.ascontiguousarray(feats[sub], dtype=np.float32),
+        probs=np.ascontiguousarray(probs[sub], dtype=np.float32),
+        prediction=prediction[final].astype(np.int64),
+        input_uri=input_uri,
+        label=label,
+    )
+    return out, rejections
+
+
+def _first_null_column(masks: Sequence[tuple[str, np.ndarray]]) -> str:
+    """Name of the column that made the first null row null (for the quarantine record)."""
+    any_null = np.logical_or.reduce([mask for _, mask in masks])
+    if not any_null.any():
+        return ""
+    row = int(np.argmax(any_null))
+    return next(name for name, mask in masks if mask[row])
+
+
+def to_label_batch(
+    batch: pa.RecordBatch | pa.Table, layout: LabelLayout, *, path: str, first_row: int
+) -> tuple[LabelBatch, RowRejections]:
+    """Validate and convert label rows; reasons ``null_field`` and ``label_invalid`` (negative)."""
+    request_id, rid_null = _strings(_column(batch, "request_id"))
+    labels = _column(batch, "label")
+    label_null = labels.is_null().to_numpy(zero_copy_only=False)
+    label = labels.cast(pa.int64()).fill_null(0).to_numpy()
+    labeled_at, at_null = _epoch_seconds(_column(batch, "labeled_at"), layout.timestamp_unit)
+    null_col = _first_null_column([("request_id", rid_null), ("label", label_null), ("labeled_at", at_null)])
+    keep, rejections = classify_rows(first_row, [
+        ("null_field", null_col, rid_null | label_null | at_null),
+        ("label_invalid", "label", label < 0),
+    ])
+    out = LabelBatch(source=path, request_id=request_id[keep], label=label[keep].astype(np.int64), labeled_at=labeled_at[keep])
+    return out, rejections

@@ -1,0 +1,208 @@
+"""The checkpoint: one SQLite file (``state_dir/state.db``) holding everything driftd must not lose.
+
+Read cursors (per file progress), cumulative counters, the engine's signal state (blobs), the
+quarantine record and the label-join buffers live in one database, written through one
+connection in explicit transactions. Everything written between two :meth:`StateStore.commit`
+calls becomes durable together (WAL, ``synchronous=FULL``), so a crash or ``kill -9`` anywhere
+rolls all of it back to the last commit: a chunk's rows are either counted and past the cursor,
+or neither, which is what makes ingestion exactly-once.
+
+Other processes (the retrain job, ``driftd status``) read through :func:`connect_readonly`;
+WAL lets them read a consistent snapshot while the daemon writes.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from monitor.errors import StateError
+
+SCHEMA_VERSION = 1
+DB_NAME = "state.db"
+
+FileStatus = Literal["partial", "done", "quarantined"]
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (schema_version INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS file_progress (
+    kind TEXT NOT NULL, path TEXT NOT NULL, status TEXT NOT NULL,
+    rows_done INTEGER NOT NULL, size INTEGER NOT NULL, mtime REAL NOT NULL,
+    PRIMARY KEY (kind, path)
+);
+CREATE TABLE IF NOT EXISTS counters (
+    name TEXT NOT NULL, key TEXT NOT NULL, value REAL NOT NULL, PRIMARY KEY (name, key)
+);
+CREATE TABLE IF NOT EXISTS blobs (name TEXT PRIMARY KEY, data BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS quarantine (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, kind TEXT NOT NULL, path TEXT NOT NULL,
+    reason TEXT NOT NULL, column_name TEXT NOT NULL, row INTEGER, rows INTEGER,
+    message TEXT NOT NULL, moved_to TEXT, at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS pending_predictions (
+    request_id TEXT PRIMARY KEY, timestamp REAL NOT NULL, model_version TEXT NOT NULL,
+    prediction INTEGER NOT NULL, confidence REAL NOT NULL, source TEXT NOT NULL,
+    row INTEGER NOT NULL, input_uri TEXT, arrived_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS pending_predictions_arrived ON pending_predictions (arrived_at);
+CREATE TABLE IF NOT EXISTS pending_labels (
+    request_id TEXT PRIMARY KEY, label INTEGER NOT NULL, labeled_at REAL NOT NULL, arrived_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS pending_labels_arrived ON pending_labels (arrived_at);
+CREATE TABLE IF NOT EXISTS labelled (
+    request_id TEXT PRIMARY KEY, model_version TEXT NOT NULL, timestamp REAL NOT NULL,
+    labeled_at REAL NOT NULL, prediction INTEGER NOT NULL, label INTEGER NOT NULL,
+    confidence REAL NOT NULL, source TEXT NOT NULL, row INTEGER NOT NULL, input_uri TEXT
+);
+CREATE INDEX IF NOT EXISTS labelled_labeled_at ON labelled (labeled_at);
+"""
+
+
+@dataclass(frozen=True)
+class FileProgress:
+    """How far a log file has been consumed: ``rows_done`` rows are applied and committed."""
+
+    path: str
+    status: FileStatus
+    rows_done: int
+    size: int
+    mtime: float
+
+
+def _corrupt(path: Path, exc: Exception) -> StateError:
+    return StateError(
+        f"{path}: checkpoint database is unreadable ({exc}); restore it from a backup, or move it "
+        "away to start from scratch (all log files will be re-read)"
+    )
+
+
+class StateStore:
+    """One writer connection to ``state.db``. Not for concurrent use from several threads at once."""
+
+    def __init__(self, conn: sqlite3.Connection, path: Path):
+        self._conn = conn
+        self.path = path
+
+    @classmethod
+    def open(cls, state_dir: Path) -> "StateStore":
+        """Create or open ``state_dir/state.db``; raises StateError if corrupt or from a newer driftd."""
+        state_dir = Path(state_dir)
+        try:
+            state_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StateError(f"{state_dir}: cannot create state directory: {exc.strerror}; fix its permissions or point state_dir elsewhere") from None
+        path = state_dir / DB_NAME
+        # isolation_level=None: we issue BEGIN ourselves so a transaction spans exactly commit() to commit().
+        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute("BEGIN IMMEDIATE")
+            for statement in _SCHEMA.split(";"):
+                if statement.strip():
+                    conn.execute(statement)
+            row = conn.execute("SELECT schema_version FROM meta").fetchone()
+            if row is None:
+                conn.execute("INSERT INTO meta (schema_version) VALUES (?)", (SCHEMA_VERSION,))
+            elif row[0] > SCHEMA_VERSION:
+                conn.execute("ROLLBACK")
+                conn.close()
+                raise StateError(
+                    f"{path}: checkpoint has schema version {row[0]} but this driftd understands up to "
+                    f"{SCHEMA_VERSION}; it was written by a newer driftd: upgrade driftd or point state_dir elsewhere"
+                )
+            conn.execute("COMMIT")
+        except sqlite3.DatabaseError as exc:
+            conn.close()
+            raise _corrupt(path, exc) from None
+        return cls(conn, path)
+
+    # ------------------------------------------------------------------ transactions
+    def _begin(self) -> None:
+        if not self._conn.in_transaction:
+            self._conn.execute("BEGIN")
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> sqlite3.Cursor:
+        """Run one statement inside the open transaction (started on first use)."""
+        self._begin()
+        return self._conn.execute(sql, params)
+
+    def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
+        self._begin()
+        self._conn.executemany(sql, rows)
+
+    def query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        """Read rows; sees this connection's uncommitted writes."""
+        return self._conn.execute(sql, params).fetchall()
+
+    @property
+    def connection(self) -> sqlite3.Connection:
+        """The underlying connection, for read helpers such as ``labels.labelled_rows``."""
+        return self._conn
+
+    def commit(self) -> None:
+        """Make everything written since the last commit durable, atomically."""
+        if self._conn.in_transaction:
+            self._conn.execute("COMMIT")
+
+    def rollback(self) -> None:
+        """Forget everything written since the last commit."""
+        if self._conn.in_transaction:
+            self._conn.execute("ROLLBACK")
+
+    def close(self) -> None:
+        """Close WITHOUT committing: uncommitted writes are rolled back, as after a crash."""
+        self.rollback()
+        self._conn.close()
+
+    def __enter__(self) -> "StateStore":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ file progress
+    def file_progress(self, kind: str) -> dict[str, FileProgress]:
+        rows = self.query("SELECT path, status, rows_done, size, mtime FROM file_progress WHERE kind = ?", (kind,))
+        return {r[0]: FileProgress(r[0], r[1], int(r[2]), int(r[3]), float(r[4])) for r in rows}
+
+    def set_file_progress(self, kind: str, progress: FileProgress) -> None:
+        self.execute(
+            "INSERT OR REPLACE INTO file_progress (kind, path, status, rows_done, size, mtime) VALUES (?, ?, ?, ?, ?, ?)",
+            (kind, progress.path, progress.status, progress.rows_done, progress.size, progress.mtime),
+        )
+
+    # ------------------------------------------------------------------ counters and blobs
+    def add_counter(self, name: str, key: str, delta: float) -> None:
+        """Add to a cumulative counter (e.g. ("rejected_rows", "non_finite")); created at 0."""
+        self.execute(
+            "INSERT INTO counters (name, key, value) VALUES (?, ?, ?) "
+            "ON CONFLICT (name, key) DO UPDATE SET value = value + excluded.value",
+            (name, key, float(delta)),
+        )
+
+    def counters(self) -> dict[tuple[str, str], float]:
+        return {(r[0], r[1]): float(r[2]) for r in self.query("SELECT name, key, value FROM counters")}
+
+    def put_blob(self, name: str, data: bytes) -> None:
+        self.execute("INSERT OR REPLACE INTO blobs (name, data) VALUES (?, ?)", (name, sqlite3.Binary(data)))
+
+    def get_blob(self, name: str) -> bytes | None:
+        rows = self.query("SELECT data FROM blobs WHERE name = ?", (name,))
+        return bytes(rows[0][0]) if rows else None
+
+
+def connect_readonly(state_dir: Path) -> sqlite3.Connection:
+    """A read-only connection for another process; raises StateError if there is no checkpoint yet."""
+    path = Path(state_dir) / DB_NAME
+    if not path.exists():
+        raise StateError(f"{path}: no checkpoint yet; start the daemon (`driftd run`) or check state_dir")
+    try:
+        conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, check_same_thread=False)
+        conn.execute("SELECT schema_version FROM meta").fetchone()
+    except sqlite3.DatabaseError as exc:
+        raise _corrupt(path, exc) from None
+    return conn

@@ -1,0 +1,215 @@
+"""Finding new log files and reading them in bounded chunks, resumable from any row.
+
+Files are listed through ``pyarrow.fs`` (a local directory, ``file://``, ``s3://``, ``gs://``),
+recursively, so any nesting or hive partitioning works (``dt=2026-11-26/hour=10/part-*.parquet``).
+Names starting with ``.`` or ``_`` are skipped: the writer's temporary files and markers such as
+``_SUCCESS``. Files are processed in path order with digit runs compared as numbers, so
+``hour=9`` comes before ``hour=10`` and the writer's time-stamped names come in time order.
+
+A reader never holds more than ``batch_rows`` rows of one file (plus one Parquet row group's
+column chunks, which the producer bounds): whole row groups before ``start_row`` are skipped
+from the footer's metadata without reading them.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from monitor.config import IngestConfig
+from monitor.errors import ContractError
+from monitor.ingest.contract import (
+    InferenceLayout,
+    LabelLayout,
+    RowRejections,
+    check_inference_schema,
+    check_label_schema,
+    check_layout_dims,
+    to_inference_batch,
+    to_label_batch,
+)
+from monitor.ingest.records import InferenceBatch, LabelBatch
+from monitor.ingest.store import FileProgress
+
+Kind = Literal["inference", "labels"]
+_FINISHED = ("done", "quarantined")
+
+
+class FileNotReady(Exception):
+    """The file cannot be read yet (still being written, or vanished); try again next cycle."""
+
+
+@dataclass(frozen=True)
+class FileInfo:
+    """A log file as listed: ``path`` within ``filesystem``; ``root`` is the listed location."""
+
+    path: str
+    size: int
+    mtime: float                    # epoch seconds
+    root: str = ""
+    filesystem: pafs.FileSystem | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def relative(self) -> str:
+        """Path below the listed location (kept when a file is moved to quarantine)."""
+        if self.root and self.path.startswith(self.root.rstrip("/") + "/"):
+            return self.path[len(self.root.rstrip("/")) + 1:]
+        return os.path.basename(self.path)
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Up to ``batch_rows`` validated rows of ``file``; ``next_row`` is where to resume after it."""
+
+    file: FileInfo
+    batch: InferenceBatch | LabelBatch
+    rejections: RowRejections
+    next_row: int
+    end_of_file: bool
+
+
+def resolve_filesystem(location: str) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path within it) for a local path or a ``pyarrow.fs`` URI."""
+    if "://" in location:
+        try:
+            return pafs.FileSystem.from_uri(location)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as exc:
+            raise ContractError(
+                f"{location}: cannot open this log location ({exc}); use a local path or a file://, s3:// or gs:// URI",
+                reason="unreadable", path=location,
+            ) from None
+    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(location))
+
+
+def _natural_key(path: str) -> tuple[tuple[tuple[int, int, str], ...], ...]:
+    """Sort key: per path component, digit runs compare as numbers (hour=9 < hour=10)."""
+    return tuple(
+        tuple((0, int(tok), "") if tok.isdigit() else (1, 0, tok) for tok in re.split(r"(\d+)", part) if tok)
+        for part in path.split("/")
+    )
+
+
+class Tailer:
+    """Discovers and reads one log location (``kind`` = "inference" or "labels")."""
+
+    def __init__(self, location: str, kind: Kind, config: IngestConfig, *, clock: Callable[[], float] = time.time,
+                 filesystem: pafs.FileSystem | None = None):
+        self.location = location
+        self.kind = kind
+        self.config = config
+        self.clock = clock
+        if filesystem is None:
+            self.filesystem, self.root = resolve_filesystem(location)
+        else:
+            self.filesystem, self.root = filesystem, location
+
+    # ------------------------------------------------------------------ listing
+    def _list(self) -> list[FileInfo]:
+        selector = pafs.FileSelector(self.root, recursive=True, allow_not_found=True)
+        try:
+            infos = self.filesystem.get_file_info(selector)
+        except OSError as exc:
+            raise ContractError(f"{self.location}: cannot list {self.kind} logs: {exc}", reason="unreadable",
+                                path=self.location) from None
+        prefix = self.root.rstrip("/") + "/"
+        files = []
+        for info in infos:
+            if info.type != pafs.FileType.File or not info.path.endswith(".parquet"):
+                continue
+            relative = info.path[len(prefix):] if info.path.startswith(prefix) else info.base_name
+            if any(part.startswith((".", "_")) for part in relative.split("/")):
+                continue
+            mtime = info.mtime.timestamp() if info.mtime is not None else 0.0
+            files.append(FileInfo(info.path, int(info.size or 0), mtime, self.root, self.filesystem))
+        files.sort(key=lambda f: _natural_key(f.relative))
+        return files
+
+    def discover(self, known: Mapping[str, FileProgress]) -> list[FileInfo]:
+        """Files not yet done or quarantined, in processing order, at most ``max_files_per_cycle``."""
+        pending = [f for f in self._list() if f.path not in known or known[f.path].status not in _FINISHED]
+        return pending[: self.config.max_files_per_cycle]
+
+    def lag_seconds(self, known: Mapping[str, FileProgress]) -> float:
+        """Age (by clock, from mtime) of the oldest file not fully processed; 0 when caught up."""
+        pending = [f.mtime for f in self._list() if f.path not in known or known[f.path].status not in _FINISHED]
+        return max(0.0, self.clock() - min(pending)) if pending else 0.0
+
+    # ------------------------------------------------------------------ reading
+    def _open(self, file: FileInfo) -> pq.ParquetFile:
+        try:
+            return pq.ParquetFile(self.filesystem.open_input_file(file.path))
+        except FileNotFoundError:
+            raise FileNotReady(f"{file.path}: vanished since it was listed") from None
+        except (pa.ArrowException, OSError) as exc:
+            age = self.clock() - file.mtime
+            if age < self.config.settle_seconds:
+                raise FileNotReady(f"{file.path}: footer not readable yet ({age:.0f}s old); retrying") from None
+            raise ContractError(
+                f"{file.path}: not a readable Parquet file ({exc}) and unchanged for {age:.0f}s "
+                f"(settle_seconds={self.config.settle_seconds:g}); producers must write to a temporary name "
+                "starting with '.' and rename when complete (monitor.ingest.writer does)",
+                reason="unreadable", path=file.path,
+            ) from None
+
+    def layout(self, pf: pq.ParquetFile, file: FileInfo, expectations: Mapping[str, tuple[int, int]]) -> InferenceLayout | LabelLayout:
+        if self.kind == "labels":
+            return check_label_schema(pf.schema_arrow, file.path)
+        layout = check_inference_schema(pf.schema_arrow, file.path)
+        check_layout_dims(layout, expectations)
+        return layout
+
+    def read(self, file: FileInfo, start_row: int, expectations: Mapping[str, tuple[int, int]]) -> Iterator[Chunk]:
+        """Validated chunks of at most ``batch_rows`` rows from ``start_row`` to the end of the file.
+
+        Raises FileNotReady (footer unreadable, file younger than settle_seconds) or ContractError
+        (file-level defect: unreadable, schema, fixed dims matching no reference) before any row.
+        A file with no rows left yields one empty chunk with ``end_of_file=True``.
+        """
+        pf = self._open(file)
+        layout = self.layout(pf, file, expectations)
+        meta = pf.metadata
+        total = meta.num_rows
+        first_group, group_start = 0, 0
+        while first_group < meta.num_row_groups and group_start + meta.row_group(first_group).num_rows <= start_row:
+            group_start += meta.row_group(first_group).num_rows
+            first_group += 1
+        if start_row >= total or first_group >= meta.num_row_groups:
+            empty = pf.schema_arrow.empty_table().select(layout.columns)
+            yield Chunk(file, self._convert(empty, layout, file, total, expectations, None)[0], RowRejections(), total, True)
+            return
+        row = group_start
+        file_dims: tuple[int, int] | None = None
+        batches = pf.iter_batches(batch_size=self.config.batch_rows, row_groups=range(first_group, meta.num_row_groups),
+                                  columns=layout.columns, use_threads=False)
+        try:
+            for batch in batches:
+                if row + batch.num_rows <= start_row:
+                    row += batch.num_rows
+                    continue
+                if row < start_row:
+                    batch = batch.slice(start_row - row)
+                    row = start_row
+                converted, rejections = self._convert(batch, layout, file, row, expectations, file_dims)
+                if file_dims is None and isinstance(converted, InferenceBatch) and len(converted):
+                    file_dims = (converted.features.shape[1], converted.probs.shape[1])
+                row += batch.num_rows
+                yield Chunk(file, converted, rejections, row, row >= total)
+        except (pa.ArrowException, OSError) as exc:
+            raise ContractError(f"{file.path}: data pages unreadable after row {row} ({exc}); the file is corrupt",
+                                reason="unreadable", path=file.path, row=row) from None
+
+    def _convert(self, batch: pa.RecordBatch, layout: InferenceLayout | LabelLayout, file: FileInfo, first_row: int,
+                 expectations: Mapping[str, tuple[int, int]], file_dims: tuple[int, int] | None
+                 ) -> tuple[InferenceBatch | LabelBatch, RowRejections]:
+        if isinstance(layout, LabelLayout):
+            return to_label_batch(batch, layout, path=file.path, first_row=first_row)
+        return to_inference_batch(batch, layout, path=file.path, first_row=first_row, expectations=expectations,
+                                  file_dims=file_dims)
