@@ -1,0 +1,220 @@
+"""Joining late ground truth to predictions by ``request_id``, whichever arrives first.
+
+A prediction waits in ``pending_predictions`` until its label comes (or ``prediction_ttl``
+passes); a label that arrives before its prediction waits in ``pending_labels`` (up to
+``label_ttl``). A match becomes a row of ``labelled``: the accuracy signal and the retraining
+data. All of it lives in the checkpoint database and joins its transaction, so joins are
+exactly-once with the cursors. Ages for the TTLs are measured from when driftd read the row
+(the injected clock), so replaying old logs does not expire everything at once; labelled rows
+are pruned by ``labeled_at``.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from monitor.config import IngestConfig
+from monitor.ingest.records import InferenceBatch, JoinedLabel, LabelBatch
+from monitor.ingest.store import StateStore
+
+_LABELLED_COLUMNS = "request_id, model_version, timestamp, labeled_at, prediction, label, confidence, source, row, input_uri"
+
+
+@dataclass(frozen=True)
+class ExpiryCounts:
+    labels_unmatched: int = 0        # labels whose prediction never came within label_ttl
+    predictions_expired: int = 0     # predictions never labelled within prediction_ttl
+    predictions_dropped: int = 0     # oldest pending predictions dropped over max_pending_predictions
+    labels_dropped: int = 0          # oldest pending labels dropped over max_pending_labels
+    labelled_pruned: int = 0         # joined rows older than labelled_retention_seconds
+
+
+def _first_occurrence(ids: np.ndarray) -> np.ndarray:
+    """bool mask: True for the first row of each distinct id."""
+    first = np.zeros(ids.shape[0], dtype=bool)
+    if ids.shape[0]:
+        _, index = np.unique(ids.astype(str), return_index=True)
+        first[index] = True
+    return first
+
+
+class LabelJoiner:
+    """Joins predictions and labels through the store's open transaction (commit is the caller's)."""
+
+    def __init__(self, store: StateStore, config: IngestConfig, *, clock: Callable[[], float] = time.time):
+        self.store = store
+        self.config = config
+        self.clock = clock
+
+    def _existing(self, table: str, ids: list[str]) -> set[str]:
+        # json_each turns the whole batch into one indexed join instead of one query per row.
+        rows = self.store.query(f"SELECT t.request_id FROM json_each(?) j JOIN {table} t ON t.request_id = j.value",
+                                (json.dumps(ids),))
+        return {r[0] for r in rows}
+
+    def add_predictions(self, batch: InferenceBatch) -> tuple[np.ndarray, list[JoinedLabel]]:
+        """Store predictions to await labels; returns (duplicate mask, joins completed by early labels).
+
+        A row is a duplicate when its request_id was seen before (pending or labelled) or earlier in
+        this batch; duplicates are not stored (the engine rejects them as ``duplicate_request_id``).
+        """
+        n = len(batch)
+        if n == 0:
+            return np.zeros(0, dtype=bool), []
+        ids = [str(x) for x in batch.request_id.tolist()]
+        seen = self._existing("pending_predictions", ids) | self._existing("labelled", ids)
+        duplicate = ~_first_occurrence(batch.request_id)
+        if seen:
+            duplicate |= np.fromiter((i in seen for i in ids), dtype=bool, count=n)
+        keep = np.flatnonzero(~duplicate)
+        confidence = batch.probs.max(axis=1) if batch.probs.shape[1] else np.zeros(n, dtype=np.float32)
+        uris = batch.input_uri.tolist() if batch.input_uri is not None else [None] * n
+        rows_ = (batch.first_row + np.arange(n)).tolist()
+        ts = batch.timestamp.tolist()
+        mv = batch.model_version.tolist()
+        pred = batch.prediction.tolist()
+        conf = confidence.astype(np.float64).tolist()
+
+        early = {r[0]: (r[1], r[2]) for r in self.store.query(
+            "SELECT p.request_id, p.label, p.labeled_at FROM json_each(?) j JOIN pending_labels p ON p.request_id = j.value",
+            (json.dumps([ids[i] for i in keep.tolist()]),))}
+        if batch.label is not None:  # labels logged inline with the prediction join at once
+            inline = batch.label.tolist()
+            for i in keep.tolist():
+                if inline[i] >= 0 and ids[i] not in early:
+                    early[ids[i]] = (inline[i], ts[i])
+        now = self.clock()
+        pending, joined = [], []
+        for i in keep.tolist():
+            hit = early.get(ids[i])
+            if hit is None:
+                pending.append((ids[i], ts[i], mv[i], pred[i], conf[i], batch.source, rows_[i], uris[i], now))
+            else:
+                joined.append(JoinedLabel(ids[i], mv[i], ts[i], float(hit[1]), int(pred[i]), int(hit[0]), conf[i],
+                                          batch.source, int(rows_[i]), uris[i]))
+        self.store.executemany(
+            "INSERT INTO pending_predictions (request_id, timestamp, model_version, prediction, confidence, source, row,"
+            " input_uri, arrived_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", pending)
+        if joined:  # (inline labels were never pending: deleting them is a no-op)
+            self.store.executemany("DELETE FROM pending_labels WHERE request_id = ?", [(j.request_id,) for j in joined])
+            self._record(joined)
+        return duplicate, joined
+
+    def add_labels(self, batch: LabelBatch) -> list[JoinedLabel]:
+        """Join labels with pending predictions; unmatched ones wait. Returns the completed joins.
+
+        A label for a request_id already labelled or already waiting counts ("labels", "duplicate")
+        and is ignored (the first label wins).
+        """
+        n = len(batch)
+        if n == 0:
+            return []
+        ids = [str(x) for x in batch.request_id.tolist()]
+        already = self._existing("labelled", ids) | self._existing("pending_labels", ids)
+        fresh = _first_occurrence(batch.request_id)
+        if already:
+            fresh &= np.fromiter((i not in already for i in ids), dtype=bool, count=n)
+        duplicates = n - int(fresh.sum())
+        if duplicates:
+            self.store.add_counter("labels", "duplicate", duplicates)
+        keep = np.flatnonzero(fresh).tolist()
+        preds = {r[0]: r[1:] for r in self.store.query(
+            "SELECT p.request_id, p.model_version, p.timestamp, p.prediction, p.confidence, p.source, p.row, p.input_uri "
+            "FROM json_each(?) j JOIN pending_predictions p ON p.request_id = j.value",
+            (json.dumps([ids[i] for i in keep]),))}
+        label = batch.label.tolist()
+        at = batch.labeled_at.tolist()
+        now = self.clock()
+        waiting, joined = [], []
+        for i in keep:
+            p = preds.get(ids[i])
+            if p is None:
+                waiting.append((ids[i], label[i], at[i], now))
+            else:
+                joined.append(JoinedLabel(ids[i], p[0], float(p[1]), float(at[i]), int(p[2]), int(label[i]), float(p[3]),
+                                          p[4], int(p[5]), p[6]))
+        self.store.executemany(
+            "INSERT INTO pending_labels (request_id, label, labeled_at, arrived_at) VALUES (?, ?, ?, ?)", waiting)
+        if joined:
+            self.store.executemany("DELETE FROM pending_predictions WHERE request_id = ?",
+                                   [(j.request_id,) for j in joined])
+            self._record(joined)
+        return joined
+
+    def _record(self, joined: list[JoinedLabel]) -> None:
+        self.store.executemany(
+            f"INSERT INTO labelled ({_LABELLED_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [(j.request_id, j.model_version, j.timestamp, j.labeled_at, j.prediction, j.label, j.confidence, j.source,
+              j.row, j.input_uri) for j in joined])
+        self.store.add_counter("labels", "joined", len(joined))
+
+    def expire(self) -> ExpiryCounts:
+        """Apply TTLs, pending caps (oldest dropped first) and labelled retention; counts each."""
+        now = self.clock()
+        cfg = self.config
+        counts = ExpiryCounts(
+            labels_unmatched=self._delete("DELETE FROM pending_labels WHERE arrived_at < ?", now - cfg.label_ttl_seconds),
+            predictions_expired=self._delete("DELETE FROM pending_predictions WHERE arrived_at < ?",
+                                             now - cfg.prediction_ttl_seconds),
+            predictions_dropped=self._cap("pending_predictions", cfg.max_pending_predictions),
+            labels_dropped=self._cap("pending_labels", cfg.max_pending_labels),
+            labelled_pruned=self._delete("DELETE FROM labelled WHERE labeled_at < ?", now - cfg.labelled_retention_seconds),
+        )
+        for name, key, value in (("labels", "unmatched", counts.labels_unmatched),
+                                 ("predictions", "expired", counts.predictions_expired),
+                                 ("predictions", "dropped_over_cap", counts.predictions_dropped),
+                                 ("labels", "dropped_over_cap", counts.labels_dropped),
+                                 ("labelled", "pruned", counts.labelled_pruned)):
+            if value:
+                self.store.add_counter(name, key, value)
+        return counts
+
+    def _delete(self, sql: str, cutoff: float) -> int:
+        return self.store.execute(sql, (cutoff,)).rowcount
+
+    def _cap(self, table: str, cap: int) -> int:
+        excess = self.store.query(f"SELECT COUNT(*) FROM {table}")[0][0] - cap
+        if excess <= 0:
+            return 0
+        return self.store.execute(
+            f"DELETE FROM {table} WHERE rowid IN (SELECT rowid FROM {table} ORDER BY arrived_at, rowid LIMIT ?)",
+            (excess,)).rowcount
+
+    def pending_counts(self) -> tuple[int, int]:
+        """(pending predictions, pending labels), e.g. for a gauge."""
+        return (self.store.query("SELECT COUNT(*) FROM pending_predictions")[0][0],
+                self.store.query("SELECT COUNT(*) FROM pending_labels")[0][0])
+
+
+def labelled_rows(conn: sqlite3.Connection, *, since: float | None = None, until: float | None = None,
+                  model_version: str | None = None, limit: int | None = None) -> list[JoinedLabel]:
+    """Joined rows with ``since <= labeled_at < until``, oldest first; with ``limit``, the newest
+    ``limit`` rows, newest first. Works on a read-only connection (``store.connect_readonly``)."""
+    where, params = [], []
+    for clause, value in (("labeled_at >= ?", since), ("labeled_at < ?", until), ("model_version = ?", model_version)):
+        if value is not None:
+            where.append(clause)
+            params.append(value)
+    sql = f"SELECT {_LABELLED_COLUMNS} FROM labelled"
+    if where:
+        sql += " WHERE " + " AND ".join(where)
+    if limit is not None:
+        sql += " ORDER BY labeled_at DESC, rowid DESC LIMIT ?"
+        params.append(int(limit))
+    else:
+        sql += " ORDER BY labeled_at, rowid"
+    return [JoinedLabel(r[0], r[1], float(r[2]), float(r[3]), int(r[4]), int(r[5]), float(r[6]), r[7], int(r[8]), r[9])
+            for r in conn.execute(sql, params)]
+
+
+def count_labelled(conn: sqlite3.Connection, since: float | None = None) -> int:
+    """Number of joined rows with ``labeled_at >= since`` (all when None)."""
+    if since is None:
+        return int(conn.execute("SELECT COUNT(*) FROM labelled").fetchone()[0])
+    return int(conn.execute("SELECT COUNT(*) FROM labelled WHERE labeled_at >= ?", (since,)).fetchone()[0])
