@@ -183,7 +183,7 @@ class LabelJoiner:
         if excess <= 0:
             return 0
         return self.store.execute(
-            f"DELETE FROM {table} WHERE rowid IN (SELECT rowid FROM {table} ORDER BY arrived_at, rowid LIMIT ?)",
+            f"DELETE FROM {table} WHERE request_id IN (SELECT request_id FROM {table} ORDER BY arrived_at, request_id LIMIT ?)",
             (excess,)).rowcount
 
     def pending_counts(self) -> tuple[int, int]:
@@ -205,10 +205,10 @@ def labelled_rows(conn: sqlite3.Connection, *, since: float | None = None, until
     if where:
         sql += " WHERE " + " AND ".join(where)
     if limit is not None:
-        sql += " ORDER BY labeled_at DESC, rowid DESC LIMIT ?"
+        sql += " ORDER BY labeled_at DESC, request_id DESC LIMIT ?"
         params.append(int(limit))
     else:
-        sql += " ORDER BY labeled_at, rowid"
+        sql += " ORDER BY labeled_at, request_id"
     return [JoinedLabel(r[0], r[1], float(r[2]), float(r[3]), int(r[4]), int(r[5]), float(r[6]), r[7], int(r[8]), r[9])
             for r in conn.execute(sql, params)]
 
