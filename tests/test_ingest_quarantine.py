@@ -23,20 +23,18 @@ NOW = 2e9
 
 def ingest_once(logs: Path, store: StateStore, quarantine: Quarantine, expectations=None) -> list[str]:
     """What the engine does per cycle: read each file, quarantine file defects, record row defects."""
-    tailer = Tailer(str(logs), "inference", IngestConfig(batch_rows=100), clock=lambda: NOW)
+    tailer = Tailer(str(logs), "inference", IngestConfig(batch_rows=4), clock=lambda: NOW)
     used = []
     for file in tailer.discover(store.file_progress("inference")):
-        rejections = RowRejections()
         try:
             for chunk in tailer.read(file, 0, expectations or {}):
                 used += list(chunk.batch.request_id)
-                rejections = rejections.merge(chunk.rejections)
+                quarantine.rows("inference", file, chunk.rejections)
         except ContractError as err:
             quarantine.file("inference", file, err)
             continue
         except FileNotReady:
             continue
-        quarantine.rows("inference", file, rejections)
         store.set_file_progress("inference", FileProgress(file.path, "done", chunk.next_row, file.size, file.mtime))
     store.commit()
     return used
@@ -75,7 +73,9 @@ def test_file_and_row_defects_are_recorded_and_counted(tmp_path, caplog):
     assert records["f-garbage.parquet"].reason == "unreadable" and records["f-garbage.parquet"].rows is None
     nan = records["d-nan.parquet"]
     assert (nan.reason, nan.column, nan.row, nan.rows, nan.whole_file) == ("non_finite", "features", 3, 1, False)
+    # three chunks of bad rows, one record adding them up
     assert records["e-probs.parquet"].reason == "probs_length" and records["e-probs.parquet"].rows == 10
+    assert len(q.records()) == 5
     assert "a-good.parquet" not in records
     c = store.counters()
     assert c[("quarantined_files", "schema")] == 1 and c[("quarantined_files", "unreadable")] == 1
@@ -83,6 +83,7 @@ def test_file_and_row_defects_are_recorded_and_counted(tmp_path, caplog):
     assert c[("rejected_rows", "non_finite")] == 1 and c[("rejected_rows", "probs_length")] == 10
     progress = store.file_progress("inference")
     assert progress[str(paths["schema"])].status == "quarantined"
+    assert len(caplog.records) == 5  # one WARNING per file with a problem
     warnings = [r.getMessage() for r in caplog.records if "quarantined inference file" in r.getMessage()]
     assert len(warnings) == 3 and any("b-schema.parquet" in w and "column=probs" in w and "reason=schema" in w
                                       for w in warnings)

@@ -73,23 +73,35 @@ class Quarantine:
                                              moved_to, self.clock(), True))
 
     def rows(self, kind: str, file: FileInfo, rejections: RowRejections) -> QuarantineRecord | None:
-        """Record row-level rejections of a file that otherwise goes on; counts each reason."""
+        """Record row-level rejections of a file that otherwise goes on; counts each reason.
+
+        Call it per chunk: a file keeps one row-level record (rows added up, first offender kept)
+        and logs one WARNING, when its first bad row is seen.
+        """
         if not rejections:
             return None
         for reason, n in rejections.counts.items():
             self.store.add_counter("rejected_rows", reason, n)
+        existing = self.store.query(
+            "SELECT id FROM quarantine WHERE kind = ? AND path = ? AND whole_file = 0", (kind, file.path))
+        if existing:
+            self.store.execute("UPDATE quarantine SET rows = rows + ? WHERE id = ?", (rejections.total, existing[0][0]))
+            return self._read("WHERE id = ?", (existing[0][0],))[0]
         summary = ", ".join(f"{reason}={n}" for reason, n in sorted(rejections.counts.items()))
-        message = (f"{file.path}: {rejections.total} rows rejected ({summary}); first at row {rejections.first_row} "
+        message = (f"{file.path}: rows rejected ({summary} in the first chunk); first at row {rejections.first_row} "
                    f"column {rejections.first_column!r} ({rejections.first_reason})")
-        log.warning("%s; the other rows were used. Fix the producer's %s values", message, rejections.first_column)
+        log.warning("%s; the other rows are used. Fix the producer's %s values", message, rejections.first_column)
         return self._insert(QuarantineRecord(kind, file.path, rejections.first_reason, rejections.first_column,
                                              rejections.first_row, rejections.total, message, None, self.clock(), False))
 
     def records(self, limit: int = 100) -> list[QuarantineRecord]:
         """Newest first."""
+        return self._read("ORDER BY id DESC LIMIT ?", (int(limit),))
+
+    def _read(self, clause: str, params: tuple[object, ...]) -> list[QuarantineRecord]:
         rows = self.store.query(
             "SELECT kind, path, reason, column_name, row, rows, message, moved_to, at, whole_file FROM quarantine "
-            "ORDER BY id DESC LIMIT ?", (int(limit),))
+            + clause, params)
         return [QuarantineRecord(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], float(r[8]), bool(r[9])) for r in rows]
 
     def _insert(self, rec: QuarantineRecord) -> QuarantineRecord:
