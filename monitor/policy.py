@@ -157,8 +157,14 @@ class Decision:
     outcome: str
     detail: str = ""
 
+    def summary(self) -> str:
+        """Which rule, on what value vs threshold, for which model_version."""
+        return (f"rule {self.rule}: {self.signal}={self.value:.4g} {self.op} threshold {self.threshold:.4g} "
+                f"for model_version {self.model_version}")
+
     def message(self, job_id: str | None = None) -> str:
-        head = f"rule {self.rule}: {self.signal}={self.value:.4g} {self.op} threshold {self.threshold:.4g} for model_version {self.model_version}"
+        """The one log line of a breach: :meth:`summary` and what happens next."""
+        head = self.summary()
         if self.outcome == "cleared":
             return f"rule {self.rule}: alarm cleared for model_version {self.model_version} ({self.signal}={self.value:.4g})"
         if self.outcome == "retrain":
@@ -239,13 +245,13 @@ class Policy:
         def with_(outcome: str, detail: str) -> Decision:
             return Decision(base.rule, base.model_version, base.signal, base.op, base.value, base.threshold, outcome, detail)
 
-        if budget.busy_job is not None:
-            d = with_("busy", f"retrain already queued as job {budget.busy_job}; not queueing another")
-            self.pending = None
-            return d
         if self.cooldown_until is not None and now < self.cooldown_until:
             d = with_("cooldown", f"in cooldown until {_iso(self.cooldown_until)}; retrain retried then if the alarm holds")
             self.pending = d
+            return d
+        if budget.busy_job is not None:
+            d = with_("busy", f"retrain already queued as job {budget.busy_job}; not queueing another")
+            self.pending = None
             return d
         have = budget.labelled_since(self.last_retrain_at)
         if have < budget.min_labelled_rows:

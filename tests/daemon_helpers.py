@@ -2,7 +2,20 @@
 
 from __future__ import annotations
 
+import json
+import os
+import signal
 import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import yaml
 
 from monitor.signals.results import (
     AccuracyStats,
@@ -14,6 +27,9 @@ from monitor.signals.results import (
     PredictionStats,
     WindowSignals,
 )
+
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def make_window(
@@ -58,3 +74,116 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+class DaemonProcess:
+    """``python -m monitor run`` as a subprocess, its log in a file, with small HTTP helpers."""
+
+    def __init__(self, config_path: Path, port: int, *, env: dict[str, str] | None = None, log_format: str = "text"):
+        self.config_path = config_path
+        self.url = f"http://127.0.0.1:{port}"
+        self.log_path = config_path.with_suffix(f".{port}.{time.monotonic_ns()}.log")
+        self.env = {**os.environ, **(env or {})}
+        self.log_format = log_format
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> "DaemonProcess":
+        self._log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "monitor", "run", "--config", str(self.config_path), "--log-format", self.log_format],
+            stdout=self._log, stderr=subprocess.STDOUT, env=self.env, cwd=REPO,
+        )
+        return self
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+    def get(self, path: str, *, token: str | None = None, method: str = "GET", body: bytes | None = None) -> tuple[int, bytes]:
+        req = urllib.request.Request(self.url + path, data=body, method=method)
+        if token is not None:
+            req.add_header("Authorization", f"Bearer {token}")
+        try:
+            with urllib.request.urlopen(req, timeout=10) as resp:
+                return resp.status, resp.read()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read()
+
+    def json(self, path: str, **kw) -> Any:
+        status, body = self.get(path, **kw)
+        if status >= 400:
+            raise AssertionError(f"{path}: HTTP {status}: {body!r}\n--- daemon log ---\n{self.log()}")
+        return json.loads(body)
+
+    def wait_for(self, what: Callable[[], Any], timeout: float = 20.0, desc: str = "") -> Any:
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise AssertionError(f"driftd exited with {self.proc.returncode} while waiting for {desc}\n{self.log()}")
+            try:
+                value = what()
+            except (OSError, urllib.error.URLError):
+                value = None
+            if value:
+                return value
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out waiting for {desc}\n--- daemon log ---\n{self.log()}")
+            time.sleep(0.1)
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        self.wait_for(lambda: self.get("/readyz")[0] == 200, timeout, "/readyz 200")
+
+    def wait_log(self, text: str, timeout: float = 20.0) -> str:
+        return self.wait_for(lambda: text in self.log() and self.log(), timeout, repr(text))
+
+    def metric(self, name: str, **labels: str) -> float | None:
+        from prometheus_client.parser import text_string_to_metric_families
+
+        _, body = self.get("/metrics")
+        for family in text_string_to_metric_families(body.decode()):
+            for sample in family.samples:
+                if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                    return float(sample.value)
+        return None
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
+        if self.proc is None:
+            return 0
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        finally:
+            self._log.close()
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+def write_config(tmp: Path, doc: dict, name: str = "driftd.yaml") -> Path:
+    path = tmp / name
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+def daemon_doc(tmp: Path, ref_dir: Path, port: int, **overrides: Any) -> dict:
+    """The engine tests' config plus fast scheduler settings, a token file and a policy."""
+    from engine_helpers import config_doc
+
+    token = tmp / "token"
+    if not token.exists():
+        token.write_text(TOKEN + "\n")
+    base = {
+        "http.port": port,
+        "http.token_file": str(token),
+        "scheduler.interval_seconds": 0.3,
+        "scheduler.shutdown_grace_seconds": 10.0,
+        "scheduler.retrain_poll_seconds": 0.1,
+        "retrain.registry_dir": str(tmp / "registry"),
+        "retrain.min_labelled_rows": 100,
+    }
+    return config_doc(tmp, ref_dir, **{**base, **overrides})
+
+
+TOKEN = "test-token-0123456789"

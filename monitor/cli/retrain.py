@@ -1,0 +1,75 @@
+"""`driftd retrain`: ask the running daemon to retrain (or run the job here with --local)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from monitor.cli.common import add_config_argument, load_config
+from monitor.errors import DriftdError
+from monitor.service.client import DaemonClient
+from monitor.service.config import load_token
+
+EPILOG = """examples:
+  driftd retrain --config driftd.yaml --reason "new camera firmware" --wait
+  driftd retrain --config driftd.yaml --local          # no daemon: run the job in this process"""
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("retrain", help="queue a retrain on the daemon, or run one with --local", epilog=EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_argument(p, required=True)
+    p.add_argument("--reason", default="requested from the command line", help="why (kept with the job)")
+    p.add_argument("--wait", action="store_true", help="poll the daemon until the job has an outcome")
+    p.add_argument("--local", action="store_true", help="run the job in this process with a progress bar")
+    p.add_argument("--url", help="daemon base URL (default: from the config's http section)")
+    p.add_argument("--poll-seconds", type=float, default=2.0, help=argparse.SUPPRESS)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    if args.local:
+        return _local(config, args.reason)
+    client = DaemonClient(args.url or config.service.http.url, load_token(config.service.http))
+    answer = client.request("POST", "/api/v1/retrain", {"reason": args.reason})
+    job_id = answer["job_id"]
+    print(f"retrain queued as job {job_id}")
+    if not args.wait:
+        return 0
+    while True:
+        info = client.request("GET", f"/api/v1/retrain/{job_id}")
+        if info["state"] == "finished":
+            break
+        p = info.get("progress") or {}
+        print(f"\r{info['state']}: {p.get('event', 'waiting')} epoch {p.get('epoch', '-')}", end="", file=sys.stderr)
+        time.sleep(args.poll_seconds)
+    print(file=sys.stderr)
+    result = info.get("result") or {}
+    print(f"job {job_id}: {result.get('outcome')} ({result.get('reason', '')})")
+    return 0 if result.get("outcome") in ("promoted", "rejected") else 1
+
+
+def _local(config: Any, reason: str) -> int:
+    try:
+        from retrain.job import run_job
+    except ModuleNotFoundError as exc:
+        raise DriftdError(f"the retraining package is not installed ({exc.name}); install driftd with retrain support") from None
+    job_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-local"
+    job_dir = Path(config.monitor.state_dir) / "retrain" / job_id
+    job_dir.mkdir(parents=True, exist_ok=True)
+
+    def progress(event: dict[str, Any]) -> None:
+        bits = [f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in event.items()
+                if k in ("event", "epoch", "grad_norm", "weight_drift", "message") and v is not None]
+        print("\r[retrain] " + " ".join(bits) + " " * 8, end="", file=sys.stderr, flush=True)
+
+    result = run_job(config, job_dir, reason=reason, progress=progress)
+    print(file=sys.stderr)
+    view = result if isinstance(result, dict) else getattr(result, "__dict__", {"outcome": str(result)})
+    print(json.dumps(view, default=str, indent=1))
+    return 0 if view.get("outcome") in ("promoted", "rejected") else 1

@@ -1,0 +1,30 @@
+"""`driftd run`: the long-running daemon (scheduler, HTTP API, Prometheus metrics, sd_notify)."""
+
+from __future__ import annotations
+
+import argparse
+
+from monitor.cli.common import add_config_argument, load_config
+from monitor.service.logs import FORMATS, setup_logging
+
+EPILOG = """example:
+  driftd run --config /etc/driftd/driftd.yaml --log-format json
+
+SIGTERM/SIGINT finish the current batch and exit 0; SIGHUP reloads the config and references.
+Endpoints: /metrics /healthz /readyz /api/v1/status, POST /api/v1/retrain (bearer token)."""
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("run", help="run the monitoring daemon", epilog=EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_argument(p, required=True)
+    p.add_argument("--log-format", choices=FORMATS, default="text", help="text (default) or json lines")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from monitor.service.daemon import Daemon
+
+    setup_logging(args.log_format, getattr(args, "log_level", "INFO"))
+    config = load_config(args.config)
+    return Daemon(config, config_path=config.source).serve()

@@ -1,0 +1,457 @@
+"""``driftd run``: the long-running process wiring engine, policy, retrain queue, HTTP and metrics.
+
+Threads: the main thread waits for signals; APScheduler runs the ingest/evaluate cycle (one at a
+time, coalesced) and the sd_notify watchdog on its default pool, and retrains on a one-worker
+executor; the HTTP server has its own threads. The engine is only touched by the cycle job, which
+also refreshes the snapshot that ``/metrics`` and ``/api/v1/status`` render, so a scrape never
+waits on a cycle.
+
+Signals: SIGTERM/SIGINT finish the current batch, checkpoint and exit 0 within
+``scheduler.shutdown_grace_seconds``; SIGHUP re-reads the config (kept when invalid) and
+reloads references before the next cycle.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import importlib.metadata
+import logging
+import math
+import os
+import signal
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from apscheduler.executors.pool import ThreadPoolExecutor
+from apscheduler.jobstores.memory import MemoryJobStore
+from apscheduler.jobstores.sqlalchemy import SQLAlchemyJobStore
+from apscheduler.schedulers.background import BackgroundScheduler
+from prometheus_client import CollectorRegistry
+
+from monitor.config import Config, load_config
+from monitor.errors import ConfigError, DriftdError
+from monitor.policy import Decision, Policy, RetrainBudget
+from monitor.service.api import ApiServer
+from monitor.service.config import load_token
+from monitor.service.metrics import Metrics, MetricsSnapshot, RetrainProgress
+from monitor.service.notify import Notifier
+from monitor.service.retrain_queue import (
+    EXECUTOR,
+    JOBSTORE,
+    JobRecord,
+    Launcher,
+    RetrainExecutor,
+    RetrainQueue,
+    read_json,
+    write_json_atomic,
+)
+from monitor.signals.results import WindowSignals, signal_values, to_jsonable
+
+log = logging.getLogger("driftd")
+
+POLICY_STATE_FILE = "policy.json"
+
+
+def build_version() -> str:
+    try:
+        return importlib.metadata.version("driftd")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def default_launcher(config_path: str, get_config: Callable[[], Config]) -> Launcher:
+    """Starts ``retrain.job`` locally or as a Kubernetes Job, per ``retrain.launcher`` at launch time."""
+
+    def launch(job_id: str, job_dir: Path, reason: str):
+        config = get_config()
+        if config.retrain.launcher == "kubernetes":
+            from retrain.launch.kubernetes import launch_kubernetes
+
+            return launch_kubernetes(config, job_id, reason)
+        from retrain.launch.local import launch_local
+
+        return launch_local(config_path, job_dir, reason=reason)
+
+    return launch
+
+
+def restart_keys(old: Config, new: Config) -> list[str]:
+    """Keys that differ between two configs but only take effect after a restart."""
+    keys = [f"http.{k}" for k in ("host", "port") if getattr(old.service.http, k) != getattr(new.service.http, k)]
+    for f in dataclasses.fields(old.monitor):
+        if getattr(old.monitor, f.name) != getattr(new.monitor, f.name):
+            keys.append(f.name)
+    return keys
+
+
+class Daemon:
+    """One driftd process. ``serve()`` blocks until SIGTERM/SIGINT and returns the exit code."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        config_path: str,
+        registry: CollectorRegistry | None = None,
+        clock: Callable[[], float] = time.time,
+        environ: Mapping[str, str] = os.environ,
+        notifier: Notifier | None = None,
+        launcher: Launcher | None = None,
+    ):
+        self.config = config
+        self.config_path = config_path
+        self.clock = clock
+        self.environ = environ
+        self._token = load_token(config.service.http, environ)  # ConfigError (exit 2) before binding
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.notifier = notifier if notifier is not None else Notifier.from_env(environ)
+        self._launcher = launcher if launcher is not None else default_launcher(config_path, lambda: self.config)
+        self._lock = threading.RLock()
+        self._stop = threading.Event()
+        self._hup = threading.Event()
+        self._reload_refs = threading.Event()
+        self._ready = False
+        self._job_errors: Counter[str] = Counter()
+        self._last_cycle: dict[str, Any] | None = None
+        self._refs: dict[str, dict[str, Any]] = {}
+        self._current_version: str | None = None
+        self.started_at = clock()
+        self.policy = Policy(config.policy)
+        self._load_policy_state()
+        self._snap = MetricsSnapshot(model=config.monitor.model, build_version=build_version(),
+                                     alarms=self.policy.alarms(), thresholds=self.policy.thresholds({}, None))
+        self.metrics = Metrics(config.monitor.model, self.registry, self.metrics_snapshot)
+        self.engine: Any = None
+        self.scheduler: BackgroundScheduler | None = None
+        self.queue: RetrainQueue | None = None
+        http = config.service.http
+        self.api = ApiServer(http.host, http.port, backend=self, registry=self.registry, token=lambda: self._token)
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    def start(self) -> None:
+        """Serve HTTP, load references and state, start the scheduler (first cycle runs at once)."""
+        from monitor.engine import Engine
+
+        cfg = self.config
+        self.api.start()
+        log.info("driftd %s listening on %s (model %s)", build_version(), cfg.service.http.url, cfg.monitor.model)
+        if self._token is None:
+            log.warning("no control token configured: POST /api/v1/retrain is open to local users of this host")
+        self.notifier.status("loading references")
+        self.engine = Engine(cfg.monitor, clock=self.clock)
+        self._current_version = self._read_current_version()
+        self._refresh_snapshot(None)
+        state_dir = cfg.monitor.state_dir
+        grace = cfg.service.scheduler.shutdown_grace_seconds
+        self.queue = RetrainQueue(
+            state_dir / "retrain", launcher=self._launcher, poll_seconds=cfg.service.scheduler.retrain_poll_seconds,
+            grace_seconds=max(0.1, grace / 2), stop=self._stop, on_finish=self._retrain_finished,
+            on_error=lambda: self.count_error("retrain"), clock=self.clock,
+        )
+        self.scheduler = BackgroundScheduler(
+            jobstores={"default": MemoryJobStore(), JOBSTORE: SQLAlchemyJobStore(url=f"sqlite:///{state_dir / 'scheduler.db'}")},
+            executors={"default": ThreadPoolExecutor(4), EXECUTOR: RetrainExecutor(self.queue.run)},
+            job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
+            timezone=dt.timezone.utc,
+        )
+        self.queue.scheduler = self.scheduler
+        self.scheduler.start(paused=True)
+        self.queue.recover()
+        now = dt.datetime.now(dt.timezone.utc)
+        self.scheduler.add_job(self._cycle_job, "interval", seconds=cfg.service.scheduler.interval_seconds,
+                               id="cycle", name="ingest/evaluate cycle", next_run_time=now)
+        interval = self.notifier.watchdog_interval
+        if interval is not None:
+            self.scheduler.add_job(self.notifier.watchdog, "interval", seconds=interval, id="watchdog",
+                                   name="sd_notify watchdog", next_run_time=now)
+        self.scheduler.resume()
+
+    def serve(self) -> int:
+        """Start, then wait for signals; returns the exit code (0 on a clean stop)."""
+        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+        try:
+            self.start()
+            while not self._stop.wait(0.2):
+                if self._hup.is_set():
+                    self._hup.clear()
+                    self.reload()
+            return self.shutdown()
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+    def _on_signal(self, signum: int, _frame: Any) -> None:
+        if signum == signal.SIGHUP:
+            self._hup.set()
+        else:
+            log.info("%s received: finishing the current batch, then exiting", signal.Signals(signum).name)
+            self._stop.set()
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    def shutdown(self) -> int:
+        """Stop within the grace period: current batch checkpointed, retrain subprocess terminated."""
+        self._stop.set()
+        grace = self.config.service.scheduler.shutdown_grace_seconds
+        self.notifier.stopping()
+        code = 0
+        if self.scheduler is not None:
+            stopper = threading.Thread(target=self.scheduler.shutdown, kwargs={"wait": True}, daemon=True)
+            stopper.start()
+            stopper.join(grace)
+            if stopper.is_alive():
+                log.error("shutdown grace (%ss) exceeded: a job did not stop in time; state after the last checkpoint is kept", grace)
+                code = 1
+        with self._lock:
+            self._save_policy_state()
+        if self.engine is not None and code == 0:
+            self.engine.close()
+        self.api.close()
+        log.info("driftd stopped")
+        return code
+
+    def reload(self) -> bool:
+        """SIGHUP: re-read and validate the config; on any error keep the running one."""
+        try:
+            new = load_config(self.config_path)
+            token = load_token(new.service.http, self.environ)
+        except ConfigError as exc:
+            log.error("SIGHUP: config reload failed, keeping the running configuration: %s", exc)
+            return False
+        keys = restart_keys(self.config, new)
+        if keys:
+            log.warning("SIGHUP: %s changed; these take effect only after a restart (running values kept)", ", ".join(keys))
+        with self._lock:
+            if new.policy != self.config.policy:
+                policy = Policy(new.policy)
+                policy.load_state_dict(self.policy.state_dict())
+                self.policy = policy
+            self._token = token
+            old_interval = self.config.service.scheduler.interval_seconds
+            self.config = dataclasses.replace(
+                new, monitor=self.config.monitor, service=dataclasses.replace(new.service, http=self.config.service.http)
+            )
+        interval = new.service.scheduler.interval_seconds
+        if self.scheduler is not None and interval != old_interval:
+            self.scheduler.reschedule_job("cycle", trigger="interval", seconds=interval)
+        self._reload_refs.set()
+        log.info("SIGHUP: configuration reloaded from %s; references reload before the next cycle", self.config_path)
+        return True
+
+    # -- the cycle job -----------------------------------------------------------------------------
+    def _cycle_job(self) -> None:
+        try:  # the one catch point of the cycle job
+            self._cycle()
+        except Exception:
+            log.exception("ingest/evaluate cycle failed; retrying in %ss", self.config.service.scheduler.interval_seconds)
+            self.count_error("cycle")
+
+    def _cycle(self) -> None:
+        engine = self.engine
+        if self._reload_refs.is_set():
+            self._reload_refs.clear()
+            engine.reload_references()
+            self._current_version = self._read_current_version()
+        report = engine.run_cycle(should_stop=self._stop.is_set)
+        self.metrics.observe_cycle(report.finished_at - report.started_at, (j.delay_seconds for j in report.joined))
+        now = self.clock()
+        with self._lock:
+            for window in report.windows:
+                ref = self._reference_accuracy(window)
+                for decision in self.policy.evaluate(window, reference_accuracy=ref, now=now, budget=self._budget()):
+                    self._act(decision, now)
+            retry = self.policy.retry_pending(now=now, budget=self._budget())
+            if retry is not None:
+                self._act(retry, now)
+            self._save_policy_state()
+            self._last_cycle = {
+                "started_at": report.started_at, "finished_at": report.finished_at, "rows": report.rows,
+                "files": report.files, "windows": len(report.windows), "lag_seconds": report.lag_seconds,
+                "stopped_early": report.stopped_early,
+            }
+            self._refresh_snapshot(report)
+        status = f"last cycle: {report.rows} rows, {len(report.windows)} windows, lag {report.lag_seconds:.0f}s"
+        if not self._ready and not report.stopped_early:
+            self._ready = True
+            log.info("ready: %d reference(s) loaded, first scan done (%d rows)", len(engine.references), report.rows)
+            self.notifier.ready(f"ready; {status}")
+        else:
+            self.notifier.status(status)
+
+    def _budget(self) -> RetrainBudget:
+        return RetrainBudget(self.engine.count_labelled_since, self.config.retrain.min_labelled_rows, self.queue.busy_job())
+
+    def _act(self, d: Decision, now: float) -> None:
+        if d.outcome == "retrain":
+            job_id = self.queue.submit(d.summary(), source=f"rule:{d.rule}")
+            self.policy.note_retrain(now)
+            log.warning(d.message(job_id))
+        elif d.outcome == "cleared":
+            log.info(d.message())
+        else:
+            log.warning(d.message())
+
+    def _reference_accuracy(self, window: WindowSignals) -> float | None:
+        ref = self.engine.references.get(window.model_version)
+        if ref is not None and ref.accuracy is not None:
+            return float(ref.accuracy)
+        return None if window.estimate is None else window.estimate.reference_accuracy
+
+    # -- state --------------------------------------------------------------------------------------
+    def _policy_path(self) -> Path:
+        return self.config.monitor.state_dir / POLICY_STATE_FILE
+
+    def _load_policy_state(self) -> None:
+        path = self._policy_path()
+        if path.exists():
+            state = read_json(path)
+            if state is None:
+                log.error("%s is unreadable; starting with no alarms (it is rewritten after the next cycle)", path)
+                return
+            self.policy.load_state_dict(state)  # StateError (exit 1) names the file and the fix
+
+    def _save_policy_state(self) -> None:
+        self.config.monitor.state_dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(self._policy_path(), self.policy.state_dict())
+
+    def _read_current_version(self) -> str | None:
+        registry_dir = Path(self.config.retrain.registry_dir)
+        if not registry_dir.exists():
+            return None
+        try:
+            from retrain.registry import Registry
+
+            current = Registry(registry_dir).current()
+        except Exception as exc:  # a broken registry must not stop monitoring
+            log.warning("cannot read the current model version from %s: %s", registry_dir, exc)
+            return None
+        return None if current is None else current.version
+
+    def _retrain_finished(self, rec: JobRecord, duration: float) -> None:
+        self.metrics.retrain_duration.observe(max(0.0, duration))
+        if rec.result is not None and rec.result.get("outcome") == "promoted":
+            self._reload_refs.set()  # the job writes the new version's reference; the cycle loads it
+
+    def count_error(self, job: str) -> None:
+        with self._lock:
+            self._job_errors[job] += 1
+
+    def _thresholds_version(self) -> str | None:
+        refs = self.engine.references
+        if self._current_version in refs:
+            return self._current_version
+        latest = self.engine.latest_windows()
+        if latest:
+            return max(latest.values(), key=lambda w: w.end_time).model_version
+        return next(iter(sorted(refs)), None)
+
+    def _refresh_snapshot(self, report: Any) -> None:
+        """Cycle thread only: copy what scrapes and status need out of the engine."""
+        engine = self.engine
+        ref_acc = {mv: (None if r.accuracy is None else float(r.accuracy)) for mv, r in engine.references.items()}
+        self._refs = {mv: {"reference_id": r.reference_id, "accuracy": ref_acc[mv], "created_at": r.created_at,
+                           "feature_dim": r.feature_dim, "n_classes": r.n_classes} for mv, r in engine.references.items()}
+        self._snap = dataclasses.replace(
+            self._snap,
+            counters=engine.counters(),
+            model_versions=tuple(sorted(engine.references)),
+            reference_accuracy=ref_acc,
+            windows=engine.latest_windows(),
+            lag_seconds=math.nan if report is None else report.lag_seconds,
+            last_success=self._snap.last_success if report is None else report.finished_at,
+            alarms=self.policy.alarms(),
+            thresholds=self.policy.thresholds(ref_acc, self._thresholds_version()),
+            breaches={k: float(v) for k, v in self.policy.breaches.items()},
+            top_k=self.config.monitor.signals.activations.top_k,
+        )
+
+    # -- views (HTTP threads) -------------------------------------------------------------------------
+    def metrics_snapshot(self) -> MetricsSnapshot:
+        queue = self.queue
+        with self._lock:
+            snap, errors, deferred = self._snap, dict(self._job_errors), self.policy.deferred_total
+        if queue is None:
+            return dataclasses.replace(snap, job_errors=errors)
+        running = queue.running()
+        progress = RetrainProgress()
+        if running is not None:
+            p = running.progress
+            progress = RetrainProgress(_num(p.get("epoch")), _num(p.get("grad_norm")), _num(p.get("weight_drift")))
+        last_promotion = queue.last_promotion()
+        return dataclasses.replace(
+            snap, job_errors=errors, retrain_runs={**queue.outcome_counts(), "deferred": float(deferred)},
+            retrain_in_progress=queue.busy_job() is not None, progress=progress,
+            last_promotion=math.nan if last_promotion is None else last_promotion,
+            current_version=self._current_version,
+        )
+
+    def healthy(self) -> bool:
+        return self.scheduler is not None and self.scheduler.running and not self._stop.is_set()
+
+    def ready(self) -> tuple[bool, str]:
+        if self._ready:
+            return True, "ready"
+        if self.engine is None:
+            return False, "loading references"
+        return False, "first scan not finished"
+
+    def status(self) -> dict[str, Any]:
+        """The JSON of ``GET /api/v1/status``: one view derived from the typed objects."""
+        with self._lock:
+            snap, policy, last_cycle, refs = self._snap, self.policy, self._last_cycle, dict(self._refs)
+            alarms = policy.active()
+            rules = [dataclasses.asdict(r) for r in policy.config.rules]
+            pending = None if policy.pending is None else dataclasses.asdict(policy.pending)
+            cooldown_until, deferred = policy.cooldown_until, policy.deferred_total
+        versions: dict[str, Any] = {}
+        for mv in sorted(set(refs) | set(snap.windows)):
+            window = snap.windows.get(mv)
+            thresholds = policy.thresholds(snap.reference_accuracy, mv)
+            active = {a["rule"] for a in alarms if a["model_version"] == mv}
+            signals: dict[str, Any] = {}
+            if window is not None:
+                for name, value in signal_values(window).items():
+                    signals[name] = {"value": value, "rules": [
+                        {"rule": r.name, "op": r.op, "threshold": thresholds[r.name], "action": r.action, "alarm": r.name in active}
+                        for r in policy.config.rules if r.signal == name
+                    ]}
+            versions[mv] = {"reference": refs.get(mv), "signals": signals, "window": window}
+        queue = self.queue
+        return to_jsonable({
+            "model": self.config.monitor.model,
+            "current_version": self._current_version,
+            "build_version": snap.build_version,
+            "ready": self._ready,
+            "started_at": self.started_at,
+            "last_cycle": last_cycle,
+            "versions": versions,
+            "alarms": alarms,
+            "rules": rules,
+            "policy": {"cooldown_seconds": policy.config.cooldown_seconds, "cooldown_until": cooldown_until,
+                       "pending": pending, "deferred_total": deferred, "default_rules": policy.config.default_rules},
+            "retrain": None if queue is None else {**queue.summary(), "counts": queue.outcome_counts()},
+            "job_errors": dict(snap.job_errors) | dict(self._job_errors),
+        })
+
+    def request_retrain(self, reason: str) -> str:
+        if self.queue is None:
+            raise DriftdError("driftd is still starting; retry in a few seconds")
+        job_id = self.queue.submit(reason, source="api")
+        with self._lock:
+            self.policy.note_retrain(self.clock())
+            self._save_policy_state()
+        return job_id
+
+    def retrain_info(self, job_id: str) -> dict[str, Any] | None:
+        info = None if self.queue is None else self.queue.get(job_id)
+        return None if info is None else to_jsonable(info)
+
+
+def _num(v: Any) -> float:
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else math.nan

@@ -1,0 +1,334 @@
+"""The daemon's retrain queue: requests persisted as job directories, run one at a time by APScheduler.
+
+Each request gets a unique id and a directory ``<state_dir>/retrain/<id>/`` holding
+``request.json`` (written here), and ``progress.jsonl`` / ``result.json`` (written by the job,
+see ``retrain.job``). The APScheduler job (id ``retrain-<id>-a<attempt>``, SQLite job store,
+``misfire_grace_time=None``) is what runs it; it is never re-added blindly. A directory with a
+request but no result and no scheduled APScheduler job was interrupted by a restart: it is
+re-queued at start-up as a new attempt, and says so in the log and in its status.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from apscheduler.executors.base import BaseExecutor
+from apscheduler.job import Job
+from apscheduler.schedulers.base import BaseScheduler
+
+log = logging.getLogger(__name__)
+
+JOBSTORE = "retrain"
+EXECUTOR = "retrain"
+OUTCOMES = ("promoted", "rejected", "failed")
+
+
+class JobHandle(Protocol):
+    """What a launcher returns (``retrain.launch.local.LocalJob``, ``...kubernetes.KubernetesJob``)."""
+
+    def poll(self) -> int | None: ...
+    def terminate(self, grace_seconds: float) -> Any: ...
+
+
+# (job_id, job_dir, reason) -> a started job
+Launcher = Callable[[str, Path, str], JobHandle]
+
+
+def run_queued_retrain(job_id: str) -> None:
+    """Importable target stored with each persisted retrain job.
+
+    :class:`RetrainExecutor` runs the job through the daemon's :class:`RetrainQueue` instead of
+    calling this; reaching it means the job was given to another executor, which is a bug.
+    """
+    raise RuntimeError(f"retrain job {job_id} must run on the daemon's {EXECUTOR!r} executor")
+
+
+class RetrainExecutor(BaseExecutor):
+    """Runs retrain jobs one at a time on a single worker thread, handing them to ``run(job_id)``."""
+
+    def __init__(self, run: Callable[[str], None]):
+        super().__init__()
+        self._run = run
+        self._pool: ThreadPoolExecutor | None = None
+
+    def start(self, scheduler: BaseScheduler, alias: str) -> None:
+        super().start(scheduler, alias)
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="driftd-retrain")
+
+    def shutdown(self, wait: bool = True) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=wait, cancel_futures=True)
+
+    def _do_submit_job(self, job: Job, run_times: list) -> None:
+        def done(f: Future) -> None:
+            if f.cancelled():
+                return
+            exc = f.exception()
+            if exc is not None:
+                self._run_job_error(job.id, exc, exc.__traceback__)
+            else:
+                self._run_job_success(job.id, [])
+
+        if self._pool is None:
+            raise RuntimeError("retrain executor used before start()")
+        self._pool.submit(self._run, *job.args).add_done_callback(done)
+
+
+@dataclass
+class JobRecord:
+    """What the daemon knows about one retrain request (the status API's view)."""
+
+    job_id: str
+    reason: str
+    source: str                      # "api", "cli" or "rule:<name>"
+    requested_at: float
+    attempts: int = 0
+    state: str = "queued"            # queued | running | finished
+    resumed: bool = False            # re-queued after a restart interrupted it
+    started_at: float | None = None
+    result: dict[str, Any] | None = None
+    progress: dict[str, Any] = field(default_factory=dict)  # last progress line of the job
+
+    def view(self) -> dict[str, Any]:
+        return {
+            "job_id": self.job_id, "reason": self.reason, "source": self.source, "state": self.state,
+            "requested_at": self.requested_at, "started_at": self.started_at, "attempts": self.attempts,
+            "resumed": self.resumed, "outcome": None if self.result is None else self.result.get("outcome"),
+            "result": self.result, "progress": self.progress,
+        }
+
+
+def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    """Temp file, fsync, rename: readers see the old or the new file, never half of one."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(data, fh, indent=1)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    """A JSON object from ``path``; None when missing or unreadable."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def last_progress(job_dir: Path) -> dict[str, Any]:
+    """The last complete JSON line of ``progress.jsonl`` ({} when none yet)."""
+    try:
+        lines = (job_dir / "progress.jsonl").read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return {}
+    for line in reversed(lines):
+        try:
+            data = json.loads(line)
+        except ValueError:
+            continue  # a line being written right now
+        if isinstance(data, dict):
+            return data
+    return {}
+
+
+class RetrainQueue:
+    """Submits, runs and reports retrain jobs. Thread-safe; ``run`` executes on the retrain executor."""
+
+    def __init__(
+        self,
+        root: Path,
+        *,
+        launcher: Launcher,
+        poll_seconds: float,
+        grace_seconds: float,
+        stop: threading.Event,
+        on_finish: Callable[[JobRecord, float], None],
+        on_error: Callable[[], None],
+        clock: Callable[[], float] = time.time,
+    ):
+        self.root = root
+        self.launcher = launcher
+        self.poll_seconds = poll_seconds
+        self.grace_seconds = grace_seconds
+        self.stop = stop
+        self.on_finish = on_finish
+        self.on_error = on_error
+        self.clock = clock
+        self.scheduler: BaseScheduler | None = None
+        self._lock = threading.Lock()
+        self._jobs: dict[str, JobRecord] = {}
+        root.mkdir(parents=True, exist_ok=True)
+        for job_dir in sorted(p for p in root.iterdir() if p.is_dir()):
+            rec = self._load(job_dir)
+            if rec is not None:
+                self._jobs[rec.job_id] = rec
+
+    def _load(self, job_dir: Path) -> JobRecord | None:
+        req = read_json(job_dir / "request.json")
+        if req is None:
+            return None
+        try:
+            rec = JobRecord(str(req["job_id"]), str(req["reason"]), str(req["source"]), float(req["requested_at"]),
+                            int(req["attempts"]))
+        except (KeyError, TypeError, ValueError):
+            log.warning("ignoring retrain job dir %s: request.json is malformed", job_dir)
+            return None
+        rec.result = read_json(job_dir / "result.json")
+        rec.state = "finished" if rec.result is not None else "queued"
+        rec.progress = last_progress(job_dir)
+        return rec
+
+    def _save_request(self, rec: JobRecord) -> None:
+        write_json_atomic(self.root / rec.job_id / "request.json", {
+            "job_id": rec.job_id, "reason": rec.reason, "source": rec.source,
+            "requested_at": rec.requested_at, "attempts": rec.attempts,
+        })
+
+    def _schedule(self, rec: JobRecord) -> None:
+        if self.scheduler is None:
+            raise RuntimeError("RetrainQueue.scheduler is not set")
+        self.scheduler.add_job(
+            run_queued_retrain, trigger="date", args=[rec.job_id], id=f"retrain-{rec.job_id}-a{rec.attempts + 1}",
+            name=f"retrain {rec.job_id}", jobstore=JOBSTORE, executor=EXECUTOR,
+            misfire_grace_time=None, coalesce=True, max_instances=1, replace_existing=False,
+        )
+
+    # -- public -----------------------------------------------------------------------------
+    def submit(self, reason: str, source: str) -> str:
+        """Queue a retrain; returns its job id. The request is on disk before this returns."""
+        job_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(self.clock())) + "-" + secrets.token_hex(3)
+        rec = JobRecord(job_id, reason, source, self.clock())
+        (self.root / job_id).mkdir(parents=True)
+        self._save_request(rec)
+        with self._lock:
+            self._jobs[job_id] = rec
+        self._schedule(rec)
+        log.info("retrain job %s queued (%s): %s", job_id, source, reason)
+        return job_id
+
+    def recover(self) -> list[str]:
+        """Re-queue jobs a restart interrupted (call with the scheduler started, paused)."""
+        if self.scheduler is None:
+            raise RuntimeError("RetrainQueue.scheduler is not set")
+        scheduled = {j.args[0] for j in self.scheduler.get_jobs(jobstore=JOBSTORE) if j.args}
+        resumed = []
+        with self._lock:
+            pending = [r for r in self._jobs.values() if r.result is None and r.job_id not in scheduled]
+        for rec in sorted(pending, key=lambda r: r.requested_at):
+            rec.resumed = True
+            what = "was interrupted by a restart" if rec.attempts else "was queued but not scheduled"
+            log.warning("retrain job %s %s (attempt %d); re-running it as attempt %d",
+                        rec.job_id, what, rec.attempts, rec.attempts + 1)
+            self._schedule(rec)
+            resumed.append(rec.job_id)
+        return resumed
+
+    def get(self, job_id: str) -> dict[str, Any] | None:
+        with self._lock:
+            rec = self._jobs.get(job_id)
+            return None if rec is None else rec.view()
+
+    def busy_job(self) -> str | None:
+        """The job running, else the oldest queued one."""
+        with self._lock:
+            live = [r for r in self._jobs.values() if r.state != "finished"]
+        live.sort(key=lambda r: (r.state != "running", r.requested_at))
+        return live[0].job_id if live else None
+
+    def running(self) -> JobRecord | None:
+        with self._lock:
+            return next((r for r in self._jobs.values() if r.state == "running"), None)
+
+    def summary(self) -> dict[str, Any]:
+        with self._lock:
+            recs = sorted(self._jobs.values(), key=lambda r: r.requested_at)
+            views = [r.view() for r in recs]
+        finished = [v for v in views if v["state"] == "finished"]
+        return {
+            "queued": [v for v in views if v["state"] == "queued"],
+            "running": next((v for v in views if v["state"] == "running"), None),
+            "last": finished[-1] if finished else None,
+        }
+
+    def outcome_counts(self) -> dict[str, float]:
+        with self._lock:
+            outcomes = [r.result.get("outcome") for r in self._jobs.values() if r.result is not None]
+        return {o: float(sum(1 for x in outcomes if x == o)) for o in OUTCOMES}
+
+    def last_promotion(self) -> float | None:
+        with self._lock:
+            times = [r.result.get("finished_at") for r in self._jobs.values()
+                     if r.result is not None and r.result.get("outcome") == "promoted"]
+        times = [float(t) for t in times if isinstance(t, (int, float))]
+        return max(times) if times else None
+
+    # -- execution (retrain executor thread) ----------------------------------------------------
+    def run(self, job_id: str) -> None:
+        """Launch the job, follow its progress until it ends or the daemon stops.
+
+        The one catch point of the retrain job: any failure is logged with the job id, recorded
+        as a ``failed`` result and counted through ``on_error``; the daemon stays up.
+        """
+        with self._lock:
+            rec = self._jobs.get(job_id)
+        if rec is None or rec.state == "finished":
+            log.warning("retrain job %s: nothing to run (unknown or already finished)", job_id)
+            return
+        if self.stop.is_set():
+            return  # stays queued on disk; recover() re-runs it at the next start
+        job_dir = self.root / job_id
+        rec.attempts += 1
+        rec.state, rec.started_at = "running", self.clock()
+        self._save_request(rec)
+        log.info("retrain job %s started (attempt %d): %s", job_id, rec.attempts, rec.reason)
+        try:
+            handle = self.launcher(job_id, job_dir, rec.reason)
+            code = self._follow(rec, handle, job_dir)
+            if code is None:
+                log.warning("retrain job %s stopped by shutdown; it will be re-run at the next start", job_id)
+                rec.state = "queued"
+                return
+            result = read_json(job_dir / "result.json")
+            if result is None:
+                result = self._failure(rec, f"job exited with code {code} without writing result.json; see {job_dir}")
+        except Exception as exc:
+            log.error("retrain job %s failed: %s\n%s", job_id, exc, traceback.format_exc().rstrip())
+            self.on_error()
+            result = self._failure(rec, f"{type(exc).__name__}: {exc}")
+        self._finish(rec, result)
+
+    def _follow(self, rec: JobRecord, handle: JobHandle, job_dir: Path) -> int | None:
+        while True:
+            code = handle.poll()
+            rec.progress = last_progress(job_dir)
+            if code is not None:
+                return code
+            if self.stop.wait(self.poll_seconds):
+                handle.terminate(self.grace_seconds)
+                return None
+
+    def _failure(self, rec: JobRecord, reason: str) -> dict[str, Any]:
+        result = {"job_id": rec.job_id, "outcome": "failed", "reason": reason, "candidate_version": None,
+                  "current_version": None, "gate": {}, "started_at": rec.started_at, "finished_at": self.clock()}
+        write_json_atomic(self.root / rec.job_id / "result.json", result)
+        return result
+
+    def _finish(self, rec: JobRecord, result: dict[str, Any]) -> None:
+        with self._lock:
+            rec.result, rec.state = result, "finished"
+        duration = self.clock() - (rec.started_at or self.clock())
+        log.info("retrain job %s finished: %s (%s)", rec.job_id, result.get("outcome"), result.get("reason"))
+        self.on_finish(rec, duration)
