@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import os
 import shutil
 import socket
 import subprocess
+import sys
+import types
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -69,3 +73,31 @@ def expand_grafana_vars(expr: str, *, model: str = "model", model_version: str =
         .replace("$model_version", model_version)
         .replace("$model", model)
     )
+
+
+KUBERNETES = DEPLOY / "kubernetes"
+KUBERNETES_VERSION = "1.32.0"   # oldest API the manifests must be valid for (strict schema)
+
+
+def load_script(path: Path) -> types.ModuleType:
+    """Import a script that is not in a package (deploy/ and grafana/ tools) by its path."""
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    # dataclasses resolve string annotations through sys.modules while the module executes.
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def validate_manifest(doc: dict) -> None:
+    """Strict offline validation: kubernetes-validate for built-in kinds, the vendored
+    JSON Schemas in deploy/kubernetes/schemas for prometheus-operator kinds."""
+    import jsonschema
+    import kubernetes_validate
+
+    if doc["apiVersion"] == "monitoring.coreos.com/v1":
+        schema = json.loads((KUBERNETES / "schemas" / f"{doc['kind'].lower()}.json").read_text(encoding="utf-8"))
+        jsonschema.Draft202012Validator(schema).validate(doc)
+        return
+    kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)

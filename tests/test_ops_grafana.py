@@ -2,27 +2,19 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
-import sys
 import types
 
 import pytest
 
-from ops_helpers import REPO, check_promql
+from ops_helpers import REPO, check_promql, load_script
 
 GRAFANA = REPO / "grafana"
 
 
 def _generator() -> types.ModuleType:
-    spec = importlib.util.spec_from_file_location("generate_dashboard", GRAFANA / "generate_dashboard.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    # dataclasses resolve string annotations through sys.modules while the module executes.
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script(GRAFANA / "generate_dashboard.py")
 
 
 def test_committed_dashboard_equals_generator_output() -> None:
