@@ -1,0 +1,77 @@
+"""In-memory training splits and the mixed batches the recipe draws from them.
+
+Every batch mixes production rows with replay rows from the source data in a fixed proportion,
+which is what keeps the source classes from being forgotten.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Split:
+    """Inputs and labels: x float32[N, C, H, W] (images) or float32[N, D] (pooled features); y int64[N]."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+
+    def __post_init__(self) -> None:
+        if self.x.shape[0] != self.y.shape[0]:
+            raise ValueError(f"split has {self.x.shape[0]} inputs but {self.y.shape[0]} labels")
+
+    def __len__(self) -> int:
+        return int(self.y.shape[0])
+
+    def take(self, index: torch.Tensor) -> "Split":
+        return Split(self.x[index], self.y[index])
+
+    @staticmethod
+    def empty_like(other: "Split") -> "Split":
+        return Split(other.x[:0], other.y[:0])
+
+
+@dataclass(frozen=True)
+class TrainingSet:
+    """What the recipe trains on. ``features_only``: x are pooled features, only the head trains."""
+
+    train: Split            # production rows for gradient steps
+    val: Split              # production rows for early stopping
+    replay: Split           # source rows mixed into every batch
+    replay_val: Split       # source rows for early stopping (forgetting shows here first)
+    features_only: bool = False
+
+
+def mixed_batches(
+    data: TrainingSet, batch_size: int, replay_fraction: float, generator: torch.Generator,
+    *, rank: int = 0, world_size: int = 1,
+) -> Iterator[Split]:
+    """One epoch (one pass over ``data.train``) of batches, each ``replay_fraction`` replay rows.
+
+    Every rank draws the same global batch from ``generator`` and keeps its own stride, so DDP
+    ranks see disjoint shards without any communication.
+    """
+    train_rows = len(data.train)
+    replay_rows = len(data.replay)
+    n_replay = round(batch_size * replay_fraction) if replay_rows else 0
+    n_new = max(1, batch_size - n_replay)
+    order = torch.randperm(train_rows, generator=generator)
+    for step in range(math.ceil(train_rows / n_new)):
+        new = data.train.take(order[step * n_new : (step + 1) * n_new])
+        if n_replay:
+            old = data.replay.take(torch.randint(replay_rows, (n_replay,), generator=generator))
+            batch = Split(torch.cat([new.x, old.x]), torch.cat([new.y, old.y]))
+        else:
+            batch = new
+        if world_size > 1:
+            batch = batch.take(torch.arange(rank, len(batch), world_size))
+        yield batch
+
+
+def steps_per_epoch(data: TrainingSet, batch_size: int, replay_fraction: float) -> int:
+    n_replay = round(batch_size * replay_fraction) if len(data.replay) else 0
+    return math.ceil(len(data.train) / max(1, batch_size - n_replay))
