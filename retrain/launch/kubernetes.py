@@ -13,9 +13,10 @@ must lie under the latter so that the job and the daemon see the same registry a
 
 from __future__ import annotations
 
+import os
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import TYPE_CHECKING, Any
@@ -194,8 +195,11 @@ class KubernetesLaunchError(DriftdError):
     """The API server refused or could not be reached; the message carries its answer."""
 
 
-def default_api_client() -> Any:
-    """An ``ApiClient`` from the in-cluster service account, else from ``$KUBECONFIG``/~/.kube/config."""
+def default_api_client(environ: Mapping[str, str] = os.environ) -> Any:
+    """An ``ApiClient`` from the in-cluster service account, else from ``$KUBECONFIG``/~/.kube/config.
+
+    ``KUBECONFIG`` is read here, at call time (the client library reads it once, at import).
+    """
     from kubernetes import client
     from kubernetes import config as kube_config
 
@@ -204,7 +208,10 @@ def default_api_client() -> Any:
         kube_config.load_incluster_config(client_configuration=configuration)
     except kube_config.ConfigException:
         try:
-            kube_config.load_kube_config(client_configuration=configuration, persist_config=False)
+            kube_config.load_kube_config(
+                config_file=environ.get("KUBECONFIG") or os.path.expanduser("~/.kube/config"),
+                client_configuration=configuration, persist_config=False,
+            )
         except (kube_config.ConfigException, OSError) as exc:
             raise KubernetesLaunchError(
                 f"cannot reach Kubernetes: not in a cluster and no usable kubeconfig ({exc}); "
