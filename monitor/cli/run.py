@@ -25,6 +25,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from monitor.service.daemon import Daemon
 
+    config = load_config(args.config)  # a bad config exits 2 before logging or anything else is set up
     setup_logging(args.log_format, getattr(args, "log_level", "INFO"))
-    config = load_config(args.config)
     return Daemon(config, config_path=config.source).serve()

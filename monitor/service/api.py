@@ -75,7 +75,9 @@ class ApiServer:
         return int(self.server.server_address[1])
 
     def start(self) -> None:
-        self._thread.start()
+        """Serve on the background thread (again-safe: a second call does nothing)."""
+        if not self._thread.is_alive():
+            self._thread.start()
 
     def close(self) -> None:
         self.server.shutdown()

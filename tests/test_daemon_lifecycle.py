@@ -1,0 +1,102 @@
+"""Process lifecycle: sd_notify, /readyz before the first scan, SIGTERM exit 0, resume with identical counts."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from pathlib import Path
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from daemon_helpers import DaemonProcess, daemon_doc, free_port, write_config
+from engine_helpers import build_reference, make_rows, write_inference
+from monitor.config import parse_config
+from monitor.service.daemon import Daemon
+from monitor.service.notify import Notifier
+
+
+def _drain(sock: socket.socket) -> list[str]:
+    out = []
+    while True:
+        try:
+            out.append(sock.recv(4096).decode())
+        except (BlockingIOError, TimeoutError):
+            return out
+
+
+@pytest.mark.slow
+def test_sigterm_notify_and_resume_with_identical_counts(tmp_path: Path) -> None:
+    ref = build_reference(tmp_path)
+    write_inference(tmp_path / "logs", make_rows(1000, seed=10), per_file=250, name="a")
+    port = free_port()
+    cfg = write_config(tmp_path, daemon_doc(tmp_path, ref, port))
+    address = f"@driftd-test-{os.getpid()}-{port}"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind("\0" + address[1:])
+    sock.settimeout(0.2)
+    d = DaemonProcess(cfg, port, env={"NOTIFY_SOCKET": address, "WATCHDOG_USEC": "600000"}, log_format="json")
+    try:
+        d.start().wait_ready()
+        d.wait_for(lambda: d.metric("driftd_windows_total", model_version="v1") == 5, desc="5 windows")
+        time.sleep(0.8)  # a couple of watchdog periods (0.3 s)
+        assert d.stop() == 0
+        messages = _drain(sock)
+        joined = "\n".join(messages)
+        assert any(m.startswith("READY=1\nSTATUS=ready;") for m in messages), messages
+        assert messages.count("WATCHDOG=1") >= 2
+        assert messages[-1].startswith("STOPPING=1")
+        assert joined.index("READY=1") < joined.index("STOPPING=1")
+        records = [json.loads(line) for line in d.log().splitlines()]  # --log-format json: every line parses
+        assert {"time", "level", "logger", "message"} <= set(records[0])
+        assert any(r["message"].startswith("SIGTERM received") for r in records)
+
+        # a retrain interrupted by the restart (request, no result) is re-run visibly
+        job_dir = tmp_path / "state" / "retrain" / "20260101T000000Z-abcdef"
+        job_dir.mkdir(parents=True)
+        (job_dir / "request.json").write_text(json.dumps(
+            {"job_id": job_dir.name, "reason": "drift", "source": "api", "requested_at": time.time() - 60, "attempts": 1}))
+        write_inference(tmp_path / "logs", make_rows(200, seed=12, prefix="more"), per_file=200, name="b")
+        again = DaemonProcess(cfg, port).start()
+        try:
+            again.wait_ready()
+            again.wait_for(lambda: again.metric("driftd_windows_total", model_version="v1") == 6, desc="6th window")
+            assert again.metric("driftd_ingest_rows_total", model_version="v1") == 1200  # nothing read twice
+            assert again.metric("driftd_ingest_files_total", kind="inference") == 5
+            assert f"retrain job {job_dir.name} was interrupted by a restart (attempt 1); re-running it as attempt 2" in again.log()
+            info = again.wait_for(lambda: (i := again.json(f"/api/v1/retrain/{job_dir.name}", token=_token(tmp_path)))
+                                  and i["state"] == "finished" and i, desc="re-run job to finish")
+            assert info["attempts"] == 2 and info["resumed"] is True and info["outcome"] in ("promoted", "rejected", "failed")
+            assert again.stop() == 0
+        finally:
+            again.kill()
+    finally:
+        d.kill()
+        sock.close()
+
+
+def _token(tmp: Path) -> str:
+    return (tmp / "token").read_text().strip()
+
+
+def test_readyz_is_503_until_references_and_first_scan(tmp_path: Path) -> None:
+    """In-process, so the moment before the first scan can be observed deterministically."""
+    ref = build_reference(tmp_path, n=500)
+    write_inference(tmp_path / "logs", make_rows(400, seed=10), per_file=200, name="a")
+    port = free_port()
+    config = parse_config(daemon_doc(tmp_path, ref, port), source="t.yaml", base=tmp_path)
+    daemon = Daemon(config, config_path=str(tmp_path / "unused.yaml"), registry=CollectorRegistry(),
+                    notifier=Notifier(None), environ={})
+    proc = DaemonProcess(tmp_path / "unused.yaml", port)
+    daemon.api.start()
+    try:
+        assert proc.get("/readyz") == (503, b"loading references\n")
+        assert proc.get("/healthz")[0] == 503
+        daemon.start()
+        proc.wait_for(lambda: proc.get("/readyz")[0] == 200, desc="ready")
+        assert proc.get("/healthz")[0] == 200
+        assert daemon.registry.get_sample_value("driftd_ingest_rows_total", {"model": "test-model", "model_version": "v1"}) == 400
+    finally:
+        assert daemon.shutdown() == 0
