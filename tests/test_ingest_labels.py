@@ -106,6 +106,19 @@ def test_ttl_expiry_and_caps_are_counted(store):
     c = store.counters()
     assert c[("labels", "unmatched")] == 1 and c[("predictions", "expired")] == 2
     assert c[("predictions", "dropped_over_cap")] == 2 and c[("labelled", "pruned")] == 1
+    assert ("labels", "dropped_over_cap") not in c
+
+
+def test_label_cap_drops_oldest_and_counts_them_unmatched(store, caplog):
+    clock = Clock(0.0)
+    joiner = LabelJoiner(store, IngestConfig(max_pending_labels=2), clock=clock)
+    for i, rid in enumerate(["l0", "l1", "l2"]):
+        clock.now = float(i)
+        joiner.add_labels(labels([rid], [0]))
+    assert joiner.expire().labels_dropped == 1
+    assert store.counters()[("labels", "unmatched")] == 1 and store.counters()[("labels", "dropped_over_cap")] == 1
+    assert [j.request_id for j in joiner.add_predictions(predictions(["l0", "l1", "l2"]))[1]] == ["l1", "l2"]
+    assert "max_pending" in caplog.text
     assert joiner.add_predictions(predictions(["early"]))[1] == []  # the expired label is gone
 
 

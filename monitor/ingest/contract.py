@@ -49,6 +49,11 @@ import pyarrow.compute as pc
 from monitor.errors import ContractError
 from monitor.ingest.records import InferenceBatch, LabelBatch
 
+# Stable reason tokens (metric labels): pre-create them so dashboards show 0 before any defect.
+FILE_REASONS = ("unreadable", "schema", "feature_dim", "probs_length")
+ROW_REASONS = ("null_field", "non_finite", "feature_dim", "probs_length", "probs_invalid", "prediction_invalid",
+               "label_invalid", "duplicate_request_id")  # the last is the engine's, via the label joiner
+
 PROBS_TOLERANCE = 1e-3  # |sum(probs) - 1| allowed per row (float32 producers round)
 
 _TIME_UNITS = {"s": 1.0, "ms": 1e3, "us": 1e6, "ns": 1e9}

@@ -12,6 +12,7 @@ are pruned by ``labeled_at``.
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 import time
 from collections.abc import Callable
@@ -22,6 +23,8 @@ import numpy as np
 from monitor.config import IngestConfig
 from monitor.ingest.records import InferenceBatch, JoinedLabel, LabelBatch
 from monitor.ingest.store import StateStore
+
+log = logging.getLogger(__name__)
 
 _LABELLED_COLUMNS = "request_id, model_version, timestamp, labeled_at, prediction, label, confidence, source, row, input_uri"
 
@@ -166,13 +169,18 @@ class LabelJoiner:
             labels_dropped=self._cap("pending_labels", cfg.max_pending_labels),
             labelled_pruned=self._delete("DELETE FROM labelled WHERE labeled_at < ?", now - cfg.labelled_retention_seconds),
         )
-        for name, key, value in (("labels", "unmatched", counts.labels_unmatched),
+        # Labels dropped over the cap never matched either: they count as unmatched (plus a warning).
+        for name, key, value in (("labels", "unmatched", counts.labels_unmatched + counts.labels_dropped),
+                                 ("labels", "dropped_over_cap", counts.labels_dropped),
                                  ("predictions", "expired", counts.predictions_expired),
                                  ("predictions", "dropped_over_cap", counts.predictions_dropped),
-                                 ("labels", "dropped_over_cap", counts.labels_dropped),
                                  ("labelled", "pruned", counts.labelled_pruned)):
             if value:
                 self.store.add_counter(name, key, value)
+        if counts.predictions_dropped or counts.labels_dropped:
+            log.warning("label join buffers over their caps: dropped the oldest %d pending predictions and %d pending "
+                        "labels; raise ingest.max_pending_* or lower the TTLs if labels come later than that",
+                        counts.predictions_dropped, counts.labels_dropped)
         return counts
 
     def _delete(self, sql: str, cutoff: float) -> int:
