@@ -1,0 +1,86 @@
+"""`driftd reference build`: a reference set from labelled validation-time logs."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from dataclasses import replace
+from pathlib import Path
+
+from monitor.cli.common import add_config_argument
+from monitor.config import IngestConfig, MmdConfig, load_config
+from monitor.errors import ContractError, DriftdError
+from monitor.ingest.tail import FileNotReady, Tailer
+from monitor.reference import DEFAULT_MAX_ROWS, ReferenceBuilder, save_reference
+
+log = logging.getLogger(__name__)
+
+
+def build(args: argparse.Namespace) -> int:
+    mmd = MmdConfig()
+    ingest = IngestConfig()
+    if args.config:
+        config = load_config(args.config)
+        mmd = config.monitor.signals.mmd
+        ingest = config.monitor.ingest
+    out = Path(args.out) if args.out else (config.monitor.reference_dir if args.config else None)
+    if out is None:
+        raise DriftdError("no output directory: pass --out DIR (or --config with reference_dir)")
+    # Validation logs are complete by the time a reference is built: nothing to wait for.
+    tailer = Tailer(args.logs, "inference", replace(ingest, settle_seconds=0.0, max_files_per_cycle=10**9))
+    builder = ReferenceBuilder(
+        max_rows=args.max_rows,
+        projection=mmd.projection,
+        projection_dims=mmd.projection_dims,
+        seed=args.seed,
+        source=args.logs,
+    )
+    files = skipped = rejected = 0
+    for info in tailer.discover({}):
+        try:
+            for chunk in tailer.read(info, 0, {}):
+                rejected += chunk.rejections.total
+                batch = chunk.batch
+                if args.model_version:
+                    batch = batch.take(batch.model_version == args.model_version)
+                builder.add(batch)
+            files += 1
+        except (ContractError, FileNotReady) as exc:
+            skipped += 1
+            log.warning("skipping %s: %s", info.path, exc)
+    if not builder.versions():
+        which = f" for model_version {args.model_version!r}" if args.model_version else ""
+        raise DriftdError(f"no valid rows{which} under {args.logs} ({files} files read, {skipped} skipped)")
+    for version, ref in builder.finish().items():
+        path = save_reference(ref, out)
+        acc = "no labels" if ref.accuracy is None else f"accuracy {ref.accuracy:.4f} on {ref.labelled_rows} labels"
+        print(
+            f"model_version {version}: {ref.rows_seen} rows, {ref.sample.shape[0]} sampled, D={ref.feature_dim}, "
+            f"C={ref.n_classes}, {acc}, bandwidth {ref.bandwidth:.4g} -> {path}"
+        )
+        if ref.calibrator is None:
+            print(f"  note: no `label` column for {version}: the label-free accuracy estimate is disabled")
+    if rejected or skipped:
+        print(f"{rejected} rows rejected, {skipped} files skipped (see warnings above)")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("reference", help="build reference sets", description="Reference sets for drift signals.")
+    rsub = p.add_subparsers(dest="reference_command", metavar="SUBCOMMAND")
+    rsub.required = True
+    b = rsub.add_parser(
+        "build",
+        help="build a reference from labelled validation-time logs",
+        description="Read inference logs in the log contract (with a `label` column for the accuracy "
+        "calibrator) and write one reference per model_version under --out.",
+        epilog="example:\n  driftd reference build --logs val-logs/ --out driftd-reference/ --max-rows 2000",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    b.add_argument("--logs", metavar="PATH", required=True, help="validation inference logs (directory or URI)")
+    b.add_argument("--out", metavar="DIR", help="reference directory (default: reference_dir of --config)")
+    add_config_argument(b)
+    b.add_argument("--max-rows", type=int, default=DEFAULT_MAX_ROWS, help="rows kept in the feature sample")
+    b.add_argument("--model-version", metavar="V", help="only this model_version")
+    b.add_argument("--seed", type=int, default=0)
+    b.set_defaults(func=build)

@@ -1,0 +1,326 @@
+"""The monitoring engine: new log rows in, WindowSignals out, with an exactly-once checkpoint.
+
+One cycle tails the inference logs then the label logs, validates each bounded chunk against
+the contract, joins labels, feeds each model_version's :class:`VersionMonitor`, and commits.
+The ingest cursor, the label buffers and every signal's state live in one SQLite transaction
+(``monitor.ingest.store``): a crash or ``kill -9`` anywhere rolls back to the last commit, and
+the rows after it are read again exactly once, because the state they changed rolled back too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from monitor.config import MonitorConfig
+from monitor.errors import ContractError, ReferenceMissingError
+from monitor.ingest.labels import LabelJoiner, count_labelled
+from monitor.ingest.quarantine import Quarantine
+from monitor.ingest.records import InferenceBatch, JoinedLabel
+from monitor.ingest.store import FileProgress, StateStore, connect_readonly
+from monitor.ingest.tail import Chunk, FileInfo, FileNotReady, Tailer
+from monitor.reference import Reference, load_references
+from monitor.signals.results import WindowSignals
+from monitor.window import VersionMonitor
+
+log = logging.getLogger(__name__)
+
+STATE_BLOB = "engine"
+STATE_FORMAT = 1
+_CHECKPOINT_EVERY_SECONDS = 2.0
+
+
+@dataclass(frozen=True)
+class CycleReport:
+    windows: list[WindowSignals]    # windows closed during the cycle, in order
+    joined: list[JoinedLabel]       # labels joined during the cycle
+    rows: int                       # inference rows accepted
+    files: int                      # files finished (inference and labels)
+    lag_seconds: float              # age of the oldest file not yet fully processed
+    started_at: float
+    finished_at: float
+    stopped_early: bool             # should_stop() interrupted the cycle (state is still checkpointed)
+
+
+class Engine:
+    """Owns the state store, the tailers and one VersionMonitor per model_version with a reference."""
+
+    def __init__(self, config: MonitorConfig, *, clock: Callable[[], float] = time.time):
+        self.config = config
+        self.clock = clock
+        self.references: dict[str, Reference] = load_references(config.reference_dir)
+        if not self.references:
+            raise ReferenceMissingError(
+                f"no reference in {config.reference_dir}: build one from labelled validation logs with "
+                f"`driftd reference build --logs PATH --out {config.reference_dir}`"
+            )
+        self.store = StateStore.open(config.state_dir)
+        self.inference = Tailer(config.logs.inference, "inference", config.ingest, clock=clock)
+        self.labels = Tailer(config.logs.labels, "labels", config.ingest, clock=clock) if config.logs.labels else None
+        self.quarantine = Quarantine(self.store, config.ingest.quarantine_dir, clock=clock)
+        self.joiner = LabelJoiner(self.store, config.ingest, clock=clock)
+        self.monitors: dict[str, VersionMonitor] = {}
+        self._latest: dict[str, WindowSignals] = {}
+        self._warned_missing: set[str] = set()
+        self._last_commit = clock()
+        self._restore()
+
+    # -- public ---------------------------------------------------------------------------------
+
+    def run_cycle(self, should_stop: Callable[[], bool] = lambda: False) -> CycleReport:
+        """Process what is new since the checkpoint, then checkpoint. Safe to call repeatedly."""
+        started = self.clock()
+        windows: list[WindowSignals] = []
+        joined: list[JoinedLabel] = []
+        rows = files = 0
+        stopped = False
+        for tailer in (self.inference, self.labels):
+            if tailer is None or stopped:
+                continue
+            known = self.store.file_progress(tailer.kind)
+            for info in tailer.discover(known):
+                if should_stop():
+                    stopped = True
+                    break
+                progress = known.get(info.path)
+                start = progress.rows_done if progress is not None else 0
+                try:
+                    for chunk in tailer.read(info, start, self._expectations()):
+                        rows_in, new_windows, new_joined = self._apply(tailer.kind, chunk)
+                        rows += rows_in
+                        windows += new_windows
+                        joined += new_joined
+                        status = "done" if chunk.end_of_file else "partial"
+                        self.store.set_file_progress(
+                            tailer.kind, FileProgress(info.path, status, chunk.next_row, info.size, info.mtime)
+                        )
+                        if chunk.end_of_file:
+                            files += 1
+                            self.store.add_counter("files", tailer.kind, 1)
+                        self._maybe_checkpoint()
+                        if should_stop():
+                            stopped = True
+                            break
+                except FileNotReady:
+                    log.debug("%s is still being written; retrying next cycle", info.path)
+                except ContractError as exc:
+                    self.quarantine.file(tailer.kind, info, exc)
+                if stopped:
+                    break
+        expired = self.joiner.expire()
+        del expired  # counted by the joiner in the store's counters
+        now = self.clock()
+        for monitor in self.monitors.values():
+            idle = monitor.close_if_idle(now)
+            if idle is not None:
+                windows += self._record([idle])
+        self._checkpoint()
+        lag = self.inference.lag_seconds(self.store.file_progress("inference"))
+        return CycleReport(
+            windows=windows,
+            joined=joined,
+            rows=rows,
+            files=files,
+            lag_seconds=lag,
+            started_at=started,
+            finished_at=self.clock(),
+            stopped_early=stopped,
+        )
+
+    def latest_windows(self) -> dict[str, WindowSignals]:
+        return dict(self._latest)
+
+    def counters(self) -> dict[tuple[str, str], float]:
+        return self.store.counters()
+
+    def reload_references(self) -> None:
+        """Pick up references added or rebuilt since start-up (e.g. after a promotion)."""
+        fresh = load_references(self.config.reference_dir)
+        for version, ref in fresh.items():
+            old = self.references.get(version)
+            if old is None or old.reference_id != ref.reference_id:
+                log.info("reference for model_version %s %s", version, "loaded" if old is None else "replaced")
+                self.monitors.pop(version, None)
+                self._warned_missing.discard(version)
+        self.references = fresh
+
+    def count_labelled_since(self, since: float | None) -> int:
+        """Labelled rows whose label arrived after ``since`` (any thread: own read-only connection)."""
+        conn = connect_readonly(self.config.state_dir)
+        try:
+            return count_labelled(conn, since)
+        finally:
+            conn.close()
+
+    def close(self) -> None:
+        self.store.close()
+
+    # -- internals ------------------------------------------------------------------------------
+
+    def _expectations(self) -> dict[str, tuple[int, int]]:
+        return {v: (r.feature_dim, r.n_classes) for v, r in self.references.items()}
+
+    def _apply(self, kind: str, chunk: Chunk) -> tuple[int, list[WindowSignals], list[JoinedLabel]]:
+        if chunk.rejections.total:
+            self.quarantine.rows(kind, chunk.file, chunk.rejections)
+        if kind == "labels":
+            joined = self.joiner.add_labels(chunk.batch)
+            self._feed_labels(joined)
+            return 0, [], joined
+        batch: InferenceBatch = chunk.batch
+        duplicate, joined = self.joiner.add_predictions(batch)
+        if duplicate.any():
+            self.store.add_counter("rejected_rows", "duplicate_request_id", float(duplicate.sum()))
+            batch = batch.take(~duplicate)
+        self._feed_labels(joined)
+        windows: list[WindowSignals] = []
+        now = self.clock()
+        versions = np.unique(batch.model_version)
+        for version in versions:
+            part = batch if versions.size == 1 else batch.take(batch.model_version == version)
+            self.store.add_counter("rows", str(version), len(part))
+            monitor = self._monitor(str(version))
+            if monitor is None:
+                self.store.add_counter("rows_without_reference", str(version), len(part))
+                continue
+            windows += self._record(monitor.add(part, now=now))
+        return len(batch), windows, joined
+
+    def _record(self, windows: list[WindowSignals]) -> list[WindowSignals]:
+        """Count closed windows in the same transaction as the state that closed them."""
+        for window in windows:
+            self._latest[window.model_version] = window
+            self.store.add_counter("windows", window.model_version, 1)
+        return windows
+
+    def _feed_labels(self, joined: list[JoinedLabel]) -> None:
+        by_version: dict[str, list[JoinedLabel]] = {}
+        for j in joined:
+            by_version.setdefault(j.model_version, []).append(j)
+        for version, items in by_version.items():
+            monitor = self._monitor(version)
+            if monitor is not None:
+                monitor.add_labels(items)
+                # Labels arrive after their window closed: keep the latest view's accuracy current.
+                if version in self._latest:
+                    self._latest[version] = dataclasses.replace(self._latest[version], accuracy=monitor.accuracy.stats())
+
+    def _monitor(self, version: str) -> VersionMonitor | None:
+        monitor = self.monitors.get(version)
+        if monitor is not None:
+            return monitor
+        if version not in self.references:
+            self.reload_references()  # a promotion may have just written it
+        ref = self.references.get(version)
+        if ref is None:
+            if version not in self._warned_missing:
+                self._warned_missing.add(version)
+                log.warning(
+                    "rows for model_version %r but no reference for it in %s: its rows are counted and "
+                    "labels joined, but no drift signals are computed; run `driftd reference build "
+                    "--logs <validation logs of %s> --out %s`",
+                    version, self.config.reference_dir, version, self.config.reference_dir,
+                )
+            return None
+        monitor = self.monitors[version] = VersionMonitor(ref, self.config)
+        return monitor
+
+    def _maybe_checkpoint(self) -> None:
+        if self.clock() - self._last_commit >= _CHECKPOINT_EVERY_SECONDS:
+            self._checkpoint()
+
+    def _checkpoint(self) -> None:
+        self.store.put_blob(STATE_BLOB, self._serialize())
+        self.store.commit()
+        self._last_commit = self.clock()
+
+    def _online_fingerprint(self) -> dict:
+        return dataclasses.asdict(self.config.signals.online_mmd)
+
+    def _serialize(self) -> bytes:
+        arrays: dict[str, np.ndarray] = {}
+        versions = {}
+        for i, (version, monitor) in enumerate(sorted(self.monitors.items())):
+            a, meta = monitor.state_dict()
+            arrays.update({f"{i}.{k}": v for k, v in a.items()})
+            versions[version] = {"slot": i, **meta}
+        latest = {v: dataclasses.asdict(w) for v, w in self._latest.items()}
+        header = {
+            "format": STATE_FORMAT,
+            "online_config": self._online_fingerprint(),
+            "versions": versions,
+            "latest": latest,
+        }
+        arrays["header"] = np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)
+        buf = io.BytesIO()
+        np.savez(buf, **arrays)
+        return buf.getvalue()
+
+    def _restore(self) -> None:
+        blob = self.store.get_blob(STATE_BLOB)
+        if blob is None:
+            return
+        from monitor.errors import StateError
+
+        try:
+            with np.load(io.BytesIO(blob), allow_pickle=False) as npz:
+                arrays = {k: npz[k] for k in npz.files}
+            header = json.loads(arrays.pop("header").tobytes())
+        except (ValueError, KeyError, OSError) as exc:
+            raise StateError(
+                f"{self.config.state_dir}: engine checkpoint is unreadable ({exc}); move the state "
+                "directory aside to start over (the logs will be read again)"
+            ) from None
+        if header.get("format", 0) > STATE_FORMAT:
+            raise StateError(
+                f"{self.config.state_dir}: checkpoint format {header['format']} is newer than this driftd "
+                f"({STATE_FORMAT}); upgrade driftd or point state_dir elsewhere"
+            )
+        keep_online = header.get("online_config") == self._online_fingerprint()
+        if not keep_online:
+            log.info("signals.online_mmd changed since the checkpoint: recalibrating the online detectors")
+        for version, meta in header["versions"].items():
+            ref = self.references.get(version)
+            if ref is None or ref.reference_id != meta["reference_id"]:
+                log.info("reference of model_version %s changed since the checkpoint: its windows start afresh", version)
+                continue
+            prefix = f"{meta['slot']}."
+            state = {k[len(prefix) :]: v for k, v in arrays.items() if k.startswith(prefix)}
+            if not keep_online:
+                state = {k: v for k, v in state.items() if not k.startswith("online.")}
+            self.monitors[version] = VersionMonitor(ref, self.config, state=(state, meta))
+        self._latest = {v: _window_from_dict(d) for v, d in header.get("latest", {}).items()}
+
+
+def _window_from_dict(d: dict) -> WindowSignals:
+    """Rebuild the last window of each version (so status is complete right after a restart)."""
+    from monitor.signals import results as r
+
+    act = dict(d["activations"])
+    act["top_dims"] = tuple(r.DimShift(**x) for x in act["top_dims"])
+    pred = dict(d["predictions"])
+    pred["class_share"] = tuple(pred["class_share"])
+    acc = dict(d["accuracy"])
+    acc["per_class_recall"] = {int(k): v for k, v in acc["per_class_recall"].items()}
+    return WindowSignals(
+        model_version=d["model_version"],
+        index=d["index"],
+        start_time=d["start_time"],
+        end_time=d["end_time"],
+        rows=d["rows"],
+        activations=r.ActivationStats(**act),
+        predictions=r.PredictionStats(**pred),
+        mmd=None if d["mmd"] is None else r.MmdResult(**d["mmd"]),
+        online=r.OnlineMmdStatus(**d["online"]),
+        accuracy=r.AccuracyStats(**acc),
+        estimate=None if d["estimate"] is None else r.EstimateStats(**d["estimate"]),
+        reference_id=d.get("reference_id", ""),
+        extra=d.get("extra", {}),
+    )

@@ -1,0 +1,254 @@
+"""One model_version's running window and detectors: rows in, WindowSignals out.
+
+A window closes after ``window.rows`` rows or once it spans ``window.seconds`` of event time,
+whichever comes first; a window left open because traffic stopped closes ``window.seconds``
+of wall time after its last row arrived. Everything here is plain numpy state with
+``state_dict``/``load_state_dict`` so the engine can checkpoint it with the ingest cursor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from monitor.config import MonitorConfig
+from monitor.ingest.records import InferenceBatch, JoinedLabel
+from monitor.reference import Reference
+from monitor.signals.accuracy import AccuracyTracker
+from monitor.signals.activations import activation_stats
+from monitor.signals.mmd import MmdReference, mmd_test
+
+if TYPE_CHECKING:
+    from monitor.signals.online_mmd import OnlineMmd
+from monitor.signals.predictions import normalised_entropy, prediction_stats
+from monitor.signals.results import EstimateStats, OnlineMmdStatus, WindowSignals
+
+
+@dataclass
+class _Window:
+    """Running sums of the open window; O(D + rows) memory whatever the batch sizes."""
+
+    rows: int
+    start_time: float
+    end_time: float
+    feature_sum: np.ndarray
+    feature_sumsq: np.ndarray
+    entropy: np.ndarray
+    max_prob: np.ndarray
+    class_counts: np.ndarray
+    estimate_sum: float
+    sample_keys: np.ndarray      # bottom-k keys: a uniform subsample for the MMD test
+    sample: np.ndarray           # projected features of the subsample
+    last_arrival: float          # wall time the last row was ingested (for idle close)
+
+    @classmethod
+    def empty(cls, dim: int, classes: int, projected_dim: int) -> "_Window":
+        return cls(
+            rows=0,
+            start_time=0.0,
+            end_time=0.0,
+            feature_sum=np.zeros(dim),
+            feature_sumsq=np.zeros(dim),
+            entropy=np.zeros(0),
+            max_prob=np.zeros(0),
+            class_counts=np.zeros(classes, dtype=np.int64),
+            estimate_sum=0.0,
+            sample_keys=np.zeros(0),
+            sample=np.zeros((0, projected_dim), dtype=np.float32),
+            last_arrival=0.0,
+        )
+
+
+_WINDOW_ARRAYS = ("feature_sum", "feature_sumsq", "entropy", "max_prob", "class_counts", "sample_keys", "sample")
+_WINDOW_SCALARS = ("rows", "start_time", "end_time", "estimate_sum", "last_arrival")
+
+
+class VersionMonitor:
+    """Signals for the rows of one model_version against its reference."""
+
+    def __init__(
+        self, reference: Reference, config: MonitorConfig, state: tuple[dict[str, np.ndarray], dict] | None = None
+    ):
+        """``state`` (from :meth:`state_dict`) restores a checkpoint without recalibrating."""
+        self.reference = reference
+        self.config = config
+        sig = config.signals
+        projected = reference.projection.apply(reference.sample)
+        self.projected_dim = int(projected.shape[1])
+        self.mmd_reference = (
+            MmdReference.build(projected[: sig.mmd.max_reference_rows], reference.bandwidth) if sig.mmd.enabled else None
+        )
+        self.online: OnlineMmd | None = None
+        restored_online = state is not None and any(k.startswith("online.") for k in state[0])
+        if sig.online_mmd.enabled and not restored_online:
+            from monitor.signals.online_mmd import OnlineMmd
+            self.online = OnlineMmd.calibrate(
+                projected[: sig.online_mmd.max_reference_rows],
+                sigma=reference.bandwidth,
+                window_rows=sig.online_mmd.window_rows,
+                ert_rows=sig.online_mmd.ert_rows,
+                bootstraps=sig.online_mmd.bootstraps,
+                seed=sig.online_mmd.seed,
+            )
+        self.accuracy = AccuracyTracker(last_n=sig.accuracy.last_n, last_seconds=sig.accuracy.last_seconds)
+        self.rng = np.random.default_rng([sig.mmd.seed, 7])
+        self.index = 0
+        self.window = _Window.empty(reference.feature_dim, reference.n_classes, self.projected_dim)
+        if state is not None:
+            self.load_state_dict(*state)
+
+    # -- rows ---------------------------------------------------------------------------------
+
+    def add(self, batch: InferenceBatch, *, now: float) -> list[WindowSignals]:
+        """Feed rows of this version in arrival order; returns the windows they closed."""
+        closed: list[WindowSignals] = []
+        n = len(batch)
+        if n == 0:
+            return closed
+        ts = batch.timestamp
+        limit_rows = self.config.window.rows
+        limit_seconds = self.config.window.seconds
+        projected = self.reference.projection.apply(batch.features)
+        self.accuracy.observe_predictions(float(ts.max()))
+        pos = 0
+        while pos < n:
+            w = self.window
+            if w.rows == 0:
+                w.start_time = float(ts[pos])
+            need = limit_rows - w.rows
+            segment = ts[pos : pos + need]
+            late = np.nonzero(segment - w.start_time >= limit_seconds)[0]
+            take = int(late[0]) if late.size else segment.size
+            if take:
+                self._absorb(batch, projected, pos, pos + take, now)
+                pos += take
+            if late.size or self.window.rows >= limit_rows:
+                signals = self._close()
+                if signals is not None:
+                    closed.append(signals)
+                elif take == 0:  # a lone row too old to share a window: let it start the next one
+                    self.window.rows = 0
+        return closed
+
+    def _absorb(self, batch: InferenceBatch, projected: np.ndarray, lo: int, hi: int, now: float) -> None:
+        w = self.window
+        x = batch.features[lo:hi].astype(np.float64)
+        probs = batch.probs[lo:hi]
+        max_prob = probs.max(axis=1).astype(np.float64)
+        w.rows += hi - lo
+        w.end_time = float(batch.timestamp[hi - 1])
+        w.feature_sum += x.sum(axis=0)
+        w.feature_sumsq += (x * x).sum(axis=0)
+        w.entropy = np.concatenate([w.entropy, normalised_entropy(probs)])
+        w.max_prob = np.concatenate([w.max_prob, max_prob])
+        w.class_counts += np.bincount(batch.prediction[lo:hi], minlength=w.class_counts.size)[: w.class_counts.size]
+        if self.reference.calibrator is not None:
+            w.estimate_sum += float(self.reference.calibrator(max_prob).sum())
+        w.last_arrival = now
+        keys = self.rng.random(hi - lo)
+        cap = self.config.signals.mmd.max_window_rows
+        all_keys = np.concatenate([w.sample_keys, keys])
+        keep = np.argsort(all_keys, kind="stable")[:cap]
+        w.sample_keys = all_keys[keep]
+        w.sample = np.concatenate([w.sample, projected[lo:hi]])[keep]
+        if self.online is not None:
+            self.online.update(projected[lo:hi])
+
+    def add_labels(self, joined: list[JoinedLabel]) -> None:
+        if not joined:
+            return
+        self.accuracy.add(
+            timestamp=np.array([j.timestamp for j in joined]),
+            delay=np.array([j.delay_seconds for j in joined]),
+            prediction=np.array([j.prediction for j in joined]),
+            label=np.array([j.label for j in joined]),
+        )
+
+    def close_if_idle(self, now: float) -> WindowSignals | None:
+        """Close a window whose traffic stopped ``window.seconds`` of wall time ago."""
+        w = self.window
+        if w.rows >= self.config.window.min_rows and now - w.last_arrival >= self.config.window.seconds:
+            return self._close()
+        return None
+
+    # -- closing ------------------------------------------------------------------------------
+
+    def _close(self) -> WindowSignals | None:
+        w = self.window
+        if w.rows < 2:
+            return None
+        ref = self.reference
+        sig = self.config.signals
+        mmd = None
+        if self.mmd_reference is not None and w.rows >= self.config.window.min_rows and w.sample.shape[0] >= 2:
+            mmd = mmd_test(self.mmd_reference, w.sample, permutations=sig.mmd.permutations, generator=self.rng)
+        online = self.online.status() if self.online is not None else _NO_ONLINE
+        estimate = None
+        if ref.calibrator is not None and ref.accuracy is not None:
+            estimate = EstimateStats(estimated_accuracy=w.estimate_sum / w.rows, reference_accuracy=ref.accuracy)
+        signals = WindowSignals(
+            model_version=ref.model_version,
+            index=self.index,
+            start_time=w.start_time,
+            end_time=w.end_time,
+            rows=w.rows,
+            activations=activation_stats(
+                window_sum=w.feature_sum,
+                window_sumsq=w.feature_sumsq,
+                window_rows=w.rows,
+                ref_mean=ref.feature_mean,
+                ref_var=ref.feature_var,
+                ref_rows=ref.rows_seen,
+                alpha=sig.activations.alpha,
+                top_k=sig.activations.top_k,
+            ),
+            predictions=prediction_stats(
+                entropy=w.entropy, max_prob=w.max_prob, class_counts=w.class_counts, ref_class_counts=ref.class_counts
+            ),
+            mmd=mmd,
+            online=online,
+            accuracy=self.accuracy.stats(),
+            estimate=estimate,
+            reference_id=ref.reference_id,
+        )
+        self.index += 1
+        self.window = _Window.empty(ref.feature_dim, ref.n_classes, self.projected_dim)
+        return signals
+
+    # -- checkpoint ---------------------------------------------------------------------------
+
+    def state_dict(self) -> tuple[dict[str, np.ndarray], dict]:
+        """Arrays (for an npz) and JSON-able metadata."""
+        arrays: dict[str, np.ndarray] = {f"window.{k}": getattr(self.window, k) for k in _WINDOW_ARRAYS}
+        arrays.update({f"accuracy.{k}": v for k, v in self.accuracy.state_dict().items()})
+        if self.online is not None:
+            arrays.update({f"online.{k}": np.asarray(v) for k, v in self.online.state_dict().items()})
+        meta = {
+            "reference_id": self.reference.reference_id,
+            "index": self.index,
+            "rng": self.rng.bit_generator.state,
+            "window": {k: float(getattr(self.window, k)) for k in _WINDOW_SCALARS},
+        }
+        return arrays, meta
+
+    def load_state_dict(self, arrays: dict[str, np.ndarray], meta: dict) -> None:
+        for k in _WINDOW_ARRAYS:
+            setattr(self.window, k, arrays[f"window.{k}"])
+        for k in _WINDOW_SCALARS:
+            value = meta["window"][k]
+            setattr(self.window, k, int(value) if k == "rows" else float(value))
+        self.accuracy.load_state_dict({k[len("accuracy.") :]: v for k, v in arrays.items() if k.startswith("accuracy.")})
+        online = {k[len("online.") :]: v for k, v in arrays.items() if k.startswith("online.")}
+        if self.config.signals.online_mmd.enabled and online:
+            from monitor.signals.online_mmd import OnlineMmd
+
+            self.online = OnlineMmd.from_state_dict(online)
+        self.index = int(meta["index"])
+        self.rng.bit_generator.state = meta["rng"]
+
+
+_NO_ONLINE = OnlineMmdStatus(
+    statistic=float("nan"), threshold=float("nan"), alarm=False, alarms_total=0, rows_since_reset=0, run_length_rows=None
+)

@@ -1,0 +1,180 @@
+"""The engine end to end on real Parquet files, a real SQLite checkpoint and real references."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from engine_helpers import build_reference, config_doc, make_rows, write_inference, write_labels
+from monitor.config import parse_config
+from monitor.engine import Engine
+from monitor.errors import ReferenceMissingError
+
+
+def _engine(tmp_path: Path, ref: Path, **overrides) -> Engine:
+    cfg = parse_config(config_doc(tmp_path, ref, **overrides), source="test", base=tmp_path)
+    return Engine(cfg.monitor)
+
+
+def _drain(engine: Engine) -> list:
+    windows = []
+    while True:
+        report = engine.run_cycle()
+        windows += report.windows
+        if report.rows == 0 and report.files == 0:
+            return windows
+
+
+@pytest.fixture
+def ref(tmp_path: Path) -> Path:
+    return build_reference(tmp_path)
+
+
+def test_clean_then_shifted_traffic(tmp_path: Path, ref: Path):
+    clean = make_rows(1000, seed=10)
+    shifted = make_rows(1000, seed=11, shift=1.5, start=clean.timestamp[-1] + 1)
+    write_inference(tmp_path / "logs", clean, per_file=250, name="a")
+    write_inference(tmp_path / "logs", shifted, per_file=250, name="b")
+    engine = _engine(tmp_path, ref)
+    try:
+        windows = _drain(engine)
+        counters = engine.counters()
+    finally:
+        engine.close()
+    assert [w.index for w in windows] == list(range(10))
+    assert all(w.rows == 200 for w in windows)
+    before, after = windows[:5], windows[5:]
+    assert max(w.mmd.p_value for w in after) < 0.05
+    assert np.median([w.mmd.p_value for w in before]) > 0.05
+    assert min(w.activations.max_abs_shift for w in after) > 5 * max(w.activations.max_abs_shift for w in before) / 2
+    assert any(w.online.alarm for w in after)
+    assert counters[("rows", "v1")] == 2000
+    assert counters[("files", "inference")] == 8
+
+
+def test_labels_in_either_order_give_accuracy_and_estimate_tracks_it(tmp_path: Path, ref: Path):
+    rows = make_rows(1200, seed=20)
+    # half the labels arrive before their predictions' file, half after
+    write_labels(tmp_path / "labels", rows.slice(0, 600), name="early")
+    engine = _engine(tmp_path, ref)
+    try:
+        engine.run_cycle()
+        write_inference(tmp_path / "logs", rows, per_file=400)
+        write_labels(tmp_path / "labels", rows.slice(600, 1200), name="late")
+        windows = _drain(engine)
+        counters = engine.counters()
+        last = engine.latest_windows()["v1"]
+    finally:
+        engine.close()
+    true_acc = float((rows.probs.argmax(1) == rows.label).mean())
+    assert counters[("labels", "joined")] == 1200
+    assert last.accuracy.labels_last_n == 500
+    assert last.accuracy.accuracy_last_n == pytest.approx(float((rows.probs.argmax(1) == rows.label)[-500:].mean()), abs=1e-9)
+    est = np.mean([w.estimate.estimated_accuracy for w in windows])
+    assert est == pytest.approx(true_acc, abs=0.04)
+    assert last.accuracy.label_delay_p50_seconds == pytest.approx(60.0)
+
+
+def test_rows_for_a_version_without_reference_are_counted_not_lost(tmp_path: Path, ref: Path, caplog):
+    write_inference(tmp_path / "logs", make_rows(300, seed=30, version="v9"), per_file=300)
+    engine = _engine(tmp_path, ref)
+    try:
+        windows = _drain(engine)
+        counters = engine.counters()
+    finally:
+        engine.close()
+    assert windows == []
+    assert counters[("rows_without_reference", "v9")] == 300
+    assert "no reference for it" in caplog.text and "driftd reference build" in caplog.text
+
+
+def test_no_reference_at_all_is_a_clear_error(tmp_path: Path):
+    cfg = parse_config(config_doc(tmp_path, tmp_path / "nowhere"), source="test", base=tmp_path)
+    with pytest.raises(ReferenceMissingError, match="driftd reference build"):
+        Engine(cfg.monitor)
+
+
+def test_restart_resumes_the_open_window(tmp_path: Path, ref: Path):
+    rows = make_rows(500, seed=40)
+    write_inference(tmp_path / "logs", rows.slice(0, 300), per_file=300, name="a")
+    engine = _engine(tmp_path, ref)
+    first = _drain(engine)
+    engine.close()
+    write_inference(tmp_path / "logs", rows.slice(300, 500), per_file=200, name="b")
+    engine = _engine(tmp_path, ref)
+    second = _drain(engine)
+    engine.close()
+    assert [w.index for w in first + second] == [0, 1]
+    assert second[0].rows == 200 and second[0].start_time == pytest.approx(rows.timestamp[200])
+
+
+_CRASHY = textwrap.dedent(
+    """
+    import itertools, os, signal, sys, json
+    sys.path.insert(0, {tests!r})
+    from engine_helpers import config_doc
+    from monitor.config import parse_config
+    from monitor.engine import Engine
+    tick = itertools.count()
+    cfg = parse_config(json.loads({doc!r}), source="test", base=__import__("pathlib").Path({tmp!r}))
+    # a clock that advances 1 s per reading forces frequent intermediate checkpoints
+    engine = Engine(cfg.monitor, clock=lambda: 1_800_000_000.0 + next(tick))
+    calls = itertools.count()
+    kill_at = int(sys.argv[1])
+    def should_stop():
+        if next(calls) == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return False
+    while True:
+        r = engine.run_cycle(should_stop)
+        if r.rows == 0 and r.files == 0:
+            break
+    print("finished")
+    """
+)
+
+
+@pytest.mark.parametrize("kill_at", [5, 24], ids=["early", "late"])
+def test_exactly_once_across_kill_9(tmp_path: Path, ref: Path, kill_at: int):
+    rows = make_rows(2000, seed=50)
+    write_inference(tmp_path / "logs", rows, per_file=100, row_group_size=50)
+    write_labels(tmp_path / "labels", rows.slice(0, 1000))
+    doc = config_doc(tmp_path, ref, **{"ingest.batch_rows": 50})
+    script = _CRASHY.format(tests=str(Path(__file__).parent), doc=json.dumps(doc), tmp=str(tmp_path))
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)}
+    killed = subprocess.run([sys.executable, "-c", script, str(kill_at)], env=env, capture_output=True, text=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    resumed = subprocess.run([sys.executable, "-c", script, "-1"], env=env, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+
+    # An uninterrupted run over a copy of the same logs is the ground truth.
+    clean_tmp = tmp_path / "clean"
+    write_inference(clean_tmp / "logs", rows, per_file=100, row_group_size=50)
+    write_labels(clean_tmp / "labels", rows.slice(0, 1000))
+    truth = parse_config(config_doc(clean_tmp, ref, **{"ingest.batch_rows": 50}), source="t", base=clean_tmp)
+    engine = Engine(truth.monitor)
+    expected_windows = _drain(engine)
+    expected = engine.counters()
+    expected_latest = engine.latest_windows()["v1"]
+    engine.close()
+
+    crashed_cfg = parse_config(doc, source="t", base=tmp_path)
+    engine = Engine(crashed_cfg.monitor)
+    got = engine.counters()
+    latest = engine.latest_windows()["v1"]
+    engine.close()
+    assert got[("rows", "v1")] == 2000
+    assert got[("labels", "joined")] == 1000
+    assert ("rejected_rows", "duplicate_request_id") not in got
+    assert got[("windows", "v1")] == expected[("windows", "v1")] == 10
+    assert latest.index == expected_windows[-1].index
+    assert latest.activations.max_abs_shift == pytest.approx(expected_windows[-1].activations.max_abs_shift)
+    assert latest.accuracy == expected_latest.accuracy and latest.accuracy.labels_last_n == 500
