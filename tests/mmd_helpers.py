@@ -41,3 +41,30 @@ def gaussian_rows(rng: np.random.Generator, rows: int, dims: int, *, shift: floa
     x = rng.standard_normal((rows, dims))
     x[:, :shifted_dims] += shift
     return x.astype(np.float32)
+
+
+def naive_online_thresholds(
+    x: np.ndarray, sigma: float, window: int, ert: float, extended_windows: np.ndarray
+) -> np.ndarray:
+    """alibi-detect's threshold recipe written plainly: for each bootstrap's extended window
+    (2W - 1 reference indices in order) and each step w, the MMD^2 between the other reference
+    rows and rows [w, w + W) of the extended window; thresholds are the 1 - 1/ERT quantiles among
+    bootstraps that stayed below every earlier threshold."""
+    mmd = np.array(
+        [
+            [naive_mmd2(np.delete(x, ext, axis=0), x[ext[w:w + window]], sigma) for w in range(window)]
+            for ext in extended_windows
+        ]
+    )
+    alive = np.ones(len(mmd), dtype=bool)
+    thresholds = []
+    for w in range(window):
+        thresholds.append(np.quantile(mmd[alive, w], 1.0 - 1.0 / ert))
+        alive &= mmd[:, w] < thresholds[-1]
+    return np.array(thresholds)
+
+
+def run_lengths(alarm_positions: list[int]) -> list[int]:
+    """Rows from each (re)start to its alarm, given alarm positions in the whole stream (0-based)."""
+    starts = [-1] + alarm_positions[:-1]
+    return [a - s for a, s in zip(alarm_positions, starts)]

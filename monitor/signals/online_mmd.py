@@ -1,0 +1,364 @@
+"""Sequential MMD drift detector (the algorithm of alibi-detect's ``MMDDriftOnline``), with
+vectorised calibration and mini-batch updates.
+
+The reference (N rows) is split once into a sub-reference (N - 2W + 1 rows) and an initial test
+window (W rows). Each new row slides the W-row test window on; the statistic is the unbiased
+MMD^2 between sub-reference and window (Gaussian kernel, sigma fixed). Thresholds for the steps
+t = 1..W-1 after a (re)start come from bootstraps on the reference: each bootstrap takes an
+"extended test window" of 2W - 1 reference rows in random order, whose W overlapping windows
+mimic the first W steps; at step w the threshold is the 1 - 1/ERT quantile of the bootstrap
+statistics among bootstraps that did not cross an earlier threshold. From step W on the last
+threshold holds. An alarm (statistic > threshold) resets the detector: t = 0, the window is the
+initial test window again.
+
+Calibration needs the full reference kernel once plus, per bootstrap, only the (2W-1)^2 block of
+its extended window: sub-reference sums are the reference totals minus that block's share.
+``update`` takes b rows at once: one kernel block between the batch and the sub-reference, one
+among the last W-1 + b rows, and window sums read off 2-D prefix sums.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from monitor.signals.mmd import default_device, gaussian_kernel
+from monitor.signals.projection import check_matrix
+from monitor.signals.results import OnlineMmdStatus
+
+STATE_VERSION = 1
+# Bootstraps whose (2W-1)^2 kernel blocks are gathered at once (memory ~ chunk x (2W)^2 x 12 bytes).
+_BOOTSTRAP_CHUNK = 64
+# New rows per sub-reference kernel block in update(); bounds memory at ~sub-reference x chunk.
+_UPDATE_CHUNK = 4096
+# New rows per window segment: a segment costs ~(W + s)^2 (kernel, prefix sums) and an alarm
+# wastes the rest of its segment, so s ~ 2W keeps both near the minimum of ~4W per row.
+_MIN_SEGMENT = 64
+# Initial splits tried before giving up when each starts above the first threshold.
+_SPLIT_TRIES = 100
+
+
+@dataclass(frozen=True, eq=False)
+class OnlineUpdate:
+    """Per-row results of one :meth:`OnlineMmd.update` call."""
+
+    statistics: np.ndarray   # (b,) float64 MMD^2 after each row
+    thresholds: np.ndarray   # (b,) threshold in force at each row
+    alarm_rows: list[int]    # batch positions of the rows that raised an alarm (each then reset)
+
+
+def _block_sums(prefix: torch.Tensor, starts: torch.Tensor, size: int) -> torch.Tensor:
+    """Sums of the size x size diagonal blocks [s, s+size)^2, read from 2-D prefix sums
+    ``prefix`` (..., L+1, L+1) with prefix[..., i, j] = sum of the top-left i x j corner."""
+    ends = starts + size
+    return (
+        prefix[..., ends, ends] - prefix[..., starts, ends] - prefix[..., ends, starts] + prefix[..., starts, starts]
+    )
+
+
+def _prefix_2d(k: torch.Tensor) -> torch.Tensor:
+    """float64 2-D prefix sums with a zero first row and column: shape (..., L+1, L+1)."""
+    p = torch.nn.functional.pad(k.to(torch.float64), (1, 0, 1, 0))
+    return p.cumsum(-1).cumsum(-2)
+
+
+def _window_statistics(
+    k_zz: torch.Tensor, colsums: torch.Tensor, window: int, sub_mean: float, sub_rows: int
+) -> torch.Tensor:
+    """MMD^2 of every W-row window of the sequence z (rows 0..L-1) against the sub-reference.
+
+    ``k_zz`` (..., L, L) kernel among z with a unit diagonal, ``colsums`` (..., L) float64 sums of
+    k(sub-reference, z_j); returns (..., L - W + 1) float64, window i = rows [i, i + W).
+    """
+    length = k_zz.shape[-1]
+    starts = torch.arange(length - window + 1, device=k_zz.device)
+    within = _block_sums(_prefix_2d(k_zz), starts, window) - window  # off-diagonal sum
+    c = torch.nn.functional.pad(colsums.cumsum(-1), (1, 0))
+    cross = c[..., starts + window] - c[..., starts]
+    return sub_mean + within / (window * (window - 1)) - 2.0 * cross / (sub_rows * window)
+
+
+def extended_windows(rng: np.random.Generator, rows: int, count: int, size: int) -> Iterator[np.ndarray]:
+    """Chunks (<= _BOOTSTRAP_CHUNK, size) of distinct reference indices in random order, ``count``
+    rows in all: the first ``size`` entries of uniform random permutations (partial Fisher-Yates,
+    vectorised over bootstraps)."""
+    for first in range(0, count, _BOOTSTRAP_CHUNK):
+        chunk = min(_BOOTSTRAP_CHUNK, count - first)
+        perm = np.tile(np.arange(rows, dtype=np.int64), (chunk, 1))
+        at = np.arange(chunk)
+        for k in range(size):
+            j = rng.integers(k, rows, size=chunk)
+            perm[at, k], perm[at, j] = perm[at, j], perm[at, k]
+        yield perm[:, :size]
+
+
+def _bootstrap_thresholds(
+    k: torch.Tensor, window: int, ert: float, bootstraps: int, rng: np.random.Generator
+) -> np.ndarray:
+    """Thresholds for steps 0..W-1 (see module docstring); raises ValueError when too few
+    bootstraps survive to estimate the 1 - 1/ERT quantile."""
+    n, ext = int(k.shape[0]), 2 * window - 1
+    sub_rows = n - ext
+    col_full = k.sum(0, dtype=torch.float64)
+    total = float(col_full.sum())
+    stats = []
+    for chunk in extended_windows(rng, n, bootstraps, ext):
+        idx = torch.from_numpy(chunk).to(k.device)
+        g = k[idx[:, :, None], idx[:, None, :]]
+        g_cols = g.sum(1, dtype=torch.float64)
+        cross_cols = col_full[idx] - g_cols  # sum over sub-reference rows of k(., ext_j)
+        sub_off = total - 2.0 * cross_cols.sum(1) - g_cols.sum(1) - sub_rows
+        sub_mean = (sub_off / (sub_rows * (sub_rows - 1)))[:, None]
+        stats.append(_window_statistics(g, cross_cols, window, 0.0, sub_rows) + sub_mean)
+    mmd = torch.cat(stats).cpu().numpy()  # (bootstraps, W)
+    quantile = 1.0 - 1.0 / ert
+    thresholds = np.empty(window)
+    alive = np.ones(len(mmd), dtype=bool)
+    for w in range(window):
+        values = mmd[alive, w]
+        if quantile > (len(values) - 1) / len(values):
+            needed = math.ceil(2 * (ert + 1) / (1.0 - 1.0 / ert) ** window)
+            raise ValueError(
+                f"online MMD calibration: {bootstraps} bootstraps cannot estimate the 1 - 1/ert_rows "
+                f"quantile for ert_rows={ert:g} over {window} steps ({len(values)} left at step {w}); "
+                f"use at least ~{needed} bootstraps or a smaller ert_rows"
+            )
+        thresholds[w] = np.quantile(values, quantile)
+        alive[alive] = values < thresholds[w]
+    return thresholds
+
+
+class OnlineMmd:
+    """Stateful sequential detector. Build with :meth:`calibrate` or :meth:`from_state_dict`."""
+
+    def __init__(
+        self,
+        *,
+        sigma: float,
+        thresholds: np.ndarray,
+        sub_reference: np.ndarray,
+        sub_mean: float,
+        init_window: np.ndarray,
+        init_colsums: np.ndarray,
+        device: torch.device | None = None,
+    ) -> None:
+        self.device = device or default_device()
+        self.sigma = float(sigma)
+        self.thresholds = np.asarray(thresholds, dtype=np.float64)
+        self.window_rows = len(self.thresholds)
+        self._sub_np = np.ascontiguousarray(sub_reference, dtype=np.float32)
+        self._sub = torch.from_numpy(self._sub_np).to(self.device)
+        self.sub_mean = float(sub_mean)
+        self._init_window = np.ascontiguousarray(init_window, dtype=np.float32)
+        self._init_colsums = np.asarray(init_colsums, dtype=np.float64)
+        # Mutable stream state: the current test window and its sub-reference column sums.
+        self._window = self._init_window.copy()
+        self._colsums = self._init_colsums.copy()
+        self.t = 0                      # rows since the last (re)start
+        self.alarms_total = 0
+        self.rows_total = 0
+        self._last_statistic = math.nan
+        self._last_threshold = float(self.thresholds[0])
+        self._alarm_pending = False      # an alarm since the last status() call
+        self._last_run_length = -1       # t at the most recent alarm since the last status()
+
+    @property
+    def dims(self) -> int:
+        return int(self._sub_np.shape[1])
+
+    @classmethod
+    def calibrate(
+        cls,
+        x_ref: np.ndarray,
+        *,
+        sigma: float,
+        window_rows: int,
+        ert_rows: float,
+        bootstraps: int,
+        seed: int,
+        device: torch.device | None = None,
+    ) -> OnlineMmd:
+        """Split the reference, calibrate thresholds by bootstrap (fpr = 1/ert_rows per step).
+
+        Needs more than 2 * window_rows reference rows, window_rows >= 2, ert_rows > 1 and enough
+        bootstraps to estimate the 1 - 1/ert_rows quantile; raises ValueError otherwise.
+        """
+        x = check_matrix(x_ref, "reference features", min_rows=2)
+        if isinstance(window_rows, bool) or not isinstance(window_rows, (int, np.integer)) or window_rows < 2:
+            raise ValueError(f"online MMD window_rows must be an integer >= 2, got {window_rows!r}")
+        if x.shape[0] < 2 * window_rows + 1:
+            raise ValueError(
+                f"online MMD needs more than 2 x window_rows = {2 * window_rows} reference rows "
+                f"(sub-reference + extended test window), got {x.shape[0]}"
+            )
+        if not (np.isfinite(ert_rows) and ert_rows > 1):
+            raise ValueError(f"online MMD ert_rows must be finite and > 1, got {ert_rows!r}")
+        if isinstance(bootstraps, bool) or not isinstance(bootstraps, (int, np.integer)) or bootstraps < 2:
+            raise ValueError(f"online MMD bootstraps must be an integer >= 2, got {bootstraps!r}")
+        if not (np.isfinite(sigma) and sigma > 0):
+            raise ValueError(f"kernel bandwidth sigma must be finite and > 0, got {sigma!r}")
+        dev = device or default_device()
+        rng = np.random.default_rng(seed)
+        xt = torch.from_numpy(x).to(dev)
+        k = gaussian_kernel(xt, xt, float(sigma), same=True)
+        thresholds = _bootstrap_thresholds(k, window_rows, float(ert_rows), int(bootstraps), rng)
+        n, sub_rows = x.shape[0], x.shape[0] - (2 * window_rows - 1)
+        for _ in range(_SPLIT_TRIES):
+            perm = rng.permutation(n)
+            sub, init = perm[:sub_rows], perm[n - window_rows:]
+            sub_t = torch.from_numpy(sub).to(dev)
+            sub_mean = (float(k[sub_t][:, sub_t].sum(dtype=torch.float64)) - sub_rows) / (sub_rows * (sub_rows - 1))
+            init_t = torch.from_numpy(init).to(dev)
+            colsums = k[sub_t][:, init_t].sum(0, dtype=torch.float64)
+            first = _window_statistics(k[init_t][:, init_t], colsums, window_rows, sub_mean, sub_rows)
+            if float(first[0]) < thresholds[0]:
+                return cls(
+                    sigma=sigma,
+                    thresholds=thresholds,
+                    sub_reference=x[sub],
+                    sub_mean=sub_mean,
+                    init_window=x[init],
+                    init_colsums=colsums.cpu().numpy(),
+                    device=dev,
+                )
+        raise ValueError(
+            f"online MMD calibration: {_SPLIT_TRIES} random reference splits all started above the "
+            "first threshold; the reference is too small or too heterogeneous for this window_rows"
+        )
+
+    def update(self, y: np.ndarray) -> OnlineUpdate:
+        """Feed b >= 1 rows in arrival order; statistics equal those of b single-row updates.
+
+        After an alarm at row i the detector restarts (t = 0, initial test window) and goes on
+        with row i + 1. Raises ValueError on bad rows (wrong dims, non-finite).
+        """
+        rows = check_matrix(y, "online MMD rows", min_rows=1, dims=self.dims)
+        w = self.window_rows
+        yt = torch.from_numpy(rows).to(self.device)
+        colsums = torch.cat(
+            [gaussian_kernel(self._sub, part, self.sigma).sum(0, dtype=torch.float64) for part in yt.split(_UPDATE_CHUNK)]
+        ).cpu().numpy()
+        stats = np.empty(len(rows))
+        thresholds = np.empty(len(rows))
+        alarms: list[int] = []
+        segment = max(2 * w, _MIN_SEGMENT)
+        pos = 0
+        while pos < len(rows):
+            end = min(pos + segment, len(rows))
+            z = np.concatenate([self._window[1:], rows[pos:end]])
+            zc = np.concatenate([self._colsums[1:], colsums[pos:end]])
+            zt = torch.from_numpy(z).to(self.device)
+            seg = _window_statistics(
+                gaussian_kernel(zt, zt, self.sigma, same=True),
+                torch.from_numpy(zc).to(self.device),
+                w,
+                self.sub_mean,
+                len(self._sub_np),
+            ).cpu().numpy()
+            steps = self.t + 1 + np.arange(len(seg))
+            thr = self.thresholds[np.minimum(steps, w - 1)]
+            crossed = np.flatnonzero(seg > thr)
+            taken = len(seg) if len(crossed) == 0 else int(crossed[0]) + 1
+            stats[pos:pos + taken] = seg[:taken]
+            thresholds[pos:pos + taken] = thr[:taken]
+            self._last_statistic, self._last_threshold = float(seg[taken - 1]), float(thr[taken - 1])
+            if len(crossed):
+                alarms.append(pos + taken - 1)
+                self._last_run_length = self.t + taken
+                self._alarm_pending = True
+                self.alarms_total += 1
+                self.t = 0
+                self._window, self._colsums = self._init_window.copy(), self._init_colsums.copy()
+            else:
+                self.t += taken
+                self._window, self._colsums = z[-w:].copy(), zc[-w:].copy()
+            pos += taken
+        self.rows_total += len(rows)
+        return OnlineUpdate(statistics=stats, thresholds=thresholds, alarm_rows=alarms)
+
+    def status(self, since_last: bool = True) -> OnlineMmdStatus:
+        """Latest statistic/threshold, and whether an alarm happened since the previous
+        ``status(since_last=True)`` call (which this call then clears when since_last is true)."""
+        result = OnlineMmdStatus(
+            statistic=self._last_statistic,
+            threshold=self._last_threshold,
+            alarm=self._alarm_pending,
+            alarms_total=self.alarms_total,
+            rows_since_reset=self.t,
+            run_length_rows=self._last_run_length if self._alarm_pending else None,
+        )
+        if since_last:
+            self._alarm_pending, self._last_run_length = False, -1
+        return result
+
+    def state_dict(self) -> dict[str, np.ndarray | int | float]:
+        """Everything needed to continue exactly where this detector is: arrays and scalars only."""
+        return {
+            "version": STATE_VERSION,
+            "sigma": self.sigma,
+            "thresholds": self.thresholds.copy(),
+            "sub_reference": self._sub_np.copy(),
+            "sub_mean": self.sub_mean,
+            "init_window": self._init_window.copy(),
+            "init_colsums": self._init_colsums.copy(),
+            "window": self._window.copy(),
+            "window_colsums": self._colsums.copy(),
+            "t": self.t,
+            "alarms_total": self.alarms_total,
+            "rows_total": self.rows_total,
+            "last_statistic": self._last_statistic,
+            "last_threshold": self._last_threshold,
+            "alarm_pending": int(self._alarm_pending),
+            "last_run_length": self._last_run_length,
+        }
+
+    @classmethod
+    def from_state_dict(cls, d: dict[str, np.ndarray | int | float], *, device: torch.device | None = None) -> OnlineMmd:
+        """Inverse of :meth:`state_dict` (values may be 0-d arrays, as read back from an npz).
+
+        Raises ValueError on a missing key, a newer state version or inconsistent shapes.
+        """
+        keys = (
+            "version", "sigma", "thresholds", "sub_reference", "sub_mean", "init_window", "init_colsums",
+            "window", "window_colsums", "t", "alarms_total", "rows_total", "last_statistic",
+            "last_threshold", "alarm_pending", "last_run_length",
+        )
+        missing = [k for k in keys if k not in d]
+        if missing:
+            raise ValueError(f"online MMD state: missing key(s) {missing}; recalibrate the detector")
+        version = int(np.asarray(d["version"]).item())
+        if version > STATE_VERSION:
+            raise ValueError(
+                f"online MMD state has version {version}, this driftd reads up to {STATE_VERSION}: "
+                "it was written by a newer driftd; upgrade or recalibrate"
+            )
+        det = cls(
+            sigma=float(np.asarray(d["sigma"]).item()),
+            thresholds=np.asarray(d["thresholds"]),
+            sub_reference=np.asarray(d["sub_reference"]),
+            sub_mean=float(np.asarray(d["sub_mean"]).item()),
+            init_window=np.asarray(d["init_window"]),
+            init_colsums=np.asarray(d["init_colsums"]),
+            device=device,
+        )
+        window = np.asarray(d["window"], dtype=np.float32)
+        colsums = np.asarray(d["window_colsums"], dtype=np.float64)
+        if window.shape != det._init_window.shape or colsums.shape != (det.window_rows,):
+            raise ValueError(
+                f"online MMD state: window {window.shape} / colsums {colsums.shape} do not match "
+                f"window_rows {det.window_rows}; recalibrate the detector"
+            )
+        det._window, det._colsums = window.copy(), colsums.copy()
+        det.t = int(np.asarray(d["t"]).item())
+        det.alarms_total = int(np.asarray(d["alarms_total"]).item())
+        det.rows_total = int(np.asarray(d["rows_total"]).item())
+        det._last_statistic = float(np.asarray(d["last_statistic"]).item())
+        det._last_threshold = float(np.asarray(d["last_threshold"]).item())
+        det._alarm_pending = bool(int(np.asarray(d["alarm_pending"]).item()))
+        det._last_run_length = int(np.asarray(d["last_run_length"]).item())
+        return det
+
