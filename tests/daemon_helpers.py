@@ -114,7 +114,7 @@ class DaemonProcess:
             raise AssertionError(f"{path}: HTTP {status}: {body!r}\n--- daemon log ---\n{self.log()}")
         return json.loads(body)
 
-    def wait_for(self, what: Callable[[], Any], timeout: float = 20.0, desc: str = "") -> Any:
+    def wait_for(self, what: Callable[[], Any], timeout: float = 40.0, desc: str = "") -> Any:
         deadline = time.monotonic() + timeout
         while True:
             if self.proc is not None and self.proc.poll() is not None:
@@ -129,10 +129,10 @@ class DaemonProcess:
                 raise AssertionError(f"timed out waiting for {desc}\n--- daemon log ---\n{self.log()}")
             time.sleep(0.1)
 
-    def wait_ready(self, timeout: float = 30.0) -> None:
+    def wait_ready(self, timeout: float = 60.0) -> None:
         self.wait_for(lambda: self.get("/readyz")[0] == 200, timeout, "/readyz 200")
 
-    def wait_log(self, text: str, timeout: float = 20.0) -> str:
+    def wait_log(self, text: str, timeout: float = 40.0) -> str:
         return self.wait_for(lambda: text in self.log() and self.log(), timeout, repr(text))
 
     def metric(self, name: str, **labels: str) -> float | None:
@@ -145,7 +145,7 @@ class DaemonProcess:
                     return float(sample.value)
         return None
 
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
         if self.proc is None:
             return 0
         if self.proc.poll() is None:

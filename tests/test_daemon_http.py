@@ -70,7 +70,8 @@ def test_metrics_status_and_control_api(daemon: DaemonProcess, tmp_path: Path, c
     assert TOKEN not in daemon.log()
 
     # a retrain through the CLI, waited for; the outcome is counted once
-    code = main(["retrain", "--config", str(daemon.config_path), "--reason", "operator asked", "--wait", "--poll-seconds", "0.2"])
+    code = main(["retrain", "--config", str(daemon.config_path), "--reason", "operator asked", "--wait", "--poll-seconds", "0.2",
+                 "--timeout", "90"])
     out = capsys.readouterr().out
     job_id = out.split("queued as job ")[1].split()[0]
     info = daemon.json(f"/api/v1/retrain/{job_id}", token=TOKEN)

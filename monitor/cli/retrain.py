@@ -25,6 +25,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_config_argument(p, required=True)
     p.add_argument("--reason", default="requested from the command line", help="why (kept with the job)")
     p.add_argument("--wait", action="store_true", help="poll the daemon until the job has an outcome")
+    p.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
+                   help="with --wait: give up (exit 1) after this long; the job keeps running")
     p.add_argument("--local", action="store_true", help="run the job in this process with a progress bar")
     p.add_argument("--url", help="daemon base URL (default: from the config's http section)")
     p.add_argument("--poll-seconds", type=float, default=2.0, help=argparse.SUPPRESS)
@@ -41,10 +43,14 @@ def run(args: argparse.Namespace) -> int:
     print(f"retrain queued as job {job_id}")
     if not args.wait:
         return 0
+    deadline = None if args.timeout is None else time.monotonic() + args.timeout
     while True:
         info = client.request("GET", f"/api/v1/retrain/{job_id}")
         if info["state"] == "finished":
             break
+        if deadline is not None and time.monotonic() > deadline:
+            raise DriftdError(f"job {job_id} still {info['state']} after {args.timeout:g}s; "
+                              f"follow it with `driftd status` (the daemon keeps running it)")
         p = info.get("progress") or {}
         print(f"\r{info['state']}: {p.get('event', 'waiting')} epoch {p.get('epoch', '-')}", end="", file=sys.stderr)
         time.sleep(args.poll_seconds)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 
 from monitor.cli.common import add_config_argument, load_config
 from monitor.service.logs import FORMATS, setup_logging
@@ -27,4 +29,9 @@ def run(args: argparse.Namespace) -> int:
 
     config = load_config(args.config)  # a bad config exits 2 before logging or anything else is set up
     setup_logging(args.log_format, getattr(args, "log_level", "INFO"))
-    return Daemon(config, config_path=config.source).serve()
+    code = Daemon(config, config_path=config.source).serve()
+    if code != 0:
+        # a job overran the shutdown grace: its thread would hold the interpreter open at exit
+        logging.shutdown()
+        os._exit(code)
+    return code

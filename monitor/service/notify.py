@@ -55,6 +55,8 @@ class Notifier:
             addr = "\0" + addr[1:]
         try:
             with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+                # never block the scheduler on a supervisor that stopped reading (queue full: EAGAIN)
+                sock.setblocking(False)
                 sock.connect(addr)
                 sock.sendall("\n".join(messages).encode("utf-8"))
             return True
