@@ -360,6 +360,8 @@ def to_inference_batch(
     ``first_row`` is the file row index of ``batch[0]``. ``expectations`` maps model_version to
     its reference (D, C). ``file_dims`` is the (D, C) of the file's first valid row when a reader
     has seen it in an earlier chunk; otherwise the fixed-size type or this batch's first valid row.
+    ``features``/``probs`` may be read-only views of the Arrow buffers (no copy when every row
+    is kept): copy before modifying them in place.
     """
     n = batch.num_rows
     request_id, rid_null = _strings(_column(batch, "request_id"))
@@ -417,7 +419,9 @@ def to_inference_batch(
     keep &= keep2
     rejections = rejections.merge(late)
     final = np.flatnonzero(keep)
-    sub = np.isin(rows, final, assume_unique=True)  # rows of the matrices still kept
+    if final.shape[0] != rows.shape[0]:  # indexing copies: only when the late checks dropped rows
+        sub = np.isin(rows, final, assume_unique=True)
+        feats, probs = feats[sub], probs[sub]
 
     input_uri = _strings(_column(batch, "input_uri"))[0][final] if layout.has_input_uri else None
     label = None
@@ -431,8 +435,8 @@ def to_inference_batch(
         request_id=request_id[final],
         timestamp=timestamp[final],
         model_version=model_version[final],
-        features=np.ascontiguousarray(feats[sub], dtype=np.float32),
-        probs=np.ascontiguousarray(probs[sub], dtype=np.float32),
+        features=np.ascontiguousarray(feats, dtype=np.float32),
+        probs=np.ascontiguousarray(probs, dtype=np.float32),
         prediction=prediction[final].astype(np.int64),
         input_uri=input_uri,
         label=label,

@@ -41,6 +41,7 @@ from monitor.ingest.store import FileProgress
 
 Kind = Literal["inference", "labels"]
 _FINISHED = ("done", "quarantined")
+_READ_BUFFER_BYTES = 4 << 20
 
 
 class FileNotReady(Exception):
@@ -145,7 +146,10 @@ class Tailer:
     # ------------------------------------------------------------------ reading
     def _open(self, file: FileInfo) -> pq.ParquetFile:
         try:
-            return pq.ParquetFile(self.filesystem.open_input_file(file.path))
+            # pre_buffer would cache every column chunk read so far (memory grows with the file);
+            # a bounded read buffer keeps a 2 GB file's footprint at about one row group.
+            return pq.ParquetFile(self.filesystem.open_input_file(file.path), pre_buffer=False,
+                                  buffer_size=_READ_BUFFER_BYTES)
         except FileNotFoundError:
             raise FileNotReady(f"{file.path}: vanished since it was listed") from None
         except (pa.ArrowException, OSError) as exc:
