@@ -147,3 +147,21 @@ def test_lag_is_age_of_oldest_unfinished_file(tmp_path):
     assert tl.lag_seconds(done) == pytest.approx(500.0)
     done[str(b)] = FileProgress(str(b), "done", 1, 0, 1500.0)
     assert tl.lag_seconds(done) == 0.0
+
+
+def test_corrupt_pages_after_good_rows_raise_unreadable_with_the_row(tmp_path):
+    import pyarrow.parquet as pq
+
+    path = write(inference_table(400, dim=32), tmp_path / "c.parquet", row_group_size=200)
+    column = pq.read_metadata(path).row_group(1).column(3)  # features of the second row group
+    data = bytearray(path.read_bytes())
+    start = column.data_page_offset + 40
+    data[start:start + 2000] = b"\xff" * 2000
+    path.write_bytes(bytes(data))
+    tl = tailer(tmp_path, batch_rows=100)
+    [f] = tl.discover({})
+    read = tl.read(f, 0, {})
+    assert [next(read).next_row, next(read).next_row] == [100, 200]  # the intact row group is used
+    with pytest.raises(ContractError) as err:
+        next(read)
+    assert (err.value.reason, err.value.row) == ("unreadable", 200) and "corrupt" in str(err.value)

@@ -184,7 +184,7 @@ class LabelJoiner:
         return counts
 
     def _delete(self, sql: str, cutoff: float) -> int:
-        return self.store.execute(sql, (cutoff,)).rowcount
+        return self.store.execute(sql, (cutoff,))
 
     def _cap(self, table: str, cap: int) -> int:
         excess = self.store.query(f"SELECT COUNT(*) FROM {table}")[0][0] - cap
@@ -192,7 +192,7 @@ class LabelJoiner:
             return 0
         return self.store.execute(
             f"DELETE FROM {table} WHERE request_id IN (SELECT request_id FROM {table} ORDER BY arrived_at, request_id LIMIT ?)",
-            (excess,)).rowcount
+            (excess,))
 
     def pending_counts(self) -> tuple[int, int]:
         """(pending predictions, pending labels), e.g. for a gauge."""

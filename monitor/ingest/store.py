@@ -14,6 +14,7 @@ WAL lets them read a consistent snapshot while the daemon writes.
 from __future__ import annotations
 
 import sqlite3
+import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,10 +81,16 @@ def _corrupt(path: Path, exc: Exception) -> StateError:
 
 
 class StateStore:
-    """One writer connection to ``state.db``. Not for concurrent use from several threads at once."""
+    """One writer connection to ``state.db``.
+
+    Calls are serialised by a lock, so another thread (e.g. the HTTP API reading counters) may
+    use it while the cycle writes, and sees the cycle's uncommitted writes. Processes other than
+    the daemon use :func:`connect_readonly` instead.
+    """
 
     def __init__(self, conn: sqlite3.Connection, path: Path):
         self._conn = conn
+        self._lock = threading.RLock()
         self.path = path
 
     @classmethod
@@ -127,18 +134,21 @@ class StateStore:
         if not self._conn.in_transaction:
             self._conn.execute("BEGIN")
 
-    def execute(self, sql: str, params: Sequence[Any] = ()) -> sqlite3.Cursor:
-        """Run one statement inside the open transaction (started on first use)."""
-        self._begin()
-        return self._conn.execute(sql, params)
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> int:
+        """Run one statement inside the open transaction (started on first use); returns rowcount."""
+        with self._lock:
+            self._begin()
+            return self._conn.execute(sql, params).rowcount
 
     def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
-        self._begin()
-        self._conn.executemany(sql, rows)
+        with self._lock:
+            self._begin()
+            self._conn.executemany(sql, rows)
 
     def query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         """Read rows; sees this connection's uncommitted writes."""
-        return self._conn.execute(sql, params).fetchall()
+        with self._lock:
+            return self._conn.execute(sql, params).fetchall()
 
     @property
     def connection(self) -> sqlite3.Connection:
@@ -147,18 +157,21 @@ class StateStore:
 
     def commit(self) -> None:
         """Make everything written since the last commit durable, atomically."""
-        if self._conn.in_transaction:
-            self._conn.execute("COMMIT")
+        with self._lock:
+            if self._conn.in_transaction:
+                self._conn.execute("COMMIT")
 
     def rollback(self) -> None:
         """Forget everything written since the last commit."""
-        if self._conn.in_transaction:
-            self._conn.execute("ROLLBACK")
+        with self._lock:
+            if self._conn.in_transaction:
+                self._conn.execute("ROLLBACK")
 
     def close(self) -> None:
         """Close WITHOUT committing: uncommitted writes are rolled back, as after a crash."""
-        self.rollback()
-        self._conn.close()
+        with self._lock:
+            self.rollback()
+            self._conn.close()
 
     def __enter__(self) -> "StateStore":
         return self
