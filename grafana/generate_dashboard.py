@@ -37,6 +37,11 @@ class Panel:
     width: int = 8
 
 
+def _per_version(metric: str, legend: str) -> Query:
+    """A per-model_version gauge, one series per selected version."""
+    return Query(f"{metric}{{{MV}}}", f"{legend} {{{{model_version}}}}".lstrip())
+
+
 def _threshold(rule: str) -> Query:
     return Query(f'driftd_rule_threshold{{{M}, rule="{rule}"}}', f"threshold ({rule})")
 
@@ -81,37 +86,37 @@ ROWS: tuple[tuple[str, tuple[Panel, ...]], ...] = (
         )),
         Panel("Label delay", _quantiles("driftd_label_delay_seconds"), unit="s"),
         Panel("Windows", (
-            Query(f"driftd_window_rows{{{MV}}}", "rows/window {{model_version}}"),
-            Query(f"driftd_windows_total{{{MV}}}", "windows {{model_version}}"),
+            _per_version("driftd_window_rows", "rows/window"),
+            _per_version("driftd_windows_total", "windows"),
         )),
     )),
     ("Drift signals", (
         Panel("Online MMD (sequential detector)", (
-            Query(f"driftd_online_mmd_statistic{{{MV}}}", "statistic {{model_version}}"),
-            Query(f"driftd_online_mmd_threshold{{{MV}}}", "threshold {{model_version}}"),
+            _per_version("driftd_online_mmd_statistic", "statistic"),
+            _per_version("driftd_online_mmd_threshold", "threshold"),
             Query(f"increase(driftd_online_mmd_alarms_total{{{MV}}}[{RATE}])", "alarms {{model_version}}"),
         )),
         Panel("MMD permutation test", (
-            Query(f"driftd_mmd_p_value{{{MV}}}", "p-value {{model_version}}"),
-            Query(f"driftd_mmd2{{{MV}}}", "MMD² {{model_version}}"),
+            _per_version("driftd_mmd_p_value", "p-value"),
+            _per_version("driftd_mmd2", "MMD²"),
             _threshold("mmd_p_value"),
         )),
         Panel("Activation shift", (
-            Query(f"driftd_activation_max_abs_shift{{{MV}}}", "max |shift| {{model_version}}"),
-            Query(f"driftd_activation_mean_abs_shift{{{MV}}}", "mean |shift| {{model_version}}"),
-            Query(f"driftd_activation_max_abs_log_variance_ratio{{{MV}}}", "max |log var ratio| {{model_version}}"),
+            _per_version("driftd_activation_max_abs_shift", "max |shift|"),
+            _per_version("driftd_activation_mean_abs_shift", "mean |shift|"),
+            _per_version("driftd_activation_max_abs_log_variance_ratio", "max |log var ratio|"),
         )),
         Panel("Share of dimensions shifted (BH)", (
-            Query(f"driftd_activation_share_significant{{{MV}}}", "{{model_version}}"),
+            _per_version("driftd_activation_share_significant", ""),
         ), unit="percentunit"),
         Panel("Prediction entropy and confidence", (
-            Query(f"driftd_prediction_entropy_mean{{{MV}}}", "entropy mean {{model_version}}"),
-            Query(f"driftd_prediction_entropy_p90{{{MV}}}", "entropy p90 {{model_version}}"),
-            Query(f"driftd_prediction_max_prob_mean{{{MV}}}", "max prob mean {{model_version}}"),
+            _per_version("driftd_prediction_entropy_mean", "entropy mean"),
+            _per_version("driftd_prediction_entropy_p90", "entropy p90"),
+            _per_version("driftd_prediction_max_prob_mean", "max prob mean"),
         )),
         Panel("Predicted class distribution", (
-            Query(f"driftd_predicted_class_tvd{{{MV}}}", "TVD {{model_version}}"),
-            Query(f"driftd_predicted_class_chi2_p_value{{{MV}}}", "chi² p-value {{model_version}}"),
+            _per_version("driftd_predicted_class_tvd", "TVD"),
+            _per_version("driftd_predicted_class_chi2_p_value", "chi² p-value"),
         )),
         Panel("Policy alarms", (
             Query(f"driftd_alarm{{{M}}}", "{{rule}}"),
@@ -124,13 +129,13 @@ ROWS: tuple[tuple[str, tuple[Panel, ...]], ...] = (
     )),
     ("Accuracy", (
         Panel("Accuracy vs estimated accuracy", (
-            Query(f"driftd_window_accuracy{{{MV}}}", "labelled {{model_version}}"),
-            Query(f"driftd_estimated_accuracy{{{MV}}}", "estimated {{model_version}}"),
-            Query(f"driftd_reference_accuracy{{{MV}}}", "reference {{model_version}}"),
+            _per_version("driftd_window_accuracy", "labelled"),
+            _per_version("driftd_estimated_accuracy", "estimated"),
+            _per_version("driftd_reference_accuracy", "reference"),
             _threshold("accuracy_drop"),
             _threshold("estimated_accuracy_drop"),
         ), unit="percentunit", width=16),
-        Panel("Labels behind the accuracy", (Query(f"driftd_window_accuracy_labels{{{MV}}}", "{{model_version}}"),)),
+        Panel("Labels behind the accuracy", (_per_version("driftd_window_accuracy_labels", ""),)),
     )),
     ("Retraining", (
         Panel("Runs by outcome", (
