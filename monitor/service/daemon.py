@@ -24,13 +24,12 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.jobstores.memory import MemoryJobStore
 from apscheduler.jobstores.sqlalchemy import SQLAlchemyJobStore
-from apscheduler.schedulers.background import BackgroundScheduler
 from prometheus_client import CollectorRegistry
 
 from monitor.config import Config, load_config
@@ -43,6 +42,7 @@ from monitor.service.notify import Notifier
 from monitor.service.retrain_queue import (
     EXECUTOR,
     JOBSTORE,
+    DaemonScheduler,
     JobRecord,
     Launcher,
     RetrainExecutor,
@@ -67,12 +67,14 @@ def build_version() -> str:
 def default_launcher(config_path: str, get_config: Callable[[], Config]) -> Launcher:
     """Starts ``retrain.job`` locally or as a Kubernetes Job, per ``retrain.launcher`` at launch time."""
 
-    def launch(job_id: str, job_dir: Path, reason: str):
+    def launch(job_id: str, job_dir: Path, reason: str, attempt: int):
         config = get_config()
         if config.retrain.launcher == "kubernetes":
             from retrain.launch.kubernetes import launch_kubernetes
 
-            return launch_kubernetes(config, job_id, reason)
+            # a re-run needs a new Job name (the old Job object may still exist); same job dir
+            name = job_id if attempt <= 1 else f"{job_id}-a{attempt}"
+            return launch_kubernetes(config, name, reason, job_dir=PurePosixPath(str(job_dir)))
         from retrain.launch.local import launch_local
 
         return launch_local(config_path, job_dir, reason=reason)
@@ -127,7 +129,7 @@ class Daemon:
                                      alarms=self.policy.alarms(), thresholds=self.policy.thresholds({}, None))
         self.metrics = Metrics(config.monitor.model, self.registry, self.metrics_snapshot)
         self.engine: Any = None
-        self.scheduler: BackgroundScheduler | None = None
+        self.scheduler: DaemonScheduler | None = None
         self.queue: RetrainQueue | None = None
         http = config.service.http
         self.api = ApiServer(http.host, http.port, backend=self, registry=self.registry, token=lambda: self._token)
@@ -153,7 +155,7 @@ class Daemon:
             grace_seconds=max(0.1, grace / 2), stop=self._stop, on_finish=self._retrain_finished,
             on_error=lambda: self.count_error("retrain"), clock=self.clock,
         )
-        self.scheduler = BackgroundScheduler(
+        self.scheduler = DaemonScheduler(
             jobstores={"default": MemoryJobStore(), JOBSTORE: SQLAlchemyJobStore(url=f"sqlite:///{state_dir / 'scheduler.db'}")},
             executors={"default": ThreadPoolExecutor(4), EXECUTOR: RetrainExecutor(self.queue.run)},
             job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
@@ -202,6 +204,7 @@ class Daemon:
         self.notifier.stopping()
         code = 0
         if self.scheduler is not None:
+            self.scheduler.pause()  # hand no further job to an executor that is shutting down
             stopper = threading.Thread(target=self.scheduler.shutdown, kwargs={"wait": True}, daemon=True)
             stopper.start()
             stopper.join(grace)

@@ -25,7 +25,8 @@ from typing import Any, Protocol
 
 from apscheduler.executors.base import BaseExecutor
 from apscheduler.job import Job
-from apscheduler.schedulers.base import BaseScheduler
+from apscheduler.schedulers.background import BackgroundScheduler
+from apscheduler.schedulers.base import STATE_STOPPED, BaseScheduler
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +42,8 @@ class JobHandle(Protocol):
     def terminate(self, grace_seconds: float) -> Any: ...
 
 
-# (job_id, job_dir, reason) -> a started job
-Launcher = Callable[[str, Path, str], JobHandle]
+# (job_id, job_dir, reason, attempt) -> a started job; attempt counts from 1
+Launcher = Callable[[str, Path, str, int], JobHandle]
 
 
 def run_queued_retrain(job_id: str) -> None:
@@ -52,6 +53,19 @@ def run_queued_retrain(job_id: str) -> None:
     calling this; reaching it means the job was given to another executor, which is a bug.
     """
     raise RuntimeError(f"retrain job {job_id} must run on the daemon's {EXECUTOR!r} executor")
+
+
+class DaemonScheduler(BackgroundScheduler):
+    """A BackgroundScheduler that hands out no job once shutdown has begun.
+
+    APScheduler 3's loop runs one more pass after ``shutdown()`` and submits due jobs to executors
+    already shut down (logging errors, and for a persisted retrain racing its removal from the store).
+    """
+
+    def _process_jobs(self) -> float | None:
+        if self.state == STATE_STOPPED:
+            return None
+        return super()._process_jobs()
 
 
 class RetrainExecutor(BaseExecutor):
@@ -295,7 +309,7 @@ class RetrainQueue:
         self._save_request(rec)
         log.info("retrain job %s started (attempt %d): %s", job_id, rec.attempts, rec.reason)
         try:
-            handle = self.launcher(job_id, job_dir, rec.reason)
+            handle = self.launcher(job_id, job_dir, rec.reason, rec.attempts)
             code = self._follow(rec, handle, job_dir)
             if code is None:
                 log.warning("retrain job %s stopped by shutdown; it will be re-run at the next start", job_id)

@@ -1,0 +1,148 @@
+"""The persisted retrain queue on a real APScheduler with its SQLite job store; the launcher is faked
+(it is the process hook), everything else is real."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import threading
+import time
+from pathlib import Path
+
+from apscheduler.jobstores.sqlalchemy import SQLAlchemyJobStore
+
+from monitor.service.retrain_queue import EXECUTOR, JOBSTORE, DaemonScheduler, RetrainExecutor, RetrainQueue
+
+
+class FakeJob:
+    """Writes progress and, once ``release`` is set, result.json like retrain.job does."""
+
+    def __init__(self, job_dir: Path, job_id: str, release: threading.Event, outcome: str):
+        self.job_dir, self.job_id, self.release, self.outcome = job_dir, job_id, release, outcome
+        self.terminated = False
+        (job_dir / "progress.jsonl").write_text(json.dumps({"event": "epoch", "epoch": 1, "grad_norm": 0.5}) + "\n")
+
+    def poll(self) -> int | None:
+        if self.terminated:
+            return -15
+        if not self.release.is_set():
+            return None
+        (self.job_dir / "result.json").write_text(json.dumps(
+            {"job_id": self.job_id, "outcome": self.outcome, "reason": "gate says so", "finished_at": time.time()}))
+        return 0
+
+    def terminate(self, grace_seconds: float) -> int:
+        self.terminated = True
+        return -15
+
+
+class Harness:
+    def __init__(self, tmp: Path, outcome: str = "promoted"):
+        self.tmp = tmp
+        self.release = threading.Event()
+        self.stop = threading.Event()
+        self.launched: list[tuple[str, int]] = []
+        self.finished: list[str] = []
+        self.errors = 0
+        self.jobs: list[FakeJob] = []
+
+        def launcher(job_id: str, job_dir: Path, reason: str, attempt: int) -> FakeJob:
+            self.launched.append((job_id, attempt))
+            if reason == "explode":
+                raise RuntimeError("launcher broke")
+            job = FakeJob(job_dir, job_id, self.release, outcome)
+            self.jobs.append(job)
+            return job
+
+        def on_error() -> None:
+            self.errors += 1
+
+        self.queue = RetrainQueue(tmp / "retrain", launcher=launcher, poll_seconds=0.02, grace_seconds=0.1,
+                                  stop=self.stop, on_finish=lambda rec, d: self.finished.append(rec.job_id),
+                                  on_error=on_error)
+        self.scheduler = DaemonScheduler(
+            jobstores={JOBSTORE: SQLAlchemyJobStore(url=f"sqlite:///{tmp / 'scheduler.db'}")},
+            executors={EXECUTOR: RetrainExecutor(self.queue.run)}, timezone=dt.timezone.utc)
+        self.queue.scheduler = self.scheduler
+
+    def start(self, paused: bool = False) -> "Harness":
+        self.scheduler.start(paused=paused)
+        return self
+
+    def until(self, cond, timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not cond():
+            assert time.monotonic() < deadline, "condition not reached"
+            time.sleep(0.01)
+
+    def close(self) -> None:
+        self.stop.set()
+        self.scheduler.pause()  # as the daemon does: no job is handed to an executor being shut down
+        self.scheduler.shutdown(wait=True)
+
+
+def test_job_runs_once_and_reports_progress_and_outcome(tmp_path: Path) -> None:
+    h = Harness(tmp_path).start()
+    try:
+        job_id = h.queue.submit("accuracy fell", source="rule:accuracy_drop")
+        h.until(lambda: h.queue.running() is not None and h.queue.running().progress)
+        assert h.queue.busy_job() == job_id
+        assert h.queue.get(job_id)["progress"]["grad_norm"] == 0.5
+        h.release.set()
+        h.until(lambda: h.finished == [job_id])
+        info = h.queue.get(job_id)
+        assert (info["state"], info["outcome"], info["attempts"], info["resumed"]) == ("finished", "promoted", 1, False)
+        assert h.queue.outcome_counts() == {"promoted": 1.0, "rejected": 0.0, "failed": 0.0}
+        assert h.queue.busy_job() is None and h.launched == [(job_id, 1)]
+    finally:
+        h.close()
+
+
+def test_launcher_failure_is_a_failed_result_and_counted(tmp_path: Path) -> None:
+    h = Harness(tmp_path).start()
+    try:
+        job_id = h.queue.submit("explode", source="api")
+        h.until(lambda: h.finished == [job_id])
+        info = h.queue.get(job_id)
+        assert info["outcome"] == "failed" and info["result"]["reason"] == "RuntimeError: launcher broke"
+        assert h.errors == 1
+        assert json.loads((tmp_path / "retrain" / job_id / "result.json").read_text())["outcome"] == "failed"
+    finally:
+        h.close()
+
+
+def test_queued_job_survives_restart_without_being_doubled(tmp_path: Path) -> None:
+    """APScheduler's replace_existing trap: the persisted job must run once, not be re-added or dropped."""
+    h = Harness(tmp_path).start(paused=True)  # never runs: as if the daemon stopped right after queueing
+    job_id = h.queue.submit("drift", source="api")
+    h.close()
+    again = Harness(tmp_path)
+    again.start(paused=True)
+    assert again.queue.recover() == []  # still in the job store: nothing to re-add
+    again.release.set()
+    again.scheduler.resume()
+    try:
+        again.until(lambda: again.finished == [job_id])
+        assert again.launched == [(job_id, 1)]
+    finally:
+        again.close()
+
+
+def test_interrupted_job_is_rerun_as_next_attempt(tmp_path: Path) -> None:
+    h = Harness(tmp_path).start()
+    job_id = h.queue.submit("drift", source="api")
+    h.until(lambda: h.queue.running() is not None)
+    h.close()  # shutdown while running: terminated, no result
+    assert h.jobs[0].terminated and not (tmp_path / "retrain" / job_id / "result.json").exists()
+    again = Harness(tmp_path)
+    again.start(paused=True)
+    assert again.queue.recover() == [job_id]
+    again.release.set()
+    again.scheduler.resume()
+    try:
+        again.until(lambda: again.finished == [job_id])
+        info = again.queue.get(job_id)
+        assert (info["attempts"], info["resumed"], info["outcome"]) == (2, True, "promoted")
+        assert again.launched == [(job_id, 2)]
+    finally:
+        again.close()
