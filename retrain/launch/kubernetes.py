@@ -25,6 +25,7 @@ from monitor.errors import ConfigError, DriftdError
 
 if TYPE_CHECKING:
     from monitor.config import Config
+    from retrain.config import KubernetesConfig
 
 CONFIG_MOUNT = PurePosixPath("/etc/driftd")
 STATE_MOUNT = PurePosixPath("/var/lib/driftd")
@@ -89,7 +90,7 @@ def _command(config: Config, job_dir: PurePosixPath, reason: str) -> list[str]:
     return ["python", *args]
 
 
-def _tolerations(k8s: Any) -> list[dict[str, Any]]:
+def _tolerations(k8s: KubernetesConfig) -> list[dict[str, Any]]:
     out = []
     for t in k8s.tolerations:
         item: dict[str, Any] = {"operator": t.operator}
