@@ -11,6 +11,7 @@ are pruned by ``labeled_at``.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import sqlite3
@@ -25,6 +26,18 @@ from monitor.ingest.records import InferenceBatch, JoinedLabel, LabelBatch
 from monitor.ingest.store import StateStore
 
 log = logging.getLogger(__name__)
+
+# Which of a batch's request_ids are already known, in one statement over one JSON parameter.
+_SEEN_OR_EARLY = """
+WITH ids(v) AS (SELECT value FROM json_each(?))
+SELECT v, 'pending_predictions', NULL, NULL FROM ids JOIN pending_predictions ON request_id = v
+UNION ALL SELECT v, 'labelled', NULL, NULL FROM ids JOIN labelled ON request_id = v
+UNION ALL SELECT v, 'pending_labels', label, labeled_at FROM ids JOIN pending_labels ON request_id = v
+"""
+_LABELLED_OR_WAITING = """
+WITH ids(v) AS (SELECT value FROM json_each(?))
+SELECT v FROM ids JOIN labelled ON request_id = v UNION ALL SELECT v FROM ids JOIN pending_labels ON request_id = v
+"""
 
 _LABELLED_COLUMNS = "request_id, model_version, timestamp, labeled_at, prediction, label, confidence, source, row, input_uri"
 
@@ -55,57 +68,57 @@ class LabelJoiner:
         self.config = config
         self.clock = clock
 
-    def _existing(self, table: str, ids: list[str]) -> set[str]:
+    def _lookup(self, sql: str, ids: list[str]) -> list[tuple]:
         # json_each turns the whole batch into one indexed join instead of one query per row.
-        rows = self.store.query(f"SELECT t.request_id FROM json_each(?) j JOIN {table} t ON t.request_id = j.value",
-                                (json.dumps(ids),))
-        return {r[0] for r in rows}
+        return self.store.query(sql, (json.dumps(ids),))
 
     def add_predictions(self, batch: InferenceBatch) -> tuple[np.ndarray, list[JoinedLabel]]:
         """Store predictions to await labels; returns (duplicate mask, joins completed by early labels).
 
         A row is a duplicate when its request_id was seen before (pending or labelled) or earlier in
         this batch; duplicates are not stored (the engine rejects them as ``duplicate_request_id``).
+        Labels logged inline (``batch.label`` >= 0) join at once, with ``labeled_at`` = timestamp.
         """
         n = len(batch)
         if n == 0:
             return np.zeros(0, dtype=bool), []
         ids = [str(x) for x in batch.request_id.tolist()]
-        seen = self._existing("pending_predictions", ids) | self._existing("labelled", ids)
+        seen: set[str] = set()
+        early: dict[str, tuple[int, float]] = {}
+        for rid, table, label, labeled_at in self._lookup(_SEEN_OR_EARLY, ids):
+            if table == "pending_labels":
+                early[rid] = (int(label), float(labeled_at))
+            else:
+                seen.add(rid)
         duplicate = ~_first_occurrence(batch.request_id)
         if seen:
             duplicate |= np.fromiter((i in seen for i in ids), dtype=bool, count=n)
-        keep = np.flatnonzero(~duplicate)
-        confidence = batch.probs.max(axis=1) if batch.probs.shape[1] else np.zeros(n, dtype=np.float32)
-        uris = batch.input_uri.tolist() if batch.input_uri is not None else [None] * n
-        rows_ = (batch.first_row + np.arange(n)).tolist()
-        ts = batch.timestamp.tolist()
-        mv = batch.model_version.tolist()
-        pred = batch.prediction.tolist()
-        conf = confidence.astype(np.float64).tolist()
+        has_label = np.zeros(n, dtype=bool)
+        if early:
+            has_label = np.fromiter((i in early for i in ids), dtype=bool, count=n)
+        inline = batch.label if batch.label is not None else np.full(n, -1, dtype=np.int64)
+        joins = ~duplicate & (has_label | (inline >= 0))
+        wait = np.flatnonzero(~duplicate & ~joins)
 
-        early = {r[0]: (r[1], r[2]) for r in self.store.query(
-            "SELECT p.request_id, p.label, p.labeled_at FROM json_each(?) j JOIN pending_labels p ON p.request_id = j.value",
-            (json.dumps([ids[i] for i in keep.tolist()]),))}
-        if batch.label is not None:  # labels logged inline with the prediction join at once
-            inline = batch.label.tolist()
-            for i in keep.tolist():
-                if inline[i] >= 0 and ids[i] not in early:
-                    early[ids[i]] = (inline[i], ts[i])
+        confidence = batch.probs.max(axis=1).astype(np.float64) if batch.probs.shape[1] else np.zeros(n)
+        uris = batch.input_uri if batch.input_uri is not None else np.full(n, None, dtype=object)
         now = self.clock()
-        pending, joined = [], []
-        for i in keep.tolist():
-            hit = early.get(ids[i])
-            if hit is None:
-                pending.append((ids[i], ts[i], mv[i], pred[i], conf[i], batch.source, rows_[i], uris[i], now))
-            else:
-                joined.append(JoinedLabel(ids[i], mv[i], ts[i], float(hit[1]), int(pred[i]), int(hit[0]), conf[i],
-                                          batch.source, int(rows_[i]), uris[i]))
         self.store.executemany(
             "INSERT INTO pending_predictions (request_id, timestamp, model_version, prediction, confidence, source, row,"
-            " input_uri, arrived_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", pending)
-        if joined:  # (inline labels were never pending: deleting them is a no-op)
-            self.store.executemany("DELETE FROM pending_labels WHERE request_id = ?", [(j.request_id,) for j in joined])
+            " input_uri, arrived_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            zip([ids[i] for i in wait.tolist()], batch.timestamp[wait].tolist(), batch.model_version[wait].tolist(),
+                batch.prediction[wait].tolist(), confidence[wait].tolist(), itertools.repeat(batch.source),
+                (batch.first_row + wait).tolist(), uris[wait].tolist(), itertools.repeat(now)))
+        joined = []
+        for i in np.flatnonzero(joins).tolist():
+            label, labeled_at = early.get(ids[i]) or (int(inline[i]), float(batch.timestamp[i]))
+            joined.append(JoinedLabel(ids[i], str(batch.model_version[i]), float(batch.timestamp[i]), labeled_at,
+                                      int(batch.prediction[i]), label, float(confidence[i]), batch.source,
+                                      batch.first_row + i, None if uris[i] is None else str(uris[i])))
+        if early:
+            self.store.executemany("DELETE FROM pending_labels WHERE request_id = ?",
+                                   [(j.request_id,) for j in joined if j.request_id in early])
+        if joined:
             self._record(joined)
         return duplicate, joined
 
@@ -119,7 +132,7 @@ class LabelJoiner:
         if n == 0:
             return []
         ids = [str(x) for x in batch.request_id.tolist()]
-        already = self._existing("labelled", ids) | self._existing("pending_labels", ids)
+        already = {r[0] for r in self._lookup(_LABELLED_OR_WAITING, ids)}
         fresh = _first_occurrence(batch.request_id)
         if already:
             fresh &= np.fromiter((i not in already for i in ids), dtype=bool, count=n)
@@ -127,10 +140,9 @@ class LabelJoiner:
         if duplicates:
             self.store.add_counter("labels", "duplicate", duplicates)
         keep = np.flatnonzero(fresh).tolist()
-        preds = {r[0]: r[1:] for r in self.store.query(
+        preds = {r[0]: r[1:] for r in self._lookup(
             "SELECT p.request_id, p.model_version, p.timestamp, p.prediction, p.confidence, p.source, p.row, p.input_uri "
-            "FROM json_each(?) j JOIN pending_predictions p ON p.request_id = j.value",
-            (json.dumps([ids[i] for i in keep]),))}
+            "FROM json_each(?) j JOIN pending_predictions p ON p.request_id = j.value", [ids[i] for i in keep])}
         label = batch.label.tolist()
         at = batch.labeled_at.tolist()
         now = self.clock()
