@@ -1,4 +1,4 @@
-"""Shared helpers for the ops tests: locating system tools, free ports, promtool checks."""
+"""Shared helpers for the ops tests: system tools, free ports, promtool checks, manifest validation."""
 
 from __future__ import annotations
 
@@ -19,6 +19,8 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"
 ALERTS = DEPLOY / "prometheus" / "driftd-alerts.yaml"
+KUBERNETES = DEPLOY / "kubernetes"
+KUBERNETES_VERSION = "1.32.0"   # oldest API the manifests must be valid for (strict schema)
 
 
 def require_binary(name: str) -> str:
@@ -74,9 +76,6 @@ def expand_grafana_vars(expr: str, *, model: str = "model", model_version: str =
         .replace("$model", model)
     )
 
-
-KUBERNETES = DEPLOY / "kubernetes"
-KUBERNETES_VERSION = "1.32.0"   # oldest API the manifests must be valid for (strict schema)
 
 
 def load_script(path: Path) -> types.ModuleType:
