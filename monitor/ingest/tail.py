@@ -144,15 +144,18 @@ class Tailer:
         return max(0.0, self.clock() - min(pending)) if pending else 0.0
 
     # ------------------------------------------------------------------ reading
-    def _open(self, file: FileInfo) -> pq.ParquetFile:
+    def _open(self, file: FileInfo) -> tuple[pa.NativeFile, pq.ParquetFile]:
+        handle = None
         try:
+            handle = self.filesystem.open_input_file(file.path)
             # pre_buffer would cache every column chunk read so far (memory grows with the file);
             # a bounded read buffer keeps a 2 GB file's footprint at about one row group.
-            return pq.ParquetFile(self.filesystem.open_input_file(file.path), pre_buffer=False,
-                                  buffer_size=_READ_BUFFER_BYTES)
+            return handle, pq.ParquetFile(handle, pre_buffer=False, buffer_size=_READ_BUFFER_BYTES)
         except FileNotFoundError:
             raise FileNotReady(f"{file.path}: vanished since it was listed") from None
         except (pa.ArrowException, OSError) as exc:
+            if handle is not None:
+                handle.close()
             age = self.clock() - file.mtime
             if age < self.config.settle_seconds:
                 raise FileNotReady(f"{file.path}: footer not readable yet ({age:.0f}s old); retrying") from None
@@ -163,7 +166,8 @@ class Tailer:
                 reason="unreadable", path=file.path,
             ) from None
 
-    def layout(self, pf: pq.ParquetFile, file: FileInfo, expectations: Mapping[str, tuple[int, int]]) -> InferenceLayout | LabelLayout:
+    def _layout(self, pf: pq.ParquetFile, file: FileInfo,
+                expectations: Mapping[str, tuple[int, int]]) -> InferenceLayout | LabelLayout:
         if self.kind == "labels":
             return check_label_schema(pf.schema_arrow, file.path)
         layout = check_inference_schema(pf.schema_arrow, file.path)
@@ -174,41 +178,52 @@ class Tailer:
         """Validated chunks of at most ``batch_rows`` rows from ``start_row`` to the end of the file.
 
         Raises FileNotReady (footer unreadable, file younger than settle_seconds) or ContractError
-        (file-level defect: unreadable, schema, fixed dims matching no reference) before any row.
+        (file-level defect: unreadable, schema, fixed dims matching no reference) before any row;
+        ContractError(reason="unreadable", row=...) if data pages turn out corrupt part-way.
         A file with no rows left yields one empty chunk with ``end_of_file=True``.
         """
-        pf = self._open(file)
-        layout = self.layout(pf, file, expectations)
+        handle, pf = self._open(file)
+        try:
+            yield from self._chunks(pf, file, start_row, expectations)
+        finally:
+            handle.close()
+
+    def _chunks(self, pf: pq.ParquetFile, file: FileInfo, start_row: int,
+                expectations: Mapping[str, tuple[int, int]]) -> Iterator[Chunk]:
+        layout = self._layout(pf, file, expectations)
         meta = pf.metadata
         total = meta.num_rows
-        first_group, group_start = 0, 0
-        while first_group < meta.num_row_groups and group_start + meta.row_group(first_group).num_rows <= start_row:
-            group_start += meta.row_group(first_group).num_rows
+        # Skip whole row groups before start_row from the footer, without reading them.
+        first_group, row = 0, 0
+        while first_group < meta.num_row_groups and row + meta.row_group(first_group).num_rows <= start_row:
+            row += meta.row_group(first_group).num_rows
             first_group += 1
         if start_row >= total or first_group >= meta.num_row_groups:
             empty = pf.schema_arrow.empty_table().select(layout.columns)
             yield Chunk(file, self._convert(empty, layout, file, total, expectations, None)[0], RowRejections(), total, True)
             return
-        row = group_start
         file_dims: tuple[int, int] | None = None
         batches = pf.iter_batches(batch_size=self.config.batch_rows, row_groups=range(first_group, meta.num_row_groups),
                                   columns=layout.columns, use_threads=False)
-        try:
-            for batch in batches:
-                if row + batch.num_rows <= start_row:
-                    row += batch.num_rows
-                    continue
-                if row < start_row:
-                    batch = batch.slice(start_row - row)
-                    row = start_row
-                converted, rejections = self._convert(batch, layout, file, row, expectations, file_dims)
-                if file_dims is None and isinstance(converted, InferenceBatch) and len(converted):
-                    file_dims = (converted.features.shape[1], converted.probs.shape[1])
+        while True:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
+            except (pa.ArrowException, OSError) as exc:
+                raise ContractError(f"{file.path}: data pages unreadable after row {row} ({exc}); the file is corrupt",
+                                    reason="unreadable", path=file.path, row=row) from None
+            if row + batch.num_rows <= start_row:
                 row += batch.num_rows
-                yield Chunk(file, converted, rejections, row, row >= total)
-        except (pa.ArrowException, OSError) as exc:
-            raise ContractError(f"{file.path}: data pages unreadable after row {row} ({exc}); the file is corrupt",
-                                reason="unreadable", path=file.path, row=row) from None
+                continue
+            if row < start_row:
+                batch = batch.slice(start_row - row)
+                row = start_row
+            converted, rejections = self._convert(batch, layout, file, row, expectations, file_dims)
+            if file_dims is None and isinstance(converted, InferenceBatch) and len(converted):
+                file_dims = (converted.features.shape[1], converted.probs.shape[1])
+            row += batch.num_rows
+            yield Chunk(file, converted, rejections, row, row >= total)
 
     def _convert(self, batch: pa.RecordBatch, layout: InferenceLayout | LabelLayout, file: FileInfo, first_row: int,
                  expectations: Mapping[str, tuple[int, int]], file_dims: tuple[int, int] | None
