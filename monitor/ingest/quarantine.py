@@ -9,6 +9,11 @@ with the reason, the first bad row and column, so the producer can be fixed.
 Quarantined files are never deleted. With ``quarantine_dir`` set they are moved there, under
 ``<quarantine_dir>/<kind>/<path relative to the log location>``; a failed move is recorded and
 logged, and the file stays in place (its progress says "quarantined", so it is not re-read).
+Keep ``quarantine_dir`` outside the log location (or under a name starting with ``_``, which the
+tailer skips), or moved files would be discovered again.
+
+The move happens at once while the record joins the open transaction: commit right after
+:meth:`Quarantine.file` so a crash cannot leave a moved file without its record.
 """
 
 from __future__ import annotations
