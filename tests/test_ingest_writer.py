@@ -109,10 +109,11 @@ def test_logits_and_labels_round_trip(tmp_path):
     ids, feats, _ = rows(3)
     logits = np.array([[2.0, 0.0, -1.0], [0.0, 0.0, 0.0], [-3.0, 1.0, 1.5]], np.float32)
     with LogWriter(tmp_path / "inf", clock=Clock()) as w:
-        w.write_batch(ids, 1_790_000_000.0, "v1", feats, logits=logits)
+        w.write_batch(ids, 1_790_000_000.0 + np.array([0.0, 0.5, 1.25]), "v1", feats, logits=logits)
         with pytest.raises(ValueError, match="logs logits"):
             w.write(ids[0], 1.0, "v1", feats[0], probs=[0.2, 0.3, 0.5])
     [chunk] = read_all(tmp_path / "inf")
+    np.testing.assert_allclose(chunk.batch.timestamp, 1_790_000_000.0 + np.array([0.0, 0.5, 1.25]))
     np.testing.assert_allclose(chunk.batch.probs, np.exp(logits) / np.exp(logits).sum(1, keepdims=True), rtol=1e-6)
     with LabelWriter(tmp_path / "lab", clock=Clock()) as lw:
         lw.write("q0", 2, 1_790_000_100.0)
@@ -134,9 +135,11 @@ def test_logits_and_labels_round_trip(tmp_path):
     (lambda w, f, p: w.write("a", 1.0, "v1", f[0], probs=[0.5, 0.5]), r"probs has 2 values, expected 3"),
     (lambda w, f, p: w.write("a", 1.0, "v1", f[0]), "exactly one of probs or logits"),
     (lambda w, f, p: w.write("a", float("nan"), "v1", f[0], probs=p[0]), "timestamp must be epoch seconds"),
+    (lambda w, f, p: w.write_batch(["a", "b"], np.array([1.0, np.inf]), "v1", f[:2], probs=p[:2]),
+     r"row 1 \(request_id 'b'\): timestamp must be epoch seconds"),
     (lambda w, f, p: w.write("", 1.0, "v1", f[0], probs=p[0]), "request_id must be a non-empty string"),
     (lambda w, f, p: w.write("a", 1.0, "v1", f[0], probs=p[0], prediction=3), r"class indices in \[0, 3\)"),
-], ids=["batch-dim", "later-dim", "nan", "probs-sum", "probs-len", "no-scores", "bad-time", "empty-id", "bad-pred"])
+], ids=["batch-dim", "later-dim", "nan", "probs-sum", "probs-len", "no-scores", "bad-time", "bad-time-array", "empty-id", "bad-pred"])
 def test_bad_inputs_name_the_row(tmp_path, call, match):
     ids, feats, probs = rows(3)
     w = LogWriter(tmp_path, clock=Clock())

@@ -66,7 +66,15 @@ def _per_row(value: Any, n: int, name: str) -> list[Any]:
     return values
 
 
-def _epoch_ms(values: list[Any], ids: Sequence[str], single: bool, name: str) -> np.ndarray:
+def _epoch_ms(values: Any, ids: Sequence[str], single: bool, name: str) -> np.ndarray:
+    """int64 epoch milliseconds from epoch seconds / datetimes (a list, or a numeric array at numpy speed)."""
+    if isinstance(values, np.ndarray) and values.dtype.kind in "fiu":
+        seconds = values.astype(np.float64)
+        bad = ~np.isfinite(seconds)
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise ValueError(f"{_row_name(i, ids, single)}: {name} must be epoch seconds or a datetime, got {seconds[i]!r}")
+        return np.round(seconds * 1000.0).astype(np.int64)
     out = np.empty(len(values), dtype=np.int64)
     for i, v in enumerate(values):
         if isinstance(v, dt.datetime):
@@ -272,7 +280,10 @@ class LogWriter(_RollingWriter):
             self._check_open()
             if self._scores is not None and kind != self._scores:
                 raise ValueError(f"this writer logs {self._scores}; got {kind} (one file holds one kind of scores)")
-            times = _epoch_ms(_per_row(timestamp, n, "timestamp"), ids, single, "timestamp")
+            if isinstance(timestamp, np.ndarray) and timestamp.ndim == 1 and timestamp.shape[0] != n:
+                raise ValueError(f"timestamp: got {timestamp.shape[0]} values for {n} rows")
+            stamps = timestamp if isinstance(timestamp, np.ndarray) and timestamp.ndim == 1 else _per_row(timestamp, n, "timestamp")
+            times = _epoch_ms(stamps, ids, single, "timestamp")
             versions = _per_row(model_version, n, "model_version")
             for i, v in enumerate(versions):
                 if not isinstance(v, str) or not v:
