@@ -111,3 +111,8 @@ def test_cli_errors_say_what_to_do(tmp_path: Path, capsys: pytest.CaptureFixture
     assert main(["config", "validate", "--config", str(cfg)]) == 0
     out = capsys.readouterr().out
     assert out.startswith("ok: ") and "policy: default rules: online_mmd_alarm (alert)" in out
+    # --local runs the real job in this process; with an empty registry it fails and says why
+    assert main(["retrain", "--config", str(cfg), "--local", "--reason", "by hand"]) == 1
+    captured = capsys.readouterr()
+    assert "[retrain] event=started" in captured.err
+    assert "-local: failed (RegistryError:" in captured.out and "no promoted model yet" in captured.out

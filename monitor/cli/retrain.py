@@ -76,6 +76,6 @@ def _local(config: Any, reason: str) -> int:
 
     result = run_job(config, job_dir, reason=reason, progress=progress)
     print(file=sys.stderr)
-    view = result if isinstance(result, dict) else getattr(result, "__dict__", {"outcome": str(result)})
-    print(json.dumps(view, default=str, indent=1))
-    return 0 if view.get("outcome") in ("promoted", "rejected") else 1
+    print(json.dumps(result.to_json(), default=str, indent=1))
+    print(f"job {job_id}: {result.outcome} ({result.reason})")
+    return 0 if result.outcome in ("promoted", "rejected") else 1

@@ -412,6 +412,7 @@ class Daemon:
             rules = [dataclasses.asdict(r) for r in policy.config.rules]
             pending = None if policy.pending is None else dataclasses.asdict(policy.pending)
             cooldown_until, deferred = policy.cooldown_until, policy.deferred_total
+            job_errors = dict(self._job_errors)
         versions: dict[str, Any] = {}
         for mv in sorted(set(refs) | set(snap.windows)):
             window = snap.windows.get(mv)
@@ -439,7 +440,7 @@ class Daemon:
             "policy": {"cooldown_seconds": policy.config.cooldown_seconds, "cooldown_until": cooldown_until,
                        "pending": pending, "deferred_total": deferred, "default_rules": policy.config.default_rules},
             "retrain": None if queue is None else {**queue.summary(), "counts": queue.outcome_counts()},
-            "job_errors": dict(snap.job_errors) | dict(self._job_errors),
+            "job_errors": job_errors,
         })
 
     def request_retrain(self, reason: str) -> str:
