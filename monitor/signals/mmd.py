@@ -37,12 +37,16 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def gaussian_kernel(a: torch.Tensor, b: torch.Tensor, sigma: float, *, same: bool = False) -> torch.Tensor:
+def gaussian_kernel(
+    a: torch.Tensor, b: torch.Tensor, sigma: float, *, same: bool = False, sq_a: torch.Tensor | None = None
+) -> torch.Tensor:
     """k(a_i, b_j) = exp(-||a_i - b_j||^2 / (2 sigma^2)) as an (len(a), len(b)) float32 tensor.
 
     ``same=True`` (a is b) sets the diagonal to exactly 1, which the unbiased estimator relies on.
+    ``sq_a``: precomputed squared row norms of ``a`` (a fixed reference), saving a pass over it.
     """
-    sq_a = (a * a).sum(1)
+    if sq_a is None:
+        sq_a = (a * a).sum(1)
     sq_b = sq_a if same else (b * b).sum(1)
     d2 = torch.addmm(sq_a[:, None] + sq_b[None, :], a, b.T, alpha=-2.0)
     d2.clamp_(min=0.0).mul_(-0.5 / (sigma * sigma)).exp_()
@@ -83,6 +87,7 @@ class MmdReference:
     sigma: float
     center: torch.Tensor      # (d,) reference mean, subtracted before kernels (less cancellation)
     x: torch.Tensor           # (m, d) centred reference on the compute device
+    x_sq: torch.Tensor        # (m,) squared row norms of x
     offset: float             # c = mean of K_rr; stored kernels are k - c
     k_rr: torch.Tensor        # (m, m) float32, k - c
     rr_row_sums: torch.Tensor  # (m,) float64 row sums of k_rr
@@ -114,6 +119,7 @@ class MmdReference:
             sigma=float(sigma),
             center=center,
             x=x,
+            x_sq=(x * x).sum(1),
             offset=offset,
             k_rr=k,
             rr_row_sums=k.sum(1, dtype=torch.float64),
@@ -145,7 +151,7 @@ class _WindowBlocks:
 def _window_blocks(ref: MmdReference, y: np.ndarray) -> _WindowBlocks:
     y_np = check_matrix(y, "window features", min_rows=2, dims=ref.dims)
     yt = torch.from_numpy(y_np).to(ref.x.device) - ref.center
-    k_rw = gaussian_kernel(ref.x, yt, ref.sigma).sub_(ref.offset)
+    k_rw = gaussian_kernel(ref.x, yt, ref.sigma, sq_a=ref.x_sq).sub_(ref.offset)
     k_ww = gaussian_kernel(yt, yt, ref.sigma, same=True).sub_(ref.offset)
     rw_rows = k_rw.sum(1, dtype=torch.float64)
     rw_cols = k_rw.sum(0, dtype=torch.float64)

@@ -152,6 +152,7 @@ class OnlineMmd:
         self.window_rows = len(self.thresholds)
         self._sub_np = np.ascontiguousarray(sub_reference, dtype=np.float32)
         self._sub = torch.from_numpy(self._sub_np).to(self.device)
+        self._sub_sq = (self._sub * self._sub).sum(1)
         self.sub_mean = float(sub_mean)
         self._init_window = np.ascontiguousarray(init_window, dtype=np.float32)
         self._init_colsums = np.asarray(init_colsums, dtype=np.float64)
@@ -240,7 +241,10 @@ class OnlineMmd:
         w = self.window_rows
         yt = torch.from_numpy(rows).to(self.device)
         colsums = torch.cat(
-            [gaussian_kernel(self._sub, part, self.sigma).sum(0, dtype=torch.float64) for part in yt.split(_UPDATE_CHUNK)]
+            [
+                gaussian_kernel(self._sub, part, self.sigma, sq_a=self._sub_sq).sum(0, dtype=torch.float64)
+                for part in yt.split(_UPDATE_CHUNK)
+            ]
         ).cpu().numpy()
         stats = np.empty(len(rows))
         thresholds = np.empty(len(rows))
