@@ -8,6 +8,8 @@ import pytest
 
 from monitor.errors import ContractError
 from monitor.ingest.contract import (
+    RowRejections,
+    classify_rows,
     check_inference_schema,
     check_label_schema,
     check_layout_dims,
@@ -180,3 +182,23 @@ def test_large_batch_keeps_values_in_row_order():
     assert not rej and batch.features.shape == (20_000, 64)
     flat = table["features"].combine_chunks().values.to_numpy()
     np.testing.assert_array_equal(batch.features.reshape(-1), flat)
+
+
+@pytest.mark.parametrize("dtype", [pa.float16(), pa.float64()], ids=["float16", "float64"])
+def test_other_float_widths_cast_and_overflow_is_non_finite(dtype):
+    values = np.array([[0.5, -1.0], [1e300 if dtype == pa.float64() else np.inf, 0.0]])  # 1e300 overflows float32
+    table = replace_column(inference_table(2, dim=2), "features", float_lists(values, dtype=dtype))
+    batch, rej = convert(table)
+    assert dict(rej.counts) == {"non_finite": 1} and rej.first_row == 1
+    assert batch.features.dtype == np.float32 and batch.features.tolist() == [[0.5, -1.0]]
+
+
+def test_classify_rows_claims_each_row_once_in_order():
+    keep, rej = classify_rows(50, [
+        ("a", "x", np.array([False, True, True, False])),
+        ("b", "y", np.array([True, True, False, False])),
+    ])
+    assert keep.tolist() == [False, False, False, True]
+    assert dict(rej.counts) == {"a": 2, "b": 1} and (rej.first_row, rej.first_reason, rej.first_column) == (50, "b", "y")
+    assert rej.merge(RowRejections({"a": 1}, 10, "z", "a")).counts == {"a": 3, "b": 1}
+    assert rej.merge(RowRejections({"a": 1}, 10, "z", "a")).first_row == 10
