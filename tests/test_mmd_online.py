@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from monitor.signals.mmd import median_bandwidth
-from monitor.signals.online_mmd import OnlineMmd, _bootstrap_thresholds, extended_windows
+from monitor.signals.online_mmd import OnlineMmd, _bootstrap_thresholds, extended_windows, required_bootstraps
 from monitor.signals.mmd import gaussian_kernel
 from mmd_helpers import gaussian_rows, naive_mmd2, naive_online_thresholds, run_lengths
 
@@ -144,11 +144,20 @@ def test_status_reports_what_happened_since_the_previous_call() -> None:
     assert quiet.rows_since_reset == (0 if quiet.alarm else seen.rows_since_reset + 1)
 
 
+def test_required_bootstraps_is_the_exact_minimum_calibration_accepts() -> None:
+    x = gaussian_rows(np.random.default_rng(0), 60, 3)
+    need = required_bootstraps(20.0, 5)
+    assert 20 < need < 40
+    OnlineMmd.calibrate(x, sigma=1.0, window_rows=5, ert_rows=20, bootstraps=need, seed=0)
+    with pytest.raises(ValueError, match=f"set bootstraps >= {need}"):
+        OnlineMmd.calibrate(x, sigma=1.0, window_rows=5, ert_rows=20, bootstraps=need - 1, seed=0)
+
+
 def test_bad_calibration_requests_and_rows_are_rejected() -> None:
     x = gaussian_rows(np.random.default_rng(0), 50, 3)
     with pytest.raises(ValueError, match="more than 2 x window_rows"):
         OnlineMmd.calibrate(x, sigma=1.0, window_rows=25, ert_rows=10, bootstraps=100, seed=0)
-    with pytest.raises(ValueError, match="bootstraps cannot estimate"):
+    with pytest.raises(ValueError, match="cannot estimate"):
         OnlineMmd.calibrate(x, sigma=1.0, window_rows=5, ert_rows=1000, bootstraps=100, seed=0)
     with pytest.raises(ValueError, match="ert_rows must be finite and > 1"):
         OnlineMmd.calibrate(x, sigma=1.0, window_rows=5, ert_rows=1, bootstraps=100, seed=0)

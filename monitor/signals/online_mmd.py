@@ -96,6 +96,32 @@ def extended_windows(rng: np.random.Generator, rows: int, count: int, size: int)
         yield perm[:, :size]
 
 
+def required_bootstraps(ert_rows: float, window_rows: int) -> int:
+    """Fewest bootstraps that let calibration estimate the 1 - 1/ert_rows quantile at each of
+    the window_rows steps (each step keeps only the bootstraps below its threshold, and a
+    quantile q needs q <= (N - 1) / N of N values). About ert_rows x (1 + window_rows / ert_rows);
+    config validation can call this to reject impossible settings early."""
+
+    def enough(n: int) -> bool:
+        q = 1.0 - 1.0 / ert_rows
+        for _ in range(window_rows):
+            if n < 2 or q > (n - 1) / n:
+                return False
+            # Values strictly below the type-7 quantile; h = (n-1)q landing on an integer keeps
+            # only h, and the 1e-9 counts near-integers that way too (never overestimates).
+            n = math.ceil((n - 1) * q - 1e-9)
+        return True
+
+    high = max(2, math.ceil(ert_rows))
+    while not enough(high):
+        high *= 2
+    low = high // 2
+    while low + 1 < high:
+        mid = (low + high) // 2
+        low, high = (low, mid) if enough(mid) else (mid, high)
+    return high
+
+
 def _bootstrap_thresholds(
     k: torch.Tensor, window: int, ert: float, bootstraps: int, rng: np.random.Generator
 ) -> np.ndarray:
@@ -121,11 +147,10 @@ def _bootstrap_thresholds(
     for w in range(window):
         values = mmd[alive, w]
         if quantile > (len(values) - 1) / len(values):
-            needed = math.ceil(2 * (ert + 1) / (1.0 - 1.0 / ert) ** window)
             raise ValueError(
                 f"online MMD calibration: {bootstraps} bootstraps cannot estimate the 1 - 1/ert_rows "
                 f"quantile for ert_rows={ert:g} over {window} steps ({len(values)} left at step {w}); "
-                f"use at least ~{needed} bootstraps or a smaller ert_rows"
+                f"set bootstraps >= {required_bootstraps(ert, window)} or lower ert_rows"
             )
         thresholds[w] = np.quantile(values, quantile)
         alive[alive] = values < thresholds[w]
@@ -202,6 +227,12 @@ class OnlineMmd:
             raise ValueError(f"online MMD bootstraps must be an integer >= 2, got {bootstraps!r}")
         if not (np.isfinite(sigma) and sigma > 0):
             raise ValueError(f"kernel bandwidth sigma must be finite and > 0, got {sigma!r}")
+        if bootstraps < required_bootstraps(float(ert_rows), int(window_rows)):
+            raise ValueError(
+                f"online MMD bootstraps={bootstraps} cannot estimate the 1 - 1/ert_rows quantile for "
+                f"ert_rows={ert_rows:g} over window_rows={window_rows} steps: set bootstraps >= "
+                f"{required_bootstraps(float(ert_rows), int(window_rows))} or lower ert_rows"
+            )
         dev = device or default_device()
         rng = np.random.default_rng(seed)
         xt = torch.from_numpy(x).to(dev)
