@@ -108,6 +108,10 @@ def test_cli_errors_say_what_to_do(tmp_path: Path, capsys: pytest.CaptureFixture
     assert main(["run", "--config", str(bad)]) == 2
     assert "http.host: '0.0.0.0' is not a loopback address" in capsys.readouterr().err
     assert main(["config", "validate", "--config", str(bad)]) == 2
+    assert main(["config", "validate"]) == 2
+    assert "pass --config FILE" in capsys.readouterr().err
+    assert main(["config", "validate", "--signals"]) == 0
+    assert "estimated_accuracy\n" in capsys.readouterr().out
     assert main(["config", "validate", "--config", str(cfg)]) == 0
     out = capsys.readouterr().out
     assert out.startswith("ok: ") and "policy: default rules: online_mmd_alarm (alert)" in out

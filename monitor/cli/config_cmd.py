@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 
 from monitor.cli.common import add_config_argument, load_config
+from monitor.errors import ConfigError
 
-EPILOG = """example:
-  driftd config validate --config driftd.yaml"""
+EPILOG = """examples:
+  driftd config validate --config driftd.yaml
+  driftd config validate --signals          # the signal names policy rules may use"""
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -17,7 +19,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     inner.required = True
     v = inner.add_parser("validate", help="validate a config file (exit 2 listing every bad key)", epilog=EPILOG,
                          formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_argument(v, required=True)
+    add_config_argument(v)
+    v.add_argument("--signals", action="store_true", help="list the signal names policy rules may use, then exit")
     v.set_defaults(func=validate)
 
 
@@ -38,6 +41,13 @@ def summary(config) -> list[str]:
 
 
 def validate(args: argparse.Namespace) -> int:
+    if args.signals:
+        from monitor.signals.results import SIGNAL_NAMES
+
+        print("\n".join(SIGNAL_NAMES))
+        return 0
+    if not args.config:
+        raise ConfigError("config validate: pass --config FILE (or --signals to list signal names)")
     config = load_config(args.config)  # ConfigError lists every bad key (exit 2)
     print(f"ok: {config.source}")
     for line in summary(config):
