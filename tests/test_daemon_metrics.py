@@ -90,6 +90,8 @@ def test_empty_snapshot_renders() -> None:
     text = generate_latest(registry).decode()
     assert 'driftd_retrain_in_progress{model="m"} 0.0' in text
     assert 'driftd_ingest_files_total{kind="inference",model="m"} 0.0' in text
+    assert 'driftd_ingest_quarantined_files_total{model="m",reason="schema"} 0.0' in text
+    assert 'driftd_ingest_rejected_rows_total{model="m",reason="non_finite"} 0.0' in text
 
 
 def _listen(address: str) -> socket.socket:

@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from monitor.ingest.contract import FILE_REASONS, ROW_REASONS
 from monitor.signals.results import WindowSignals
 
 # Enums that label series from the start, so alerts on rate() see a 0 first.
@@ -98,8 +99,10 @@ class SnapshotCollector(Collector):
 
         yield per_version("driftd_ingest_rows", "Inference rows ingested", "rows", versions)
         yield enum("driftd_ingest_files", "Log files fully ingested, by kind", "kind", "files", FILE_KINDS)
-        yield enum("driftd_ingest_rejected_rows", "Rows rejected by the log contract, by reason", "reason", "rejected_rows")
-        yield enum("driftd_ingest_quarantined_files", "Files quarantined, by reason", "reason", "quarantined_files")
+        yield enum("driftd_ingest_rejected_rows", "Rows rejected by the log contract, by reason", "reason",
+                   "rejected_rows", ROW_REASONS)
+        yield enum("driftd_ingest_quarantined_files", "Files quarantined, by reason", "reason", "quarantined_files",
+                   FILE_REASONS)
         labels = _enum_counter(c, "labels")
         for outcome in LABEL_OUTCOMES:
             fam = CounterMetricFamily(f"driftd_labels_{outcome}", f"Label rows {outcome}", labels=["model"])
