@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import numpy as np
+import torch
 
 
 def naive_kernel(a: np.ndarray, b: np.ndarray, sigma: float) -> np.ndarray:
@@ -68,3 +72,15 @@ def run_lengths(alarm_positions: list[int]) -> list[int]:
     """Rows from each (re)start to its alarm, given alarm positions in the whole stream (0-based)."""
     starts = [-1] + alarm_positions[:-1]
     return [a - s for a, s in zip(alarm_positions, starts)]
+
+
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """Run many tiny kernels on one thread: on a shared 2-core box, waking a second OpenMP
+    thread per small op costs more than the op itself."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -12,7 +12,7 @@ import pytest
 from monitor.signals.mmd import median_bandwidth
 from monitor.signals.online_mmd import OnlineMmd, _bootstrap_thresholds, extended_windows, required_bootstraps
 from monitor.signals.mmd import gaussian_kernel
-from mmd_helpers import gaussian_rows, naive_mmd2, naive_online_thresholds, run_lengths
+from mmd_helpers import gaussian_rows, naive_mmd2, naive_online_thresholds, one_thread, run_lengths
 
 import torch
 
@@ -62,7 +62,8 @@ def row_by_row() -> tuple[np.ndarray, np.ndarray, list[int], OnlineMmd]:
     rng = np.random.default_rng(3)
     stream = np.concatenate([gaussian_rows(rng, 200, 4), gaussian_rows(rng, 200, 4, shift=1.5, shifted_dims=4)])
     det = _detector()
-    single = [det.update(row[None]) for row in stream]
+    with one_thread():
+        single = [det.update(row[None]) for row in stream]
     alarms = [i for i, u in enumerate(single) if u.alarm_rows == [0]]
     return stream, np.array([u.statistics[0] for u in single]), alarms, det
 
@@ -108,9 +109,10 @@ def test_null_stream_false_alarms_arrive_at_the_expected_run_time() -> None:
     det = OnlineMmd.calibrate(x, sigma=median_bandwidth(x), window_rows=10, ert_rows=50, bootstraps=1000, seed=6)
     alarms: list[int] = []
     seen = 0
-    while len(alarms) < 100:
-        alarms += [seen + a for a in det.update(gaussian_rows(rng, 1000, 4)).alarm_rows]
-        seen += 1000
+    with one_thread():
+        while len(alarms) < 100:
+            alarms += [seen + a for a in det.update(gaussian_rows(rng, 1000, 4)).alarm_rows]
+            seen += 1000
     mean_run = float(np.mean(run_lengths(alarms)[:100]))
     # Run lengths are ~geometric: the mean of 100 has a relative sd of ~10%. The thresholds
     # are 98% quantiles of 1000 bootstraps (fpr estimate sd ~22% relative) taken on the same
