@@ -116,3 +116,37 @@ def test_readyz_is_503_until_references_and_first_scan(tmp_path: Path) -> None:
         assert daemon.registry.get_sample_value("driftd_ingest_rows_total", {"model": "test-model", "model_version": "v1"}) == 400
     finally:
         assert daemon.shutdown() == 0
+
+
+def test_a_failing_cycle_is_logged_counted_and_survived(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The cycle job's one catch point; the failure is injected through the clock (time is the mockable hook)."""
+    ref = build_reference(tmp_path, n=500)
+    write_inference(tmp_path / "logs", make_rows(200, seed=10), per_file=200, name="a")
+    port = free_port()
+    config = parse_config(daemon_doc(tmp_path, ref, port), source="t.yaml", base=tmp_path)
+    fail_once = threading.Event()
+
+    def clock() -> float:
+        if fail_once.is_set():
+            fail_once.clear()
+            raise OSError("clock source unavailable")
+        return time.time()
+
+    daemon = Daemon(config, config_path=str(tmp_path / "unused.yaml"), registry=CollectorRegistry(),
+                    notifier=Notifier(None), environ={}, clock=clock)
+    proc = DaemonProcess(tmp_path / "unused.yaml", port)
+    errors = lambda: daemon.registry.get_sample_value("driftd_job_errors_total", {"model": "test-model", "job": "cycle"})
+    try:
+        daemon.start()
+        proc.wait_for(lambda: proc.get("/readyz")[0] == 200, desc="ready")
+        assert errors() == 0
+        fail_once.set()
+        proc.wait_for(lambda: errors() == 1, desc="the cycle error counted")
+        write_inference(tmp_path / "logs", make_rows(200, seed=11, prefix="more"), per_file=200, name="b")
+        proc.wait_for(lambda: daemon.registry.get_sample_value(
+            "driftd_ingest_rows_total", {"model": "test-model", "model_version": "v1"}) == 400, desc="next cycles run")
+        assert proc.get("/healthz")[0] == 200 and errors() == 1
+        assert "ingest/evaluate cycle failed; retrying in 0.3s" in caplog.text
+        assert "OSError: clock source unavailable" in caplog.text
+    finally:
+        assert daemon.shutdown() == 0
