@@ -156,6 +156,7 @@ def _run_phase(
                       "message": f"{exc}; restored the weights of epoch {best_epoch}"})
             stopped, tripped = f"guard:{exc.kind}", exc
             break
+        module.eval()
         val = _val_loss(forward, data, ctx)
         ctx.emit({"event": "epoch", "phase": name, "epoch": epoch, "train_loss": train_loss / max(1, len(norms)),
                   "val_loss": val, "grad_norm": max(norms, default=0.0),

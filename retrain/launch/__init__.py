@@ -1,0 +1,2 @@
+"""Ways to start ``retrain.job``: a local subprocess (local), torchrun for several GPUs (ddp),
+or a Kubernetes Job (kubernetes). Each returns a handle with ``poll()`` and ``terminate()``."""

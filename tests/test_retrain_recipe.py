@@ -1,0 +1,88 @@
+"""The guarded recipe on a real tiny timm model and real digits under a real input shift."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+
+from retrain.baselines import naive_fine_tune
+from retrain.config import GateConfig
+from retrain.gate import evaluate_gate
+from retrain.recipe import fine_tune
+from retrain.strategy import choose_strategy
+from retrain_helpers import FAST_HYPER, digits, in_memory_data, load_source, source_checkpoint
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory):
+    torch.set_num_threads(1)
+    d = digits()
+    source = load_source(source_checkpoint(tmp_path_factory.getbasetemp(), d))
+    return source, *in_memory_data(source, d)
+
+
+@pytest.mark.slow
+def test_guarded_recipe_recovers_shifted_accuracy_without_forgetting(setup) -> None:
+    source, training, prod_gate, ref_gate = setup
+    candidate = copy.deepcopy(source)
+    plan = choose_strategy(len(training.train), domain_gap=1.0)
+    events: list[dict] = []
+    report = fine_tune(candidate, training, FAST_HYPER, plan, device=CPU, progress=events.append)
+    gate = evaluate_gate(candidate, source, prod_gate, ref_gate, GateConfig(), CPU)
+    assert plan.name == "all_but_stem"
+    assert [p.name for p in report.phases] == ["head", "finetune"] and report.guard_message is None
+    assert gate.current_production < 0.3 and gate.candidate_production > gate.current_production + 0.3
+    assert gate.forgetting <= 0.01 and gate.promote, gate.reason
+    epochs = [e for e in events if e["event"] == "epoch" and e["phase"] == "finetune"]
+    assert epochs and all(e["grad_norm"] > 0 and e["weight_drift"] > 0 for e in epochs)
+
+
+@pytest.mark.slow
+def test_naive_full_fine_tune_forgets_and_is_rejected(setup) -> None:
+    source, training, prod_gate, ref_gate = setup
+    naive = naive_fine_tune(copy.deepcopy(source), training.train, epochs=3, lr=1e-2, seed=0)
+    gate = evaluate_gate(naive, source, prod_gate, ref_gate, GateConfig(), CPU)
+    assert gate.forgetting > 0.05 and not gate.promote
+    assert "max_forgetting" in gate.reason
+
+
+@pytest.mark.slow
+def test_gradient_explosion_trips_the_guard_and_restores_best_weights(setup) -> None:
+    source, training, _, _ = setup
+    model = copy.deepcopy(source)
+    snapshots: dict[int, dict[str, torch.Tensor]] = {}
+    calls = {"n": 0}
+
+    def record(event: dict) -> None:  # weights as they were when each epoch (0 = phase start) was scored
+        if event.get("phase") == "finetune" and event["event"] in ("phase", "epoch"):
+            snapshots[event.get("epoch", 0)] = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def explode(module: torch.nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor | None:
+        if not module.training or not any(p.requires_grad for p in module.parameters()):
+            return None
+        calls["n"] += 1
+        return output * 1e6 if calls["n"] == 20 else None  # mid phase 2, after the spike window warmed up
+
+    model.layer4.register_forward_hook(explode)
+    hyper = dataclasses.replace(FAST_HYPER, epochs_head=1, epochs_finetune=4, patience=5)
+    report = fine_tune(model, training, hyper, choose_strategy(10, 1.0), device=CPU, progress=record)
+    finetune = report.phases[-1]
+    assert finetune.stopped.startswith("guard:") and report.guard_message
+    best = snapshots[finetune.best_epoch]
+    assert all(torch.equal(v, best[k]) for k, v in model.state_dict().items())
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_strategy_table_and_override() -> None:
+    assert choose_strategy(100, 0.0).name == "head"
+    assert choose_strategy(5000, 0.0).name == "top_blocks"
+    assert choose_strategy(100, 0.9).name == "all_but_stem"
+    assert choose_strategy(5000, 0.9).name == "full"
+    plan = choose_strategy(100, 0.0, requested="full", layer_decay=0.5)
+    assert plan.name == "full" and plan.layer_decay == 0.5 and "set in config" in plan.reason
