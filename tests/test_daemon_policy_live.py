@@ -57,8 +57,12 @@ def test_deferral_retrain_cooldown_and_reload(tmp_path: Path) -> None:
         doc["policy"]["rules"] = RULES + [{"name": "tvd", "signal": "class_tvd", "threshold": 0.5}]
         doc["http"]["port"] = free_port()
         write_config(tmp_path, doc)
+        build_reference(tmp_path, n=400, version="v2")  # a new model_version's reference, picked up on SIGHUP
+        assert "v2" not in d.json("/api/v1/status")["versions"]
         d.proc.send_signal(signal.SIGHUP)
         d.wait_log("SIGHUP: configuration reloaded")
+        d.wait_for(lambda: "v2" in d.json("/api/v1/status")["versions"], desc="v2 reference loaded")
+        assert d.metric("driftd_ingest_rows_total", model="test-model", model_version="v2") == 0
         assert "SIGHUP: http.port changed; these take effect only after a restart" in d.log()
         assert [r["name"] for r in d.json("/api/v1/status")["rules"]] == ["shift", "shift_twice", "tvd"]
         assert d.json("/api/v1/status")["policy"]["pending"]["outcome"] == "cooldown"  # state carried over
