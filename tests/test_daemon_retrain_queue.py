@@ -146,3 +146,18 @@ def test_interrupted_job_is_rerun_as_next_attempt(tmp_path: Path) -> None:
         assert again.launched == [(job_id, 2)]
     finally:
         again.close()
+
+
+def test_job_interrupted_too_often_is_recorded_as_failed(tmp_path: Path) -> None:
+    job_dir = tmp_path / "retrain" / "j1"
+    job_dir.mkdir(parents=True)
+    (job_dir / "request.json").write_text(json.dumps(
+        {"job_id": "j1", "reason": "drift", "source": "api", "requested_at": 1.0, "attempts": 3}))
+    h = Harness(tmp_path).start(paused=True)
+    try:
+        assert h.queue.recover() == []
+        info = h.queue.get("j1")
+        assert info["outcome"] == "failed" and "interrupted 3 times by restarts" in info["result"]["reason"]
+        assert json.loads((job_dir / "result.json").read_text())["outcome"] == "failed"
+    finally:
+        h.close()

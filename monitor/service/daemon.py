@@ -194,9 +194,6 @@ class Daemon:
             log.info("%s received: finishing the current batch, then exiting", signal.Signals(signum).name)
             self._stop.set()
 
-    def request_stop(self) -> None:
-        self._stop.set()
-
     def shutdown(self) -> int:
         """Stop within the grace period: current batch checkpointed, retrain subprocess terminated."""
         self._stop.set()

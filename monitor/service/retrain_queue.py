@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 JOBSTORE = "retrain"
 EXECUTOR = "retrain"
 OUTCOMES = ("promoted", "rejected", "failed")
+MAX_ATTEMPTS = 3  # a job interrupted this often is recorded as failed rather than re-run forever
 
 
 class JobHandle(Protocol):
@@ -242,6 +243,13 @@ class RetrainQueue:
         with self._lock:
             pending = [r for r in self._jobs.values() if r.result is None and r.job_id not in scheduled]
         for rec in sorted(pending, key=lambda r: r.requested_at):
+            if rec.attempts >= MAX_ATTEMPTS:
+                result = self._failure(rec, f"interrupted {rec.attempts} times by restarts; not re-run. "
+                                            "Queue a new one with `driftd retrain` once the cause is fixed")
+                log.error("retrain job %s: %s", rec.job_id, result["reason"])
+                with self._lock:
+                    rec.result, rec.state = result, "finished"
+                continue
             rec.resumed = True
             what = "was interrupted by a restart" if rec.attempts else "was queued but not scheduled"
             log.warning("retrain job %s %s (attempt %d); re-running it as attempt %d",
