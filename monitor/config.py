@@ -28,7 +28,7 @@ class LogsConfig:
 
 @dataclass(frozen=True)
 class IngestConfig:
-    batch_rows: int = 65_536        # rows per bounded read (caps memory for big files)
+    batch_rows: int = 16_384        # rows per bounded read: peak memory ~8 x batch_rows x row bytes
     settle_seconds: float = 30.0    # an unreadable file younger than this is retried, not quarantined
     max_files_per_cycle: int = 1000
     quarantine_dir: str | None = None  # move quarantined files here; None: record only, leave in place
@@ -141,6 +141,17 @@ def _parse_monitor(root: Section, base: Path) -> MonitorConfig:
         labelled_retention_seconds=ing.float("labelled_retention_seconds", d.labelled_retention_seconds, minimum=1),
     )
     ing.finish()
+    for location in (inference, labels):
+        if ingest.quarantine_dir is None or not location or "://" in location:
+            continue
+        q, logs_root = Path(ingest.quarantine_dir), Path(resolve_location(location, base))
+        # The tailer skips names starting with "_" or "."; anything else inside the logs is read again.
+        if q.is_relative_to(logs_root) and not any(p.startswith(("_", ".")) for p in q.relative_to(logs_root).parts):
+            root.error(
+                "ingest.quarantine_dir",
+                f"{q} is inside the logs at {logs_root}, so moved files would be read again: put it elsewhere "
+                "or give it a name starting with '_'",
+            )
 
     win = root.section("window")
     w = WindowConfig()

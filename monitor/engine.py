@@ -112,6 +112,8 @@ class Engine:
                     log.debug("%s is still being written; retrying next cycle", info.path)
                 except ContractError as exc:
                     self.quarantine.file(tailer.kind, info, exc)
+                    # The file may have been moved already: make its record durable at once.
+                    self._checkpoint()
                 if stopped:
                     break
         expired = self.joiner.expire()
