@@ -36,8 +36,16 @@ class FakeJob:
         return -15
 
 
+class ExternalFakeJob(FakeJob):
+    """Like a Kubernetes Job: runs outside the daemon and can be found again by its reference."""
+
+    @property
+    def external_ref(self) -> dict[str, str]:
+        return {"kind": "fake", "name": self.job_id}
+
+
 class Harness:
-    def __init__(self, tmp: Path, outcome: str = "promoted"):
+    def __init__(self, tmp: Path, outcome: str = "promoted", external: bool = False):
         self.tmp = tmp
         self.release = threading.Event()
         self.stop = threading.Event()
@@ -50,7 +58,15 @@ class Harness:
             self.launched.append((job_id, attempt))
             if reason == "explode":
                 raise RuntimeError("launcher broke")
-            job = FakeJob(job_dir, job_id, self.release, outcome)
+            job = (ExternalFakeJob if external else FakeJob)(job_dir, job_id, self.release, outcome)
+            self.jobs.append(job)
+            return job
+
+        self.attached: list[dict] = []
+
+        def attach(ref: dict) -> FakeJob:
+            self.attached.append(ref)
+            job = ExternalFakeJob(tmp / "retrain" / ref["name"], ref["name"], self.release, outcome)
             self.jobs.append(job)
             return job
 
@@ -59,7 +75,7 @@ class Harness:
 
         self.queue = RetrainQueue(tmp / "retrain", launcher=launcher, poll_seconds=0.02, grace_seconds=0.1,
                                   stop=self.stop, on_finish=lambda rec, d: self.finished.append(rec.job_id),
-                                  on_error=on_error)
+                                  on_error=on_error, attach=attach)
         self.scheduler = DaemonScheduler(
             jobstores={JOBSTORE: SQLAlchemyJobStore(url=f"sqlite:///{tmp / 'scheduler.db'}")},
             executors={EXECUTOR: RetrainExecutor(self.queue.run)}, timezone=dt.timezone.utc)
@@ -161,3 +177,23 @@ def test_job_interrupted_too_often_is_recorded_as_failed(tmp_path: Path) -> None
         assert json.loads((job_dir / "result.json").read_text())["outcome"] == "failed"
     finally:
         h.close()
+
+
+def test_external_job_is_left_running_and_reattached(tmp_path: Path) -> None:
+    h = Harness(tmp_path, external=True).start()
+    job_id = h.queue.submit("drift", source="api")
+    h.until(lambda: h.queue.running() is not None and h.queue.running().external is not None)
+    h.close()
+    assert not h.jobs[0].terminated  # a Kubernetes Job must not be deleted by a daemon restart
+    again = Harness(tmp_path, external=True)
+    again.start(paused=True)
+    assert again.queue.recover() == [job_id]
+    again.release.set()
+    again.scheduler.resume()
+    try:
+        again.until(lambda: again.finished == [job_id])
+        assert again.attached == [{"kind": "fake", "name": job_id}] and again.launched == []
+        info = again.queue.get(job_id)
+        assert (info["attempts"], info["resumed"], info["outcome"]) == (1, True, "promoted")
+    finally:
+        again.close()

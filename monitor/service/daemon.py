@@ -64,8 +64,35 @@ def build_version() -> str:
         return "unknown"
 
 
+@dataclasses.dataclass
+class ExternalJob:
+    """A launched job that outlives the daemon (a Kubernetes Job), with what finds it again."""
+
+    handle: Any
+    external_ref: dict[str, str]
+
+    def poll(self) -> int | None:
+        return self.handle.poll()
+
+    def terminate(self, grace_seconds: float) -> Any:
+        return self.handle.terminate(grace_seconds)
+
+
+def attach_external(ref: dict[str, Any]) -> Any:
+    """A handle on a job left running at the last shutdown (see ExternalJob)."""
+    if ref.get("kind") != "kubernetes":
+        raise ValueError(f"cannot re-attach to a job of kind {ref.get('kind')!r}")
+    from retrain.launch.kubernetes import KubernetesJob, default_api_client
+
+    return KubernetesJob(name=str(ref["name"]), namespace=str(ref["namespace"]), api_client=default_api_client())
+
+
 def default_launcher(config_path: str, get_config: Callable[[], Config]) -> Launcher:
-    """Starts ``retrain.job`` locally or as a Kubernetes Job, per ``retrain.launcher`` at launch time."""
+    """Starts ``retrain.job`` locally or as a Kubernetes Job, per ``retrain.launcher`` at launch time.
+
+    A local job is a child process and is terminated at shutdown; a Kubernetes Job keeps running
+    and is re-attached at the next start.
+    """
 
     def launch(job_id: str, job_dir: Path, reason: str, attempt: int):
         config = get_config()
@@ -74,7 +101,8 @@ def default_launcher(config_path: str, get_config: Callable[[], Config]) -> Laun
 
             # a re-run needs a new Job name (the old Job object may still exist); same job dir
             name = job_id if attempt <= 1 else f"{job_id}-a{attempt}"
-            return launch_kubernetes(config, name, reason, job_dir=PurePosixPath(str(job_dir)))
+            job = launch_kubernetes(config, name, reason, job_dir=PurePosixPath(str(job_dir)))
+            return ExternalJob(job, {"kind": "kubernetes", "name": job.name, "namespace": job.namespace})
         from retrain.launch.local import launch_local
 
         return launch_local(config_path, job_dir, reason=reason)
@@ -153,7 +181,7 @@ class Daemon:
         self.queue = RetrainQueue(
             state_dir / "retrain", launcher=self._launcher, poll_seconds=cfg.service.scheduler.retrain_poll_seconds,
             grace_seconds=max(0.1, grace / 2), stop=self._stop, on_finish=self._retrain_finished,
-            on_error=lambda: self.count_error("retrain"), clock=self.clock,
+            on_error=lambda: self.count_error("retrain"), attach=attach_external, clock=self.clock,
         )
         self.scheduler = DaemonScheduler(
             jobstores={"default": MemoryJobStore(), JOBSTORE: SQLAlchemyJobStore(url=f"sqlite:///{state_dir / 'scheduler.db'}")},

@@ -5,7 +5,9 @@ Each request gets a unique id and a directory ``<state_dir>/retrain/<id>/`` hold
 see ``retrain.job``). The APScheduler job (id ``retrain-<id>-a<attempt>``, SQLite job store,
 ``misfire_grace_time=None``) is what runs it; it is never re-added blindly. A directory with a
 request but no result and no scheduled APScheduler job was interrupted by a restart: it is
-re-queued at start-up as a new attempt, and says so in the log and in its status.
+re-queued at start-up as a new attempt, and says so in the log and in its status. A job that
+outlives the daemon (a Kubernetes Job: its handle has an ``external_ref``) is left running at
+shutdown and re-attached at the next start instead.
 """
 
 from __future__ import annotations
@@ -37,7 +39,11 @@ MAX_ATTEMPTS = 3  # a job interrupted this often is recorded as failed rather th
 
 
 class JobHandle(Protocol):
-    """What a launcher returns (``retrain.launch.local.LocalJob``, ``...kubernetes.KubernetesJob``)."""
+    """What a launcher returns (``retrain.launch.local.LocalJob``, ``...kubernetes.KubernetesJob``).
+
+    A handle may also carry ``external_ref: dict[str, str]``: the job runs outside this process
+    and survives it; the queue then leaves it running at shutdown and finds it again with ``attach``.
+    """
 
     def poll(self) -> int | None: ...
     def terminate(self, grace_seconds: float) -> Any: ...
@@ -45,6 +51,8 @@ class JobHandle(Protocol):
 
 # (job_id, job_dir, reason, attempt) -> a started job; attempt counts from 1
 Launcher = Callable[[str, Path, str, int], JobHandle]
+# external_ref of a job left running at the last shutdown -> a handle on it
+Attacher = Callable[[dict[str, Any]], JobHandle]
 
 
 def run_queued_retrain(job_id: str) -> None:
@@ -112,6 +120,7 @@ class JobRecord:
     state: str = "queued"            # queued | running | finished
     resumed: bool = False            # re-queued after a restart interrupted it
     started_at: float | None = None
+    external: dict[str, Any] | None = None  # external_ref of a job that outlives the daemon
     result: dict[str, Any] | None = None
     progress: dict[str, Any] = field(default_factory=dict)  # last progress line of the job
 
@@ -119,7 +128,7 @@ class JobRecord:
         return {
             "job_id": self.job_id, "reason": self.reason, "source": self.source, "state": self.state,
             "requested_at": self.requested_at, "started_at": self.started_at, "attempts": self.attempts,
-            "resumed": self.resumed, "outcome": None if self.result is None else self.result.get("outcome"),
+            "resumed": self.resumed, "external": self.external, "outcome": None if self.result is None else self.result.get("outcome"),
             "result": self.result, "progress": self.progress,
         }
 
@@ -172,6 +181,7 @@ class RetrainQueue:
         stop: threading.Event,
         on_finish: Callable[[JobRecord, float], None],
         on_error: Callable[[], None],
+        attach: Attacher | None = None,
         clock: Callable[[], float] = time.time,
     ):
         self.root = root
@@ -181,6 +191,7 @@ class RetrainQueue:
         self.stop = stop
         self.on_finish = on_finish
         self.on_error = on_error
+        self.attach = attach
         self.clock = clock
         self.scheduler: BaseScheduler | None = None
         self._lock = threading.Lock()
@@ -197,7 +208,7 @@ class RetrainQueue:
             return None
         try:
             rec = JobRecord(str(req["job_id"]), str(req["reason"]), str(req["source"]), float(req["requested_at"]),
-                            int(req["attempts"]))
+                            int(req["attempts"]), started_at=req.get("started_at"), external=req.get("external"))
         except (KeyError, TypeError, ValueError):
             log.warning("ignoring retrain job dir %s: request.json is malformed", job_dir)
             return None
@@ -209,7 +220,8 @@ class RetrainQueue:
     def _save_request(self, rec: JobRecord) -> None:
         write_json_atomic(self.root / rec.job_id / "request.json", {
             "job_id": rec.job_id, "reason": rec.reason, "source": rec.source,
-            "requested_at": rec.requested_at, "attempts": rec.attempts,
+            "requested_at": rec.requested_at, "attempts": rec.attempts, "started_at": rec.started_at,
+            "external": rec.external,
         })
 
     def _schedule(self, rec: JobRecord) -> None:
@@ -243,6 +255,14 @@ class RetrainQueue:
         with self._lock:
             pending = [r for r in self._jobs.values() if r.result is None and r.job_id not in scheduled]
         for rec in sorted(pending, key=lambda r: r.requested_at):
+            rec.resumed = True
+            if rec.external is not None and self.attach is not None:
+                log.warning("retrain job %s was left running at the last shutdown (%s); re-attaching to it",
+                            rec.job_id, rec.external)
+                self._schedule(rec)
+                resumed.append(rec.job_id)
+                continue
+            rec.external = None  # cannot be re-attached here: run it again
             if rec.attempts >= MAX_ATTEMPTS:
                 result = self._failure(rec, f"interrupted {rec.attempts} times by restarts; not re-run. "
                                             "Queue a new one with `driftd retrain` once the cause is fixed")
@@ -250,7 +270,6 @@ class RetrainQueue:
                 with self._lock:
                     rec.result, rec.state = result, "finished"
                 continue
-            rec.resumed = True
             what = "was interrupted by a restart" if rec.attempts else "was queued but not scheduled"
             log.warning("retrain job %s %s (attempt %d); re-running it as attempt %d",
                         rec.job_id, what, rec.attempts, rec.attempts + 1)
@@ -312,15 +331,28 @@ class RetrainQueue:
         if self.stop.is_set():
             return  # stays queued on disk; recover() re-runs it at the next start
         job_dir = self.root / job_id
-        rec.attempts += 1
-        rec.state, rec.started_at = "running", self.clock()
+        reattach = rec.external is not None and self.attach is not None
+        if not reattach:
+            rec.attempts += 1
+            rec.started_at = self.clock()
+        rec.state = "running"
         self._save_request(rec)
-        log.info("retrain job %s started (attempt %d): %s", job_id, rec.attempts, rec.reason)
         try:
-            handle = self.launcher(job_id, job_dir, rec.reason, rec.attempts)
+            if reattach:
+                log.info("retrain job %s: following %s again (attempt %d)", job_id, rec.external, rec.attempts)
+                handle = self.attach(rec.external)
+            else:
+                log.info("retrain job %s started (attempt %d): %s", job_id, rec.attempts, rec.reason)
+                handle = self.launcher(job_id, job_dir, rec.reason, rec.attempts)
+                rec.external = getattr(handle, "external_ref", None)
+                if rec.external is not None:
+                    self._save_request(rec)
             code = self._follow(rec, handle, job_dir)
             if code is None:
-                log.warning("retrain job %s stopped by shutdown; it will be re-run at the next start", job_id)
+                if rec.external is not None:
+                    log.warning("retrain job %s left running as %s; driftd re-attaches at the next start", job_id, rec.external)
+                else:
+                    log.warning("retrain job %s stopped by shutdown; it will be re-run at the next start", job_id)
                 rec.state = "queued"
                 return
             result = read_json(job_dir / "result.json")
@@ -339,7 +371,8 @@ class RetrainQueue:
             if code is not None:
                 return code
             if self.stop.wait(self.poll_seconds):
-                handle.terminate(self.grace_seconds)
+                if getattr(handle, "external_ref", None) is None:  # an external job keeps running
+                    handle.terminate(self.grace_seconds)
                 return None
 
     def _failure(self, rec: JobRecord, reason: str) -> dict[str, Any]:
