@@ -21,7 +21,7 @@ from monitor.signals.results import WindowSignals
 
 # Enums that label series from the start, so alerts on rate() see a 0 first.
 FILE_KINDS = ("inference", "labels")
-JOB_NAMES = ("cycle", "retrain", "retrain_poll")
+JOB_NAMES = ("cycle", "retrain", "http")  # each has one catch point that counts here
 RETRAIN_OUTCOMES = ("promoted", "rejected", "failed", "deferred")
 LABEL_OUTCOMES = ("joined", "unmatched", "duplicate")
 CYCLE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
