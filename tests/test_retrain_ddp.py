@@ -1,0 +1,74 @@
+"""Two-process DDP fine-tune on CPU (gloo): both ranks finish with identical weights."""
+
+from __future__ import annotations
+
+import dataclasses
+import socket
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import timm
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from retrain.batches import Split, TrainingSet
+from retrain.launch.ddp import torchrun_command
+from retrain.recipe import fine_tune
+from retrain.strategy import choose_strategy
+from retrain_helpers import FAST_HYPER
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _data() -> TrainingSet:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(96, 3, 16, 16, generator=g)
+    y = torch.randint(0, 10, (96,), generator=g)
+    x[torch.arange(96), 0, 0, y] += 3.0  # a learnable signal
+    return TrainingSet(Split(x[:48], y[:48]), Split(x[48:64], y[48:64]), Split(x[64:88], y[64:88]),
+                       Split(x[88:], y[88:]))
+
+
+def _rank(rank: int, world: int, port: int, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        model = timm.create_model("test_resnet", num_classes=10)
+        hyper = dataclasses.replace(FAST_HYPER, epochs_head=1, epochs_finetune=2, batch_size=16)
+        events: list[dict] = []
+        fine_tune(model, _data(), hyper, choose_strategy(10, 1.0, requested="full"), device=torch.device("cpu"),
+                  progress=events.append)
+        safetensors.torch.save_file({k: v.contiguous() for k, v in model.state_dict().items()},
+                                    f"{out}/rank{rank}.safetensors")
+        Path(f"{out}/rank{rank}.events").write_text(str(len(events)))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_rank_ddp_fine_tune_ends_with_identical_weights(tmp_path: Path) -> None:
+    mp.spawn(_rank, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    a = safetensors.torch.load_file(str(tmp_path / "rank0.safetensors"))
+    b = safetensors.torch.load_file(str(tmp_path / "rank1.safetensors"))
+    torch.manual_seed(0)
+    start = timm.create_model("test_resnet", num_classes=10).state_dict()
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["layer1.0.conv1.weight"], start["layer1.0.conv1.weight"])  # it did train
+    # only rank 0 reports progress
+    assert int((tmp_path / "rank0.events").read_text()) > 0 and (tmp_path / "rank1.events").read_text() == "0"
+
+
+def test_torchrun_command_runs_the_job_module(tmp_path: Path) -> None:
+    cmd = torchrun_command("c.yaml", tmp_path, reason="r", nproc_per_node=2, python="py")
+    assert cmd[:5] == ["py", "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    assert cmd[5:] == ["-m", "retrain.job", "--config", "c.yaml", "--job-dir", str(tmp_path), "--reason", "r"]
+    with pytest.raises(ValueError, match="nproc_per_node >= 2"):
+        torchrun_command("c.yaml", tmp_path, reason="r", nproc_per_node=1)
