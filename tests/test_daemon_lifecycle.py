@@ -63,8 +63,10 @@ def test_sigterm_notify_and_resume_with_identical_counts(tmp_path: Path) -> None
         joined = "\n".join(messages)
         assert any(m.startswith("READY=1\nSTATUS=ready;") for m in messages), messages
         assert messages.count("WATCHDOG=1") >= 2
-        assert messages[-1].startswith("STOPPING=1")
+        assert sum(m.startswith("STOPPING=1") for m in messages) == 1
         assert joined.index("READY=1") < joined.index("STOPPING=1")
+        assert not any(m.startswith("STATUS=") for m in messages[messages.index(next(
+            m for m in messages if m.startswith("STOPPING=1"))):])  # nothing after the stop but the watchdog
         records = [json.loads(line) for line in d.log().splitlines()]  # --log-format json: every line parses
         assert {"time", "level", "logger", "message"} <= set(records[0])
         assert any(r["message"].startswith("SIGTERM received") for r in records)

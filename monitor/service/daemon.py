@@ -224,9 +224,10 @@ class Daemon:
 
     def shutdown(self) -> int:
         """Stop within the grace period: current batch checkpointed, retrain subprocess terminated."""
-        self._stop.set()
+        with self._lock:
+            self._stop.set()
+            self.notifier.stopping()
         grace = self.config.service.scheduler.shutdown_grace_seconds
-        self.notifier.stopping()
         code = 0
         if self.scheduler is not None:
             self.scheduler.pause()  # hand no further job to an executor that is shutting down
@@ -305,12 +306,15 @@ class Daemon:
             }
             self._refresh_snapshot(report)
         status = f"last cycle: {report.rows} rows, {len(report.windows)} windows, lag {report.lag_seconds:.0f}s"
-        if not self._ready and not report.stopped_early:
-            self._ready = True
-            log.info("ready: %d reference(s) loaded, first scan done (%d rows)", len(engine.references), report.rows)
-            self.notifier.ready(f"ready; {status}")
-        else:
-            self.notifier.status(status)
+        with self._lock:  # shutdown() sets the stop flag and sends STOPPING=1 under this lock
+            if self._stop.is_set():
+                return  # after STOPPING=1 the supervisor hears nothing more from the cycle
+            if not self._ready and not report.stopped_early:
+                self._ready = True
+                log.info("ready: %d reference(s) loaded, first scan done (%d rows)", len(engine.references), report.rows)
+                self.notifier.ready(f"ready; {status}")
+            else:
+                self.notifier.status(status)
 
     def _budget(self) -> RetrainBudget:
         return RetrainBudget(self.engine.count_labelled_since, self.config.retrain.min_labelled_rows, self.queue.busy_job())
