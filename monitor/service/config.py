@@ -49,10 +49,6 @@ class ServiceConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
 
-# Keys whose change only takes effect after a restart (a SIGHUP reload keeps the old value).
-RESTART_KEYS: tuple[str, ...] = ("http.host", "http.port", "state_dir", "logs.inference", "logs.labels", "model")
-
-
 def is_loopback(host: str) -> bool:
     """True for names/addresses that only this machine can reach."""
     if host == "localhost":
