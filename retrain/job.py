@@ -9,6 +9,7 @@ Under torchrun (``WORLD_SIZE`` > 1) every rank trains; rank 0 alone gates and wr
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import copy
 import logging
 import os
@@ -49,8 +50,8 @@ def _plan(config: Config, data: RetrainData, model: torch.nn.Module, device: tor
         gap = domain_gap(ref, prod)
     if data.mode == "features":
         plan = choose_strategy(len(data.training.train), gap, requested="head", layer_decay=hyper.layer_decay)
-        return StrategyPlan("head", "features mode (inputs not retained): only the head can train; " + plan.reason,
-                            plan.layer_decay, plan.l2sp_scale), gap
+        return dataclasses.replace(
+            plan, reason="features mode (inputs not retained): only the head can train; " + plan.reason), gap
     return choose_strategy(len(data.training.train), gap, requested=config.retrain.strategy,
                            layer_decay=hyper.layer_decay), gap
 
@@ -122,8 +123,7 @@ def run_job(config: Config, job_dir: Path, *, reason: str, progress: Callable[[d
             return finish("rejected", str(exc))
         state["rows"] = data.labelled_rows
         plan, gap = _plan(config, data, current_model, device, domain_gap_value)
-        state["strategy"] = {"name": plan.name, "reason": plan.reason, "layer_decay": plan.layer_decay,
-                             "domain_gap": gap, "mode": data.mode}
+        state["strategy"] = {**dataclasses.asdict(plan), "domain_gap": gap, "mode": data.mode}
         emit({"event": "phase", "phase": "plan", "message": f"strategy {plan.name}: {plan.reason}"})
         candidate = copy.deepcopy(current_model)
         start = snapshot(candidate)

@@ -118,11 +118,13 @@ def _run_phase(
     optimizer: torch.optim.Optimizer, epochs: int, ctx: _Ctx, *,
     schedule: Callable[[int], None] = lambda step: None, anchor: Anchor | None = None,
     watched: list[nn.Parameter] | None = None, set_modes: Callable[[], None] = lambda: None,
+    before_eval: Callable[[], None] = lambda: None,
 ) -> tuple[PhaseReport, GuardTripped | None]:
     """Epoch loop shared by both phases: mixed batches, guards, early stopping, best-weights restore."""
     hyper = ctx.hyper
     trainable = [p for g in optimizer.param_groups for p in g["params"]]
     watched = watched if watched is not None else trainable
+    before_eval()
     best_loss, best_state, best_epoch = _val_loss(forward, data, ctx), _state(module), 0
     spike = SpikeDetector(hyper.spike_factor)
     ctx.emit({"event": "phase", "phase": name, "val_loss": best_loss, "message": f"starting {name} phase"})
@@ -157,6 +159,7 @@ def _run_phase(
             stopped, tripped = f"guard:{exc.kind}", exc
             break
         module.eval()
+        before_eval()
         val = _val_loss(forward, data, ctx)
         ctx.emit({"event": "epoch", "phase": name, "epoch": epoch, "train_loss": train_loss / max(1, len(norms)),
                   "val_loss": val, "grad_norm": max(norms, default=0.0),
@@ -230,16 +233,26 @@ def _finetune_phase(
             model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
 
     def set_modes() -> None:
-        # Frozen BatchNorm statistics in every layer: small production batches mixed with
-        # replay would otherwise rewrite the source statistics (forgetting via BN).
+        # Similar domains keep BatchNorm statistics frozen. For an input-level shift the
+        # statistics themselves are what moved; with replay in every batch they adapt to the
+        # mixture of old and new inputs instead of being overwritten by the new ones.
         model.train()
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.eval()
+        if not plan.adapt_batchnorm:
+            for m in model.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+
+    def sync_buffers() -> None:
+        # Each rank updates BatchNorm statistics on its own shard: adopt rank 0's before every
+        # validation so all ranks score, keep and stop identically (and end identical).
+        if ctx.world_size > 1:
+            for buffer in model.buffers():
+                dist.broadcast(buffer, src=0)
 
     watched = [p for n, p in model.named_parameters() if n in set(backbone)]
     report, tripped = _run_phase("finetune", model, wrapped, data, optimizer, hyper.epochs_finetune, ctx,
-                                 schedule=schedule, anchor=anchor, watched=watched, set_modes=set_modes)
+                                 schedule=schedule, anchor=anchor, watched=watched, set_modes=set_modes,
+                                 before_eval=sync_buffers)
     for p in model.parameters():
         p.requires_grad_(True)
     model.eval()

@@ -23,12 +23,13 @@ from retrain.config import STRATEGIES
 LARGE_ROWS = 1000            # labelled rows at which "large" begins
 DISSIMILAR_GAP = 0.25        # domain gap (share of shifted feature dims) at which "dissimilar" begins
 
-# (layer_decay, l2sp multiplier) per strategy: how fast LR shrinks toward the stem, how hard to anchor
-_DEFAULTS: dict[str, tuple[float, float]] = {
-    "head": (1.0, 1.0),
-    "top_blocks": (0.7, 1.0),
-    "all_but_stem": (0.8, 4.0),
-    "full": (0.9, 1.0),
+# (layer_decay, l2sp multiplier, adapt BatchNorm statistics) per strategy: how fast the LR shrinks
+# toward the stem, how hard to anchor, and whether BN statistics follow the (mixed) batches
+_DEFAULTS: dict[str, tuple[float, float, bool]] = {
+    "head": (1.0, 1.0, False),
+    "top_blocks": (0.7, 1.0, False),
+    "all_but_stem": (0.8, 4.0, True),
+    "full": (0.9, 1.0, True),
 }
 
 
@@ -38,6 +39,7 @@ class StrategyPlan:
     reason: str                 # recorded in meta.json and the job result
     layer_decay: float          # LR multiplier per layer group below the head
     l2sp_scale: float           # multiplies hyper.l2sp_weight
+    adapt_batchnorm: bool = False  # BN in train mode during phase 2 (input-level shifts)
 
     def trainable_groups(self, num_groups: int) -> range:
         """Layer-group ids (timm's group_matcher: 0 = stem ... num_groups-1 = head) trained in phase 2."""
@@ -65,8 +67,9 @@ def choose_strategy(
         name = {(False, False): "head", (True, False): "top_blocks",
                 (False, True): "all_but_stem", (True, True): "full"}[(large, dissimilar)]
         reason = f"{size}, {gap}"
-    default_decay, l2sp_scale = _DEFAULTS[name]
-    return StrategyPlan(name=name, reason=reason, layer_decay=layer_decay or default_decay, l2sp_scale=l2sp_scale)
+    default_decay, l2sp_scale, adapt_bn = _DEFAULTS[name]
+    return StrategyPlan(name=name, reason=reason, layer_decay=layer_decay or default_decay, l2sp_scale=l2sp_scale,
+                        adapt_batchnorm=adapt_bn)
 
 
 def layer_groups(model: nn.Module) -> dict[int, list[str]]:
