@@ -97,6 +97,20 @@ class Harness:
         self.scheduler.shutdown(wait=True)
 
 
+def _restart_and_finish(tmp: Path, job_id: str, recovered: list[str], external: bool = False) -> Harness:
+    """A new daemon's queue over the same state: recover() (checked), then run until ``job_id`` ends."""
+    again = Harness(tmp, external=external)
+    again.start(paused=True)
+    assert again.queue.recover() == recovered
+    again.release.set()
+    again.scheduler.resume()
+    try:
+        again.until(lambda: again.finished == [job_id])
+    finally:
+        again.close()
+    return again
+
+
 def test_job_runs_once_and_reports_progress_and_outcome(tmp_path: Path) -> None:
     h = Harness(tmp_path).start()
     try:
@@ -132,16 +146,8 @@ def test_queued_job_survives_restart_without_being_doubled(tmp_path: Path) -> No
     h = Harness(tmp_path).start(paused=True)  # never runs: as if the daemon stopped right after queueing
     job_id = h.queue.submit("drift", source="api")
     h.close()
-    again = Harness(tmp_path)
-    again.start(paused=True)
-    assert again.queue.recover() == []  # still in the job store: nothing to re-add
-    again.release.set()
-    again.scheduler.resume()
-    try:
-        again.until(lambda: again.finished == [job_id])
-        assert again.launched == [(job_id, 1)]
-    finally:
-        again.close()
+    again = _restart_and_finish(tmp_path, job_id, recovered=[])  # still in the job store: nothing re-added
+    assert again.launched == [(job_id, 1)]
 
 
 def test_interrupted_job_is_rerun_as_next_attempt(tmp_path: Path) -> None:
@@ -150,18 +156,10 @@ def test_interrupted_job_is_rerun_as_next_attempt(tmp_path: Path) -> None:
     h.until(lambda: h.queue.running() is not None)
     h.close()  # shutdown while running: terminated, no result
     assert h.jobs[0].terminated and not (tmp_path / "retrain" / job_id / "result.json").exists()
-    again = Harness(tmp_path)
-    again.start(paused=True)
-    assert again.queue.recover() == [job_id]
-    again.release.set()
-    again.scheduler.resume()
-    try:
-        again.until(lambda: again.finished == [job_id])
-        info = again.queue.get(job_id)
-        assert (info["attempts"], info["resumed"], info["outcome"]) == (2, True, "promoted")
-        assert again.launched == [(job_id, 2)]
-    finally:
-        again.close()
+    again = _restart_and_finish(tmp_path, job_id, recovered=[job_id])
+    info = again.queue.get(job_id)
+    assert (info["attempts"], info["resumed"], info["outcome"]) == (2, True, "promoted")
+    assert again.launched == [(job_id, 2)]
 
 
 def test_job_interrupted_too_often_is_recorded_as_failed(tmp_path: Path) -> None:
@@ -185,15 +183,7 @@ def test_external_job_is_left_running_and_reattached(tmp_path: Path) -> None:
     h.until(lambda: h.queue.running() is not None and h.queue.running().external is not None)
     h.close()
     assert not h.jobs[0].terminated  # a Kubernetes Job must not be deleted by a daemon restart
-    again = Harness(tmp_path, external=True)
-    again.start(paused=True)
-    assert again.queue.recover() == [job_id]
-    again.release.set()
-    again.scheduler.resume()
-    try:
-        again.until(lambda: again.finished == [job_id])
-        assert again.attached == [{"kind": "fake", "name": job_id}] and again.launched == []
-        info = again.queue.get(job_id)
-        assert (info["attempts"], info["resumed"], info["outcome"]) == (1, True, "promoted")
-    finally:
-        again.close()
+    again = _restart_and_finish(tmp_path, job_id, recovered=[job_id], external=True)
+    assert again.attached == [{"kind": "fake", "name": job_id}] and again.launched == []
+    info = again.queue.get(job_id)
+    assert (info["attempts"], info["resumed"], info["outcome"]) == (1, True, "promoted")
