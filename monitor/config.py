@@ -67,9 +67,10 @@ class MmdConfig:
 @dataclass(frozen=True)
 class OnlineMmdConfig:
     enabled: bool = True
-    window_rows: int = 100          # sliding test window of the sequential detector
+    window_rows: int = 50           # sliding test window of the sequential detector
+    stride_rows: int = 25           # the statistic is tested every this many rows (a mini-batch)
     ert_rows: float = 100_000.0     # expected rows between false alarms on undrifted data
-    bootstraps: int = 1000          # bootstrap samples used to calibrate thresholds
+    bootstraps: int = 4500          # calibration samples: at least ~ert_rows / stride_rows
     max_reference_rows: int = 1000
     seed: int = 0
 
@@ -118,6 +119,25 @@ def resolve_location(value: str, base: Path) -> str:
         return value
     path = Path(os.path.expanduser(value))
     return str(path if path.is_absolute() else (base / path).resolve())
+
+
+def _check_online(root: Section, online: OnlineMmdConfig) -> None:
+    """Settings the detector could not calibrate are config errors, not a failure every cycle."""
+    from monitor.signals.online_mmd import required_bootstraps
+
+    key = "signals.online_mmd"
+    if online.stride_rows > online.window_rows:
+        root.error(f"{key}.stride_rows", f"must be <= window_rows ({online.window_rows}), got {online.stride_rows}")
+    elif online.ert_rows <= online.stride_rows:
+        root.error(f"{key}.ert_rows", f"must exceed stride_rows ({online.stride_rows}), got {online.ert_rows:g}")
+    else:
+        needed = required_bootstraps(online.ert_rows, online.window_rows, online.stride_rows)
+        if online.bootstraps < needed:
+            root.error(
+                f"{key}.bootstraps",
+                f"{online.bootstraps} cannot calibrate ert_rows={online.ert_rows:g} tested every "
+                f"{online.stride_rows} rows: set bootstraps >= {needed}, raise stride_rows, or lower ert_rows",
+            )
 
 
 def _parse_monitor(root: Section, base: Path) -> MonitorConfig:
@@ -190,12 +210,15 @@ def _parse_monitor(root: Section, base: Path) -> MonitorConfig:
     online = OnlineMmdConfig(
         enabled=on.bool("enabled", o.enabled),
         window_rows=on.int("window_rows", o.window_rows, minimum=2),
+        stride_rows=on.int("stride_rows", o.stride_rows, minimum=1),
         ert_rows=on.float("ert_rows", o.ert_rows, minimum=1),
         bootstraps=on.int("bootstraps", o.bootstraps, minimum=10),
         max_reference_rows=on.int("max_reference_rows", o.max_reference_rows, minimum=4),
         seed=on.int("seed", o.seed),
     )
     on.finish()
+    if online.enabled:
+        _check_online(root, online)
     if online.max_reference_rows <= 2 * online.window_rows:
         root.error(
             "signals.online_mmd.max_reference_rows",

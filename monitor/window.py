@@ -89,6 +89,7 @@ class VersionMonitor:
                 sigma=reference.bandwidth,
                 window_rows=sig.online_mmd.window_rows,
                 ert_rows=sig.online_mmd.ert_rows,
+                stride_rows=sig.online_mmd.stride_rows,
                 bootstraps=sig.online_mmd.bootstraps,
                 seed=sig.online_mmd.seed,
             )

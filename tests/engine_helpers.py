@@ -135,7 +135,7 @@ def config_doc(tmp: Path, ref_dir: Path, **overrides) -> dict:
         "window": {"rows": 200, "seconds": 10_000.0, "min_rows": 20},
         "signals": {
             "mmd": {"permutations": 50, "max_window_rows": 200, "max_reference_rows": 500, "projection_dims": 8},
-            "online_mmd": {"window_rows": 20, "ert_rows": 200.0, "bootstraps": 600, "max_reference_rows": 300},
+            "online_mmd": {"window_rows": 20, "stride_rows": 5, "ert_rows": 1000.0, "bootstraps": 600, "max_reference_rows": 300},
             "accuracy": {"last_n": 500, "last_seconds": 3600.0},
         },
     }

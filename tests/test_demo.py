@@ -12,12 +12,12 @@ from monitor.demo.scenario import DemoSettings, run_demo
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(1200)
 def test_short_demo_detects_retrains_promotes_and_recovers(tmp_path: Path):
     said: list[str] = []
     settings = DemoSettings(
         workdir=tmp_path / "demo", seed=1, source_epochs=6, clean_ticks=12, after_promotion_ticks=4,
-        retrain_epochs_head=4, retrain_epochs_finetune=3, max_seconds=400,
+        retrain_epochs_head=4, retrain_epochs_finetune=3, max_seconds=600,
     )
     result = run_demo(settings, said.append)
     t = result.timeline

@@ -26,6 +26,8 @@ def build(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else (config.monitor.reference_dir if args.config else None)
     if out is None:
         raise DriftdError("no output directory: pass --out DIR (or --config with reference_dir)")
+    if args.max_rows < 2:
+        raise DriftdError(f"--max-rows must be at least 2, got {args.max_rows}")
     # Validation logs are complete by the time a reference is built: nothing to wait for.
     tailer = Tailer(args.logs, "inference", replace(ingest, settle_seconds=0.0, max_files_per_cycle=10**9))
     builder = ReferenceBuilder(

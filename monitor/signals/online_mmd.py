@@ -96,15 +96,17 @@ def extended_windows(rng: np.random.Generator, rows: int, count: int, size: int)
         yield perm[:, :size]
 
 
-def required_bootstraps(ert_rows: float, window_rows: int) -> int:
-    """Fewest bootstraps that let calibration estimate the 1 - 1/ert_rows quantile at each of
-    the window_rows steps (each step keeps only the bootstraps below its threshold, and a
-    quantile q needs q <= (N - 1) / N of N values). About ert_rows x (1 + window_rows / ert_rows);
-    config validation can call this to reject impossible settings early."""
+def required_bootstraps(ert_rows: float, window_rows: int, stride_rows: int = 1) -> int:
+    """Fewest bootstraps that let calibration estimate the 1 - stride/ert_rows quantile at each
+    calibrated step (each step keeps only the bootstraps below its threshold, and a quantile q
+    needs q <= (N - 1) / N of N values). About ert_rows / stride_rows; config validation calls
+    this to reject impossible settings early."""
+    ert_steps = ert_rows / stride_rows
+    steps = _calibrated_steps(window_rows, stride_rows)
 
     def enough(n: int) -> bool:
-        q = 1.0 - 1.0 / ert_rows
-        for _ in range(window_rows):
+        q = 1.0 - 1.0 / ert_steps
+        for _ in range(steps):
             if n < 2 or q > (n - 1) / n:
                 return False
             # Values strictly below the type-7 quantile; h = (n-1)q landing on an integer keeps
@@ -112,7 +114,7 @@ def required_bootstraps(ert_rows: float, window_rows: int) -> int:
             n = math.ceil((n - 1) * q - 1e-9)
         return True
 
-    high = max(2, math.ceil(ert_rows))
+    high = max(2, math.ceil(ert_steps))
     while not enough(high):
         high *= 2
     low = high // 2
@@ -122,11 +124,17 @@ def required_bootstraps(ert_rows: float, window_rows: int) -> int:
     return high
 
 
+def _calibrated_steps(window_rows: int, stride_rows: int) -> int:
+    """Thresholds kept: one per tested offset 0, s, 2s, ... below W (offset 0 is the restart)."""
+    return (window_rows - 1) // stride_rows + 1
+
+
 def _bootstrap_thresholds(
-    k: torch.Tensor, window: int, ert: float, bootstraps: int, rng: np.random.Generator
+    k: torch.Tensor, window: int, ert: float, bootstraps: int, rng: np.random.Generator, stride: int = 1
 ) -> np.ndarray:
-    """Thresholds for steps 0..W-1 (see module docstring); raises ValueError when too few
-    bootstraps survive to estimate the 1 - 1/ERT quantile."""
+    """Thresholds for the tested steps after a (re)start (see module docstring): a step is tested
+    every ``stride`` rows, at a per-step false-alarm rate of stride / ERT rows; threshold k holds
+    for the test after k * stride rows. Raises ValueError when too few bootstraps survive."""
     n, ext = int(k.shape[0]), 2 * window - 1
     sub_rows = n - ext
     col_full = k.sum(0, dtype=torch.float64)
@@ -140,17 +148,19 @@ def _bootstrap_thresholds(
         sub_off = total - 2.0 * cross_cols.sum(1) - g_cols.sum(1) - sub_rows
         sub_mean = (sub_off / (sub_rows * (sub_rows - 1)))[:, None]
         stats.append(_window_statistics(g, cross_cols, window, 0.0, sub_rows) + sub_mean)
-    mmd = torch.cat(stats).cpu().numpy()  # (bootstraps, W)
-    quantile = 1.0 - 1.0 / ert
-    thresholds = np.empty(window)
+    # Column i is the window i rows after a restart; only every stride-th one is ever tested.
+    mmd = torch.cat(stats).cpu().numpy()[:, ::stride]  # (bootstraps, _calibrated_steps(W, stride))
+    quantile = 1.0 - stride / ert
+    steps = mmd.shape[1]
+    thresholds = np.empty(steps)
     alive = np.ones(len(mmd), dtype=bool)
-    for w in range(window):
+    for w in range(steps):
         values = mmd[alive, w]
         if quantile > (len(values) - 1) / len(values):
             raise ValueError(
-                f"online MMD calibration: {bootstraps} bootstraps cannot estimate the 1 - 1/ert_rows "
-                f"quantile for ert_rows={ert:g} over {window} steps ({len(values)} left at step {w}); "
-                f"set bootstraps >= {required_bootstraps(ert, window)} or lower ert_rows"
+                f"online MMD calibration: {bootstraps} bootstraps cannot estimate the 1 - stride/ert_rows "
+                f"quantile for ert_rows={ert:g} over {steps} steps ({len(values)} left at step {w}); "
+                f"set bootstraps >= {required_bootstraps(ert, window, stride)} or lower ert_rows"
             )
         thresholds[w] = np.quantile(values, quantile)
         alive[alive] = values < thresholds[w]
@@ -169,12 +179,14 @@ class OnlineMmd:
         sub_mean: float,
         init_window: np.ndarray,
         init_colsums: np.ndarray,
+        stride: int = 1,
         device: torch.device | None = None,
     ) -> None:
         self.device = device or default_device()
         self.sigma = float(sigma)
         self.thresholds = np.asarray(thresholds, dtype=np.float64)
-        self.window_rows = len(self.thresholds)
+        self.stride = int(stride)
+        self.window_rows = int(np.asarray(init_window).shape[0])
         self._sub_np = np.ascontiguousarray(sub_reference, dtype=np.float32)
         self._sub = torch.from_numpy(self._sub_np).to(self.device)
         self._sub_sq = (self._sub * self._sub).sum(1)
@@ -206,12 +218,17 @@ class OnlineMmd:
         ert_rows: float,
         bootstraps: int,
         seed: int,
+        stride_rows: int = 1,
         device: torch.device | None = None,
     ) -> OnlineMmd:
-        """Split the reference, calibrate thresholds by bootstrap (fpr = 1/ert_rows per step).
+        """Split the reference, calibrate thresholds by bootstrap.
 
-        Needs more than 2 * window_rows reference rows, window_rows >= 2, ert_rows > 1 and enough
-        bootstraps to estimate the 1 - 1/ert_rows quantile; raises ValueError otherwise.
+        The statistic is tested every ``stride_rows`` rows (1 = every row, as alibi-detect's
+        MMDDriftOnline), each test at a false-alarm rate of stride_rows / ert_rows, so the expected
+        run between false alarms is ert_rows rows whatever the stride. A stride lets a large ERT
+        be calibrated with ~ert_rows / stride_rows bootstraps instead of ~ert_rows.
+        Needs more than 2 * window_rows reference rows, window_rows >= 2, 1 <= stride_rows <=
+        window_rows, ert_rows > stride_rows and enough bootstraps; raises ValueError otherwise.
         """
         x = check_matrix(x_ref, "reference features", min_rows=2)
         if isinstance(window_rows, bool) or not isinstance(window_rows, (int, np.integer)) or window_rows < 2:
@@ -221,23 +238,28 @@ class OnlineMmd:
                 f"online MMD needs more than 2 x window_rows = {2 * window_rows} reference rows "
                 f"(sub-reference + extended test window), got {x.shape[0]}"
             )
-        if not (np.isfinite(ert_rows) and ert_rows > 1):
-            raise ValueError(f"online MMD ert_rows must be finite and > 1, got {ert_rows!r}")
+        if isinstance(stride_rows, bool) or not isinstance(stride_rows, (int, np.integer)) or not (
+            1 <= stride_rows <= window_rows
+        ):
+            raise ValueError(f"online MMD stride_rows must be an integer in [1, window_rows], got {stride_rows!r}")
+        if not (np.isfinite(ert_rows) and ert_rows > stride_rows):
+            raise ValueError(f"online MMD ert_rows must be finite and > {stride_rows} (stride_rows), got {ert_rows!r}")
         if isinstance(bootstraps, bool) or not isinstance(bootstraps, (int, np.integer)) or bootstraps < 2:
             raise ValueError(f"online MMD bootstraps must be an integer >= 2, got {bootstraps!r}")
         if not (np.isfinite(sigma) and sigma > 0):
             raise ValueError(f"kernel bandwidth sigma must be finite and > 0, got {sigma!r}")
-        if bootstraps < required_bootstraps(float(ert_rows), int(window_rows)):
+        needed = required_bootstraps(float(ert_rows), int(window_rows), int(stride_rows))
+        if bootstraps < needed:
             raise ValueError(
-                f"online MMD bootstraps={bootstraps} cannot estimate the 1 - 1/ert_rows quantile for "
-                f"ert_rows={ert_rows:g} over window_rows={window_rows} steps: set bootstraps >= "
-                f"{required_bootstraps(float(ert_rows), int(window_rows))} or lower ert_rows"
+                f"online MMD bootstraps={bootstraps} cannot estimate the 1 - stride/ert_rows quantile for "
+                f"ert_rows={ert_rows:g}, window_rows={window_rows}, stride_rows={stride_rows}: set "
+                f"bootstraps >= {needed}, raise stride_rows or lower ert_rows"
             )
         dev = device or default_device()
         rng = np.random.default_rng(seed)
         xt = torch.from_numpy(x).to(dev)
         k = gaussian_kernel(xt, xt, float(sigma), same=True)
-        thresholds = _bootstrap_thresholds(k, window_rows, float(ert_rows), int(bootstraps), rng)
+        thresholds = _bootstrap_thresholds(k, window_rows, float(ert_rows), int(bootstraps), rng, int(stride_rows))
         n, sub_rows = x.shape[0], x.shape[0] - (2 * window_rows - 1)
         for _ in range(_SPLIT_TRIES):
             perm = rng.permutation(n)
@@ -255,6 +277,7 @@ class OnlineMmd:
                     sub_mean=sub_mean,
                     init_window=x[init],
                     init_colsums=colsums.cpu().numpy(),
+                    stride=int(stride_rows),
                     device=dev,
                 )
         raise ValueError(
@@ -270,7 +293,7 @@ class OnlineMmd:
         """
         rows = check_matrix(y, "online MMD rows", min_rows=1, dims=self.dims)
         w = self.window_rows
-        yt = torch.from_numpy(rows).to(self.device)
+        yt = torch.from_numpy(np.require(rows, requirements="W")).to(self.device)  # Arrow views are read-only
         colsums = torch.cat(
             [
                 gaussian_kernel(self._sub, part, self.sigma, sq_a=self._sub_sq).sum(0, dtype=torch.float64)
@@ -294,9 +317,12 @@ class OnlineMmd:
                 self.sub_mean,
                 len(self._sub_np),
             ).cpu().numpy()
-            steps = self.t + 1 + np.arange(len(seg))
-            thr = self.thresholds[np.minimum(steps, w - 1)]
-            crossed = np.flatnonzero(seg > thr)
+            rows_in = self.t + 1 + np.arange(len(seg))  # rows since the (re)start after each row
+            # Each row reports the threshold of the test it counts toward; tests run every stride rows.
+            step = -(-rows_in // self.stride)
+            thr = self.thresholds[np.minimum(step, len(self.thresholds) - 1)]
+            tested = rows_in % self.stride == 0
+            crossed = np.flatnonzero(tested & (seg > thr))
             taken = len(seg) if len(crossed) == 0 else int(crossed[0]) + 1
             stats[pos:pos + taken] = seg[:taken]
             thresholds[pos:pos + taken] = thr[:taken]
@@ -340,6 +366,7 @@ class OnlineMmd:
             "sub_mean": self.sub_mean,
             "init_window": self._init_window.copy(),
             "init_colsums": self._init_colsums.copy(),
+            "stride": self.stride,
             "window": self._window.copy(),
             "window_colsums": self._colsums.copy(),
             "t": self.t,
@@ -378,6 +405,7 @@ class OnlineMmd:
             sub_mean=float(np.asarray(d["sub_mean"]).item()),
             init_window=np.asarray(d["init_window"]),
             init_colsums=np.asarray(d["init_colsums"]),
+            stride=int(np.asarray(d.get("stride", 1)).item()),
             device=device,
         )
         window = np.asarray(d["window"], dtype=np.float32)
