@@ -83,6 +83,9 @@ class AccuracyConfig:
 
 @dataclass(frozen=True)
 class SignalsConfig:
+    # Signal matrices are small: more intra-op threads mostly contend with each other and with the
+    # inference service next to driftd (measured: 2 threads ran 6x slower than 1 on a busy 2-core host).
+    threads: int = 1
     activations: ActivationConfig = field(default_factory=ActivationConfig)
     mmd: MmdConfig = field(default_factory=MmdConfig)
     online_mmd: OnlineMmdConfig = field(default_factory=OnlineMmdConfig)
@@ -231,6 +234,7 @@ def _parse_monitor(root: Section, base: Path) -> MonitorConfig:
         last_seconds=acc.float("last_seconds", ac.last_seconds, minimum=1),
     )
     acc.finish()
+    threads = sig.int("threads", SignalsConfig.threads, minimum=1)
     sig.finish()
 
     state_dir = root.str("state_dir", "./driftd-state")
@@ -245,7 +249,7 @@ def _parse_monitor(root: Section, base: Path) -> MonitorConfig:
         reference_dir=Path(resolve_location(reference_dir, base)),
         ingest=ingest,
         window=window,
-        signals=SignalsConfig(activations=activations, mmd=mmd, online_mmd=online, accuracy=accuracy),
+        signals=SignalsConfig(threads=threads, activations=activations, mmd=mmd, online_mmd=online, accuracy=accuracy),
     )
 
 

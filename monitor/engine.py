@@ -55,6 +55,9 @@ class Engine:
     def __init__(self, config: MonitorConfig, *, clock: Callable[[], float] = time.time):
         self.config = config
         self.clock = clock
+        import torch
+
+        torch.set_num_threads(config.signals.threads)  # see SignalsConfig.threads
         self.references: dict[str, Reference] = load_references(config.reference_dir)
         if not self.references:
             raise ReferenceMissingError(

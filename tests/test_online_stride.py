@@ -62,3 +62,21 @@ def test_stride_must_fit_the_window():
     x = _rows(np.random.default_rng(0), 100)
     with pytest.raises(ValueError, match="stride_rows must be an integer in"):
         OnlineMmd.calibrate(x, sigma=1.0, window_rows=10, ert_rows=100, bootstraps=100, seed=0, stride_rows=11)
+
+
+def test_strided_statistics_equal_the_every_row_statistics_on_tested_rows():
+    rng = np.random.default_rng(7)
+    x = _rows(rng, 500)
+    det = OnlineMmd.calibrate(x, sigma=median_bandwidth(x), window_rows=12, ert_rows=300, bootstraps=400,
+                              seed=3, stride_rows=4)
+    state = det.state_dict()
+    state["thresholds"] = np.full(12, np.inf)  # no alarms: compare the raw statistics
+    every_row = OnlineMmd.from_state_dict({**state, "stride": 1})
+    strided = OnlineMmd.from_state_dict({**state, "thresholds": np.full(len(det.thresholds), np.inf)})
+    y = _rows(rng, 300, shift=0.3)
+    got = np.concatenate([strided.update(y[:101]).statistics, strided.update(y[101:]).statistics])
+    want = every_row.update(y).statistics
+    tested = (np.arange(300) + 1) % 4 == 0
+    np.testing.assert_allclose(got[tested], want[tested], rtol=1e-5, atol=1e-9)
+    assert np.isnan(got[~tested]).all()
+    assert strided.status().statistic == pytest.approx(want[299], rel=1e-5)

@@ -9,7 +9,7 @@ import sys
 import time
 
 from monitor.cli.common import add_config_argument, config_from_flags
-from monitor.engine import Engine
+
 from monitor.signals.results import WindowSignals, to_jsonable
 
 _FLAGS = {
@@ -56,6 +56,8 @@ def format_table(windows: list[WindowSignals]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from monitor.engine import Engine  # torch and scipy load only for commands that need them
+
     config = config_from_flags(args, _FLAGS)
     engine = Engine(config.monitor)
     windows: list[WindowSignals] = []

@@ -35,9 +35,14 @@ STATE_VERSION = 1
 _BOOTSTRAP_CHUNK = 64
 # New rows per sub-reference kernel block in update(); bounds memory at ~sub-reference x chunk.
 _UPDATE_CHUNK = 4096
-# New rows per window segment: a segment costs ~(W + s)^2 (kernel, prefix sums) and an alarm
-# wastes the rest of its segment, so s ~ 2W keeps both near the minimum of ~4W per row.
+# New rows per window segment: a segment costs ~(W + s)^2 (kernel, prefix sums) plus a fixed
+# ~20 tensor ops, and an alarm wastes the rest of its segment. s ~ 2W minimises the arithmetic,
+# but on undrifted streams alarms are rare and the fixed cost dominates, so segments grow to
+# _MAX_SEGMENT while no alarm occurs and fall back to the minimum after one.
 _MIN_SEGMENT = 64
+_MAX_SEGMENT = 256
+# With stride > 1 only the tested windows are computed (no prefix sums), so segments can be long.
+_MAX_STRIDED_SEGMENT = 4096
 # Initial splits tried before giving up when each starts above the first threshold.
 _SPLIT_TRIES = 100
 
@@ -203,6 +208,7 @@ class OnlineMmd:
         self._last_threshold = float(self.thresholds[0])
         self._alarm_pending = False      # an alarm since the last status() call
         self._last_run_length = -1       # t at the most recent alarm since the last status()
+        self._segment_hint = 0           # work-size hint only: results do not depend on it
 
     @property
     def dims(self) -> int:
@@ -303,30 +309,27 @@ class OnlineMmd:
         stats = np.empty(len(rows))
         thresholds = np.empty(len(rows))
         alarms: list[int] = []
-        segment = max(2 * w, _MIN_SEGMENT)
+        smallest = max(2 * w, _MIN_SEGMENT)
+        segment = self._segment_hint or smallest
         pos = 0
         while pos < len(rows):
             end = min(pos + segment, len(rows))
             z = np.concatenate([self._window[1:], rows[pos:end]])
             zc = np.concatenate([self._colsums[1:], colsums[pos:end]])
-            zt = torch.from_numpy(z).to(self.device)
-            seg = _window_statistics(
-                gaussian_kernel(zt, zt, self.sigma, same=True),
-                torch.from_numpy(zc).to(self.device),
-                w,
-                self.sub_mean,
-                len(self._sub_np),
-            ).cpu().numpy()
-            rows_in = self.t + 1 + np.arange(len(seg))  # rows since the (re)start after each row
+            rows_in = self.t + 1 + np.arange(end - pos)  # rows since the (re)start after each row
+            tested = rows_in % self.stride == 0
+            seg = self._segment_statistics(z, zc, tested)
             # Each row reports the threshold of the test it counts toward; tests run every stride rows.
             step = -(-rows_in // self.stride)
             thr = self.thresholds[np.minimum(step, len(self.thresholds) - 1)]
-            tested = rows_in % self.stride == 0
             crossed = np.flatnonzero(tested & (seg > thr))
             taken = len(seg) if len(crossed) == 0 else int(crossed[0]) + 1
             stats[pos:pos + taken] = seg[:taken]
             thresholds[pos:pos + taken] = thr[:taken]
-            self._last_statistic, self._last_threshold = float(seg[taken - 1]), float(thr[taken - 1])
+            last_test = np.flatnonzero(tested[:taken])
+            if len(last_test):
+                self._last_statistic = float(seg[last_test[-1]])
+                self._last_threshold = float(thr[last_test[-1]])
             if len(crossed):
                 alarms.append(pos + taken - 1)
                 self._last_run_length = self.t + taken
@@ -334,12 +337,43 @@ class OnlineMmd:
                 self.alarms_total += 1
                 self.t = 0
                 self._window, self._colsums = self._init_window.copy(), self._init_colsums.copy()
+                segment = smallest
             else:
+                longest = _MAX_SEGMENT if self.stride == 1 else _MAX_STRIDED_SEGMENT
+                segment = min(2 * segment, max(longest, smallest))
                 self.t += taken
                 self._window, self._colsums = z[-w:].copy(), zc[-w:].copy()
             pos += taken
         self.rows_total += len(rows)
+        self._segment_hint = segment
         return OnlineUpdate(statistics=stats, thresholds=thresholds, alarm_rows=alarms)
+
+    def _segment_statistics(self, z: np.ndarray, zc: np.ndarray, tested: np.ndarray) -> np.ndarray:
+        """MMD^2 after each new row of a segment: z = the last W-1 window rows then the new rows,
+        zc their sub-reference column sums. With stride 1 every row is tested and all windows come
+        from 2-D prefix sums; with a stride only the tested rows' windows are computed (a batched
+        W x W kernel each, ~W^2 d / stride work per row) and the others are NaN."""
+        w, sub_rows = self.window_rows, len(self._sub_np)
+        if self.stride == 1:
+            zt = torch.from_numpy(z).to(self.device)
+            return _window_statistics(
+                gaussian_kernel(zt, zt, self.sigma, same=True), torch.from_numpy(zc).to(self.device), w,
+                self.sub_mean, sub_rows,
+            ).cpu().numpy()
+        out = np.full(len(tested), np.nan)
+        starts = np.flatnonzero(tested)  # the window after new row j is z[j : j + W]
+        if len(starts) == 0:
+            return out
+        idx = torch.from_numpy(starts[:, None] + np.arange(w)[None, :]).to(self.device)
+        zt = torch.from_numpy(z).to(self.device)
+        win = zt[idx]                                             # (T, W, d)
+        sq = (win * win).sum(-1)                                  # (T, W)
+        d2 = (sq[:, :, None] + sq[:, None, :] - 2.0 * win @ win.transpose(1, 2)).clamp_(min=0.0)
+        within = torch.exp(d2 / (-2.0 * self.sigma**2)).sum((1, 2), dtype=torch.float64) - w  # off-diagonal
+        cross = torch.from_numpy(zc).to(self.device)[idx].sum(1)
+        stat = self.sub_mean + within / (w * (w - 1)) - 2.0 * cross / (sub_rows * w)
+        out[starts] = stat.cpu().numpy()
+        return out
 
     def status(self, since_last: bool = True) -> OnlineMmdStatus:
         """Latest statistic/threshold, and whether an alarm happened since the previous
