@@ -57,8 +57,9 @@ def run_seed(seed: int, args: argparse.Namespace) -> list[dict]:
     r_train, r_val, r_gate = _slices(clean, torch.as_tensor(labels[rep]), (0.55, 0.7))
     training = TrainingSet(p_train, p_val, r_train, r_val)
     gate_cfg = GateConfig()
-    hyper = dataclasses.replace(HyperConfig(), seed=seed, **{k: v for k, v in (("lr_backbone", args.lr_backbone),
-                                ("epochs_finetune", args.epochs_finetune)) if v is not None})
+    overrides = (("lr_backbone", args.lr_backbone), ("epochs_finetune", args.epochs_finetune),
+                 ("replay_fraction", args.replay_fraction), ("l2sp_weight", args.l2sp_weight))
+    hyper = dataclasses.replace(HyperConfig(), seed=seed, **{k: v for k, v in overrides if v is not None})
     gap = domain_gap(predict(source, r_train.x)[0], predict(source, p_train.x)[0])
     rows: list[dict] = []
 
@@ -95,6 +96,9 @@ def main() -> int:
     parser.add_argument("--source-epochs", type=int, default=10)
     parser.add_argument("--lr-backbone", type=float, default=None, help="override HyperConfig.lr_backbone")
     parser.add_argument("--epochs-finetune", type=int, default=None, help="override HyperConfig.epochs_finetune")
+    parser.add_argument("--replay-fraction", type=float, default=None, help="override HyperConfig.replay_fraction")
+    parser.add_argument("--l2sp-weight", type=float, default=None, help="override HyperConfig.l2sp_weight")
+    parser.add_argument("--only-seed", type=int, default=None, help="run just this seed")
     parser.add_argument("--naive-lr", type=float, default=1e-2)
     parser.add_argument("--naive-epochs", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1,
@@ -102,7 +106,8 @@ def main() -> int:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    rows = [r for seed in range(args.seeds) for r in run_seed(seed, args)]
+    seeds = [args.only_seed] if args.only_seed is not None else range(args.seeds)
+    rows = [r for seed in seeds for r in run_seed(seed, args)]
     print(f"\nshift {args.shift}, {args.size}px test_resnet, {args.seeds} seeds, gate: min_gain 0.02, "
           f"max_forgetting 0.01\n")
     print(f"{'method':28s} {'seed':>4s} {'target':>7s} {'x base':>7s} {'source':>7s} {'d src':>7s} "

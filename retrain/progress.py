@@ -8,13 +8,13 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
+
+from retrain.files import write_atomic
 
 PROGRESS_FILE = "progress.jsonl"
 RESULT_FILE = "result.json"
@@ -79,16 +79,7 @@ def read_progress(job_dir: Path) -> list[dict[str, Any]]:
 def write_result(job_dir: Path, result: JobResult) -> Path:
     """Write ``result.json`` atomically (temp file, fsync, os.replace)."""
     path = Path(job_dir) / RESULT_FILE
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".result.")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(result.to_json(), f, indent=1, default=str)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, json.dumps(result.to_json(), indent=1, default=str))
     return path
 
 

@@ -213,6 +213,8 @@ def _finetune_phase(
         anchor.estimate_fisher(
             model, ((_to(anchor_data.x[i : i + 64], ctx.device), anchor_data.y[i : i + 64].to(ctx.device))
                     for i in range(0, len(anchor_data), 64)), lambda m, x: m(x))
+    hyper = replace(hyper, replay_fraction=plan.replay_fraction(hyper.replay_fraction))
+    ctx = replace(ctx, hyper=hyper)
     optimizer = timm.optim.create_optimizer_v2(
         model, opt="adamw", lr=hyper.lr_backbone, weight_decay=0.0, layer_decay=plan.layer_decay)
     total = max(1, hyper.epochs_finetune * steps_per_epoch(data, hyper.batch_size, hyper.replay_fraction))

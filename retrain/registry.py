@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from monitor.errors import DriftdError
+from retrain.files import write_atomic
 from retrain.model import DataConfig, create_model, resolve_data_config, unwrap
 
 META_FORMAT = 1
@@ -82,24 +83,6 @@ class ModelVersion:
     version: str
     path: Path                                 # the version's directory
     meta: ModelMeta
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 class Registry:
@@ -247,8 +230,8 @@ class Registry:
     def _switch(self, history: Sequence[str]) -> None:
         # History first: if we die between the two writes CURRENT still names a valid version
         # and the next promote/rollback rewrites both.
-        _write_atomic(self.path / "history.json", json.dumps({"format": HISTORY_FORMAT, "promoted": list(history)}))
-        _write_atomic(self.path / "CURRENT", history[-1] + "\n")
+        write_atomic(self.path / "history.json", json.dumps({"format": HISTORY_FORMAT, "promoted": list(history)}))
+        write_atomic(self.path / "CURRENT", history[-1] + "\n")
 
 
 def _classifier_outputs(model: nn.Module, state: dict[str, torch.Tensor]) -> int | None:
@@ -261,17 +244,24 @@ def _classifier_outputs(model: nn.Module, state: dict[str, torch.Tensor]) -> int
     return None
 
 
-def _import_meta(model: nn.Module, architecture: str, num_classes: int, class_names: Sequence[str],
-                 input_size: int | None, source: str) -> ModelMeta:
+def _new_model(architecture: str, num_classes: int) -> nn.Module:
+    try:
+        return create_model(architecture, num_classes)
+    except RuntimeError as exc:
+        raise RegistryError(f"unknown timm architecture {architecture!r}: {exc}") from None
+
+
+def _store_import(registry: Registry, model: nn.Module, architecture: str, num_classes: int, file: Path,
+                  class_names: Sequence[str], input_size: int | None, promote: bool) -> str:
     if class_names and len(class_names) != num_classes:
         raise RegistryError(f"got {len(class_names)} class names for num_classes={num_classes}")
-    return ModelMeta(
-        architecture=architecture,
-        num_classes=num_classes,
-        data_config=resolve_data_config(model, input_size),
-        class_names=tuple(class_names),
-        source=source,
-    )
+    meta = ModelMeta(architecture=architecture, num_classes=num_classes,
+                     data_config=resolve_data_config(model, input_size), class_names=tuple(class_names),
+                     source=f"import:{file}")
+    version = registry.add(model, meta)
+    if promote:
+        registry.promote(version)
+    return version
 
 
 def import_timm_checkpoint(
@@ -296,10 +286,7 @@ def import_timm_checkpoint(
     checkpoint_file = Path(checkpoint_file)
     if not checkpoint_file.is_file():
         raise RegistryError(f"{checkpoint_file}: checkpoint file not found")
-    try:
-        probe = create_model(architecture, num_classes)
-    except RuntimeError as exc:
-        raise RegistryError(f"unknown timm architecture {architecture!r}: {exc}") from None
+    probe = _new_model(architecture, num_classes)
     try:
         state = load_state_dict(str(checkpoint_file), weights_only=True)
     except Exception as exc:  # torch raises UnpicklingError/RuntimeError/... for non-weight files
@@ -314,11 +301,7 @@ def import_timm_checkpoint(
         )
     except RuntimeError as exc:
         raise RegistryError(f"{checkpoint_file}: does not fit {architecture}: {str(exc).splitlines()[0]}") from None
-    meta = _import_meta(model, architecture, num_classes, class_names, input_size, f"import:{checkpoint_file}")
-    version = registry.add(model, meta)
-    if promote:
-        registry.promote(version)
-    return version
+    return _store_import(registry, model, architecture, num_classes, checkpoint_file, class_names, input_size, promote)
 
 
 def import_safetensors(
@@ -335,16 +318,9 @@ def import_safetensors(
     weights_file = Path(weights_file)
     if not weights_file.is_file():
         raise RegistryError(f"{weights_file}: weights file not found")
-    try:
-        model = create_model(architecture, num_classes)
-    except RuntimeError as exc:
-        raise RegistryError(f"unknown timm architecture {architecture!r}: {exc}") from None
+    model = _new_model(architecture, num_classes)
     try:
         model.load_state_dict(safetensors.torch.load_file(str(weights_file)), strict=True)
     except (OSError, safetensors.SafetensorError, RuntimeError) as exc:
         raise RegistryError(f"{weights_file}: does not fit {architecture}: {str(exc).splitlines()[0]}") from None
-    meta = _import_meta(model, architecture, num_classes, class_names, input_size, f"import:{weights_file}")
-    version = registry.add(model, meta)
-    if promote:
-        registry.promote(version)
-    return version
+    return _store_import(registry, model, architecture, num_classes, weights_file, class_names, input_size, promote)
