@@ -61,7 +61,7 @@ def _online(data: dict[str, np.ndarray]) -> dict[str, object]:
         "rows": len(stream),
         "rows_per_second": len(stream) / seconds,
         "statistics": stats,
-        "thresholds": [float(t) for t in detector.thresholds],
+        "thresholds": [float(t) for t in detector._detector.thresholds],  # all W steps
     }
 
 
@@ -69,9 +69,9 @@ def main(argv: list[str]) -> int:
     if len(argv) != 4 or argv[1] not in ("mmd", "online"):
         print(__doc__, file=sys.stderr)
         return 2
-    torch.set_num_threads(2)
     with np.load(argv[2], allow_pickle=False) as npz:
         data = dict(npz)
+    torch.set_num_threads(int(data["threads"]))
     result = _mmd(data) if argv[1] == "mmd" else _online(data)
     with open(argv[3], "w") as fh:
         json.dump(result, fh)
