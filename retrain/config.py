@@ -40,14 +40,14 @@ class HyperConfig:
     epochs_finetune: int = 8        # phase 2 upper bound
     batch_size: int = 64
     lr_head: float = 1e-2
-    lr_backbone: float = 1e-3       # base LR of the top backbone block; lower blocks get layer_decay^depth
+    lr_backbone: float = 1e-3       # phase-2 LR of the head; each layer group below gets another x layer_decay
     layer_decay: float | None = None  # None: the strategy's default
     warmup_epochs: float = 1.0
     schedule: str = "cosine"
     grad_clip: float = 1.0          # max global gradient norm (0 = off)
     l2sp_weight: float = 0.01       # L2-SP pull toward the starting weights
     ewc_weight: float = 0.0         # EWC (Fisher-weighted) pull, 0 = off
-    replay_fraction: float = 0.5    # share of every batch drawn from the replay buffer
+    replay_fraction: float = 0.5    # share of every batch drawn from the replay buffer (strategies may raise it)
     patience: int = 2               # epochs without validation-loss improvement before stopping
     spike_factor: float = 10.0      # gradient norm above this x running median stops the phase
     wise_ft: bool = False           # interpolate start and fine-tuned weights, alpha chosen on gate slices
