@@ -68,6 +68,8 @@ def mixed_batches(
         else:
             batch = new
         if world_size > 1:
+            if len(batch) < world_size:  # a rank with no rows would put NaN into the shared loss
+                continue
             batch = batch.take(torch.arange(rank, len(batch), world_size))
         yield batch
 
