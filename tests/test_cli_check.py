@@ -103,3 +103,16 @@ def test_bad_config_keys_are_all_named(tmp_path: Path, capsys):
     assert main(["check", "--config", str(cfg)]) == 2
     err = capsys.readouterr().err
     assert "windw: unknown key" in err and "signals.mmd.permutations: must be >= 1, got 0" in err
+
+
+def test_toml_config_works_the_same(logs: Path, capsys):
+    cfg = logs / "driftd.toml"
+    cfg.write_text(
+        'model = "digits"\nstate_dir = "state"\nreference_dir = "ref"\n'
+        '[logs]\ninference = "logs"\n[ingest]\nsettle_seconds = 0\n[window]\nrows = 400\nseconds = 100000\nmin_rows = 20\n'
+        '[signals.mmd]\npermutations = 20\nprojection_dims = 8\n'
+    )
+    assert main(["reference", "build", "--logs", str(logs / "val"), "--config", str(cfg)]) == 0
+    capsys.readouterr()
+    assert main(["check", "--config", str(cfg), "--json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)["windows"]) == 2

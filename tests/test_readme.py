@@ -72,3 +72,13 @@ def test_ci_runs_the_readme_test_command():
     assert test_cmd.strip() in ci
     (install,) = [line for b in _code_blocks("bash") for line in b.splitlines() if "pip install" in line]
     assert "pip install -q -e '.[test]'" in ci and "pip install -e '.[test]'" in install
+
+
+def test_every_exported_metric_is_documented():
+    source = (ROOT / "monitor" / "service" / "metrics.py").read_text()
+    names = set(re.findall(r'"(driftd_[a-z0-9_]+)"', source))
+    assert len(names) > 30
+    documented = set(re.findall(r"`(driftd_[a-z0-9_]+)`", README))
+    # Counters are exported without `_total` in the source (prometheus-client adds it).
+    missing = {n for n in names if n not in documented and f"{n}_total" not in documented}
+    assert not missing, f"README metrics table lacks: {sorted(missing)}"
