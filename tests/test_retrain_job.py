@@ -88,6 +88,7 @@ def test_input_uri_traversal_is_refused(tmp_path: Path) -> None:
         resolve_input("s3://bucket/x.png", root)
 
 
+@pytest.mark.slow
 def test_launch_local_runs_the_job_in_its_own_process(tmp_path: Path, checkpoint: Path,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
