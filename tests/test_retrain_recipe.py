@@ -36,6 +36,7 @@ def test_guarded_recipe_recovers_shifted_accuracy_without_forgetting(setup) -> N
     report = fine_tune(candidate, training, FAST_HYPER, plan, device=CPU, progress=events.append)
     gate = evaluate_gate(candidate, source, prod_gate, ref_gate, GateConfig(), CPU)
     assert plan.name == "all_but_stem"
+    assert torch.equal(candidate.conv1[0].weight, source.conv1[0].weight)  # the stem stayed frozen
     assert [p.name for p in report.phases] == ["head", "finetune"] and report.guard_message is None
     assert gate.current_production < 0.3 and gate.candidate_production > gate.current_production + 0.3
     assert gate.forgetting <= 0.01 and gate.promote, gate.reason
@@ -70,7 +71,7 @@ def test_gradient_explosion_trips_the_guard_and_restores_best_weights(setup) -> 
         return output * 1e6 if calls["n"] == 20 else None  # mid phase 2, after the spike window warmed up
 
     model.layer4.register_forward_hook(explode)
-    hyper = dataclasses.replace(FAST_HYPER, epochs_head=1, epochs_finetune=4, patience=5)
+    hyper = dataclasses.replace(FAST_HYPER, epochs_head=1, epochs_finetune=4, patience=5, schedule="onecycle")
     report = fine_tune(model, training, hyper, choose_strategy(10, 1.0), device=CPU, progress=record)
     finetune = report.phases[-1]
     assert finetune.stopped.startswith("guard:") and report.guard_message
