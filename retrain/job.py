@@ -49,10 +49,10 @@ def _plan(config: Config, data: RetrainData, model: torch.nn.Module, device: tor
             ref, prod = predict(model, t.replay.x, device=device)[0], predict(model, t.train.x, device=device)[0]
         gap = domain_gap(ref, prod)
     if data.mode == "features":
-        plan = choose_strategy(len(data.training.train), gap, requested="head", layer_decay=hyper.layer_decay)
+        plan = choose_strategy(data.labelled_rows, gap, requested="head", layer_decay=hyper.layer_decay)
         return dataclasses.replace(
             plan, reason="features mode (inputs not retained): only the head can train; " + plan.reason), gap
-    return choose_strategy(len(data.training.train), gap, requested=config.retrain.strategy,
+    return choose_strategy(data.labelled_rows, gap, requested=config.retrain.strategy,
                            layer_decay=hyper.layer_decay), gap
 
 
