@@ -72,3 +72,22 @@ def test_torchrun_command_runs_the_job_module(tmp_path: Path) -> None:
     assert cmd[5:] == ["-m", "retrain.job", "--config", "c.yaml", "--job-dir", str(tmp_path), "--reason", "r"]
     with pytest.raises(ValueError, match="nproc_per_node >= 2"):
         torchrun_command("c.yaml", tmp_path, reason="r", nproc_per_node=1)
+
+
+@pytest.mark.slow
+def test_torchrun_job_trains_on_two_ranks_and_rank0_records(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                            tmp_path_factory: pytest.TempPathFactory) -> None:
+    from retrain.launch.local import launch_local
+    from retrain.progress import read_progress, read_result
+    from retrain_helpers import build_world, digits, source_checkpoint
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+    d = digits()
+    world = build_world(tmp_path, source_checkpoint(tmp_path_factory.getbasetemp(), d), d)
+    job = launch_local(str(world.config_path), tmp_path / "job", reason="ddp", nproc_per_node=2)
+    assert job.wait(240) == 0, (tmp_path / "job" / "job.log").read_text()[-2000:]
+    result = read_result(tmp_path / "job")
+    assert result is not None and result.outcome in ("promoted", "rejected") and result.gate is not None
+    started = [e for e in read_progress(tmp_path / "job") if e["event"] == "started"]
+    assert len(started) == 1 and started[0]["world_size"] == 2  # only rank 0 writes

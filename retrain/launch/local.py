@@ -70,7 +70,9 @@ def launch_local(config_path: str, job_dir: Path, *, reason: str, nproc_per_node
         from monitor.config import load_config
 
         nproc_per_node = load_config(config_path).retrain.nproc_per_node
-    job_dir = Path(job_dir)
+    # the child runs in job_dir: relative paths given here must not be re-read from there
+    config_path = str(Path(config_path).resolve())
+    job_dir = Path(job_dir).resolve()
     job_dir.mkdir(parents=True, exist_ok=True)
     command = (torchrun_command(config_path, job_dir, reason=reason, nproc_per_node=nproc_per_node)
                if nproc_per_node > 1 else job_command(config_path, job_dir, reason=reason))
