@@ -59,7 +59,7 @@ class MmdConfig:
     alpha: float = 0.05
     max_window_rows: int = 500      # window rows are subsampled to this for the test
     max_reference_rows: int = 1000  # reference rows used by the test (of those stored)
-    projection: str = "pca"         # "pca", "random" or "none"
+    projection: str = "random"      # "random", "pca" or "none" (bench/README.md: random kept more power)
     projection_dims: int = 32
     seed: int = 0
 

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from monitor.config import MmdConfig
 from monitor.errors import ReferenceMissingError
 from monitor.ingest.records import InferenceBatch
 from monitor.signals.estimate import Calibrator, fit_calibrator
@@ -152,8 +153,8 @@ class ReferenceBuilder:
         self,
         *,
         max_rows: int = DEFAULT_MAX_ROWS,
-        projection: str = "pca",
-        projection_dims: int = 32,
+        projection: str = MmdConfig.projection,
+        projection_dims: int = MmdConfig.projection_dims,
         seed: int = 0,
         source: str = "",
     ):
@@ -228,8 +229,8 @@ def build_reference(
     max_rows: int = DEFAULT_MAX_ROWS,
     seed: int = 0,
     source: str = "",
-    projection: str = "pca",
-    projection_dims: int = 32,
+    projection: str = MmdConfig.projection,
+    projection_dims: int = MmdConfig.projection_dims,
 ) -> Reference:
     """A reference from in-memory arrays (the retrain job uses this after a promotion)."""
     builder = ReferenceBuilder(
