@@ -84,7 +84,8 @@ def test_torchrun_job_trains_on_two_ranks_and_rank0_records(tmp_path: Path, monk
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
     d = digits()
-    world = build_world(tmp_path, source_checkpoint(tmp_path_factory.getbasetemp(), d), d)
+    world = build_world(tmp_path, source_checkpoint(tmp_path_factory.getbasetemp(), d), d, n_production=250,
+                        retrain={"hyper": {"epochs_head": 2, "epochs_finetune": 2, "batch_size": 32}})
     job = launch_local(str(world.config_path), tmp_path / "job", reason="ddp", nproc_per_node=2)
     assert job.wait(240) == 0, (tmp_path / "job" / "job.log").read_text()[-2000:]
     result = read_result(tmp_path / "job")
