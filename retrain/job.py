@@ -138,8 +138,9 @@ def run_job(config: Config, job_dir: Path, *, reason: str, progress: Callable[[d
         state["candidate"] = registry.add(candidate, _meta(config, current, plan, data, state["gate"], job_dir.name))
         if not gate.promote:
             return finish("rejected", gate.reason)
-        registry.promote(state["candidate"])
+        # reference first: the monitor must never find a CURRENT version it has no reference for
         _save_reference(config, candidate, state["candidate"], data, device)
+        registry.promote(state["candidate"])
         return finish("promoted", gate.reason)
     except Exception as exc:  # one catch point per job: the daemon must get a result, not a traceback
         log.exception("retrain job %s failed", job_dir.name)
