@@ -79,6 +79,7 @@ class KubernetesConfig:
     ttl_seconds_after_finished: int = 24 * 3600
     service_account: str | None = None
     state_pvc: str | None = None    # PVC holding registry, state and reference dirs
+    data_pvc: str | None = None     # PVC holding the inputs (input_root) and logs, mounted read-only
     config_map: str | None = None   # ConfigMap holding the driftd config file
 
 
@@ -187,6 +188,7 @@ def _parse_kubernetes(s: Section) -> KubernetesConfig:
         ttl_seconds_after_finished=s.int("ttl_seconds_after_finished", d.ttl_seconds_after_finished, minimum=0),
         service_account=s.optional_str("service_account"),
         state_pvc=s.optional_str("state_pvc"),
+        data_pvc=s.optional_str("data_pvc"),
         config_map=s.optional_str("config_map"),
     )
     s.finish()

@@ -68,9 +68,11 @@ def _save_reference(config: Config, model: torch.nn.Module, version: str, data: 
             probs = torch.softmax(model.get_classifier()(x.to(device)).float(), 1).cpu().numpy()
     else:
         feats, probs = predict(model, x, device=device)
+    mmd = config.monitor.signals.mmd  # the projection the monitor's config asks for
     ref = build_reference(model_version=version, features=feats.astype(np.float32), probs=probs.astype(np.float32),
                           labels=data.reference_all.y.numpy(), seed=config.retrain.hyper.seed,
-                          source=f"retrain {config.retrain.replay_logs}")
+                          source=f"retrain {config.retrain.replay_logs}", projection=mmd.projection,
+                          projection_dims=mmd.projection_dims)
     return save_reference(ref, config.monitor.reference_dir)
 
 

@@ -293,3 +293,27 @@ def test_no_cluster_and_no_kubeconfig_says_what_to_do(tmp_path, monkeypatch) -> 
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
     with pytest.raises(KubernetesLaunchError, match="KUBECONFIG"):
         default_api_client()
+
+
+def test_data_volume_carries_the_inputs_read_only(tmp_path) -> None:
+    config = make_config(tmp_path, data_pvc="model-inputs")
+    from dataclasses import replace
+
+    config = replace(
+        config,
+        monitor=replace(config.monitor, logs=replace(config.monitor.logs, inference="/var/lib/driftd-data/logs")),
+        retrain=replace(config.retrain, input_root=Path("/var/lib/driftd-data/inputs")),
+    )
+    job = render_job(config, job_id="j2", reason="r")
+    validate_manifest(job)
+    pod = job["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["data"]["persistentVolumeClaim"] == {"claimName": "model-inputs", "readOnly": True}
+    mounts = {m["name"]: m for m in pod["containers"][0]["volumeMounts"]}
+    assert mounts["data"] == {"name": "data", "mountPath": "/var/lib/driftd-data", "readOnly": True}
+
+
+def test_inputs_off_the_data_volume_are_a_config_error(tmp_path) -> None:
+    config = make_config(tmp_path, data_pvc="model-inputs")  # logs.inference is /data/logs
+    with pytest.raises(ConfigError, match=r"/var/lib/driftd-data.*logs.inference=/data/logs"):
+        render_job(config, job_id="j3", reason="r")

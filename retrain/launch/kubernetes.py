@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 
 CONFIG_MOUNT = PurePosixPath("/etc/driftd")
 STATE_MOUNT = PurePosixPath("/var/lib/driftd")
+DATA_MOUNT = PurePosixPath("/var/lib/driftd-data")
 JOB_NAME_PREFIX = "driftd-retrain-"
 RUN_AS_ID = 10001                  # the image's non-root user (see deploy/kubernetes/README.md)
 _LABEL_VALUE = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?")
@@ -59,6 +60,21 @@ def _in_pod_config_path(config: Config) -> str:
     if k8s.config_map is None:  # the image is expected to carry the config at the same path
         return str(config.source)
     return str(CONFIG_MOUNT / PurePosixPath(str(config.source)).name)
+
+
+def _check_paths_on_data_volume(config: Config) -> None:
+    """Training reads inputs (and the logs behind features-only mode) from the data PVC."""
+    if config.retrain.kubernetes.data_pvc is None:
+        return
+    paths = {"retrain.input_root": config.retrain.input_root, "logs.inference": config.monitor.logs.inference}
+    outside = [f"{key}={path}" for key, path in paths.items()
+               if path is not None and "://" not in str(path)
+               and not PurePosixPath(str(path)).is_relative_to(DATA_MOUNT)]
+    if outside:
+        raise ConfigError(
+            f"{config.source}: retrain.kubernetes.data_pvc is mounted at {DATA_MOUNT} in the job, but "
+            f"{', '.join(outside)} lie outside it; mount the same volume there in the daemon too"
+        )
 
 
 def _check_paths_on_state_volume(config: Config, job_dir: PurePosixPath) -> None:
@@ -115,6 +131,7 @@ def render_job(config: Config, *, job_id: str, reason: str, job_dir: PurePosixPa
         raise ConfigError(f"{config.source}: retrain.kubernetes.image is required to launch a Kubernetes Job")
     job_dir = job_dir if job_dir is not None else job_dir_for(config, job_id)
     _check_paths_on_state_volume(config, job_dir)
+    _check_paths_on_data_volume(config)
 
     labels = {"app": "driftd", "app.kubernetes.io/component": "retrain", "job-id": job_id}
     limits: dict[str, str] = {"cpu": k8s.cpu, "memory": k8s.memory}
@@ -135,6 +152,9 @@ def render_job(config: Config, *, job_id: str, reason: str, job_dir: PurePosixPa
     if k8s.state_pvc is not None:
         mounts.append({"name": "state", "mountPath": str(STATE_MOUNT)})
         volumes.append({"name": "state", "persistentVolumeClaim": {"claimName": k8s.state_pvc}})
+    if k8s.data_pvc is not None:
+        mounts.append({"name": "data", "mountPath": str(DATA_MOUNT), "readOnly": True})
+        volumes.append({"name": "data", "persistentVolumeClaim": {"claimName": k8s.data_pvc, "readOnly": True}})
 
     container = {
         "name": "retrain",
