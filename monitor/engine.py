@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from monitor.config import MonitorConfig
-from monitor.errors import ContractError, ReferenceMissingError
+from monitor.errors import ContractError, ReferenceMissingError, StateError
 from monitor.ingest.labels import LabelJoiner, count_labelled
 from monitor.ingest.quarantine import Quarantine
 from monitor.ingest.records import InferenceBatch, JoinedLabel
@@ -119,8 +119,7 @@ class Engine:
                     self._checkpoint()
                 if stopped:
                     break
-        expired = self.joiner.expire()
-        del expired  # counted by the joiner in the store's counters
+        self.joiner.expire()  # counts what it drops in the store's counters
         now = self.clock()
         for monitor in self.monitors.values():
             idle = monitor.close_if_idle(now)
@@ -272,8 +271,6 @@ class Engine:
         blob = self.store.get_blob(STATE_BLOB)
         if blob is None:
             return
-        from monitor.errors import StateError
-
         try:
             with np.load(io.BytesIO(blob), allow_pickle=False) as npz:
                 arrays = {k: npz[k] for k in npz.files}

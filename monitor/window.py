@@ -9,7 +9,6 @@ of wall time after its last row arrived. Everything here is plain numpy state wi
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -19,9 +18,7 @@ from monitor.reference import Reference
 from monitor.signals.accuracy import AccuracyTracker
 from monitor.signals.activations import activation_stats
 from monitor.signals.mmd import MmdReference, mmd_test
-
-if TYPE_CHECKING:
-    from monitor.signals.online_mmd import OnlineMmd
+from monitor.signals.online_mmd import OnlineMmd
 from monitor.signals.predictions import normalised_entropy, prediction_stats
 from monitor.signals.results import EstimateStats, OnlineMmdStatus, WindowSignals
 
@@ -83,7 +80,6 @@ class VersionMonitor:
         self.online: OnlineMmd | None = None
         restored_online = state is not None and any(k.startswith("online.") for k in state[0])
         if sig.online_mmd.enabled and not restored_online:
-            from monitor.signals.online_mmd import OnlineMmd
             self.online = OnlineMmd.calibrate(
                 projected[: sig.online_mmd.max_reference_rows],
                 sigma=reference.bandwidth,
@@ -243,8 +239,6 @@ class VersionMonitor:
         self.accuracy.load_state_dict({k[len("accuracy.") :]: v for k, v in arrays.items() if k.startswith("accuracy.")})
         online = {k[len("online.") :]: v for k, v in arrays.items() if k.startswith("online.")}
         if self.config.signals.online_mmd.enabled and online:
-            from monitor.signals.online_mmd import OnlineMmd
-
             self.online = OnlineMmd.from_state_dict(online)
         self.index = int(meta["index"])
         self.rng.bit_generator.state = meta["rng"]
