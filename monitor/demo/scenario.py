@@ -146,8 +146,9 @@ def write_config(s: DemoSettings, port: int) -> Path:
     return path
 
 
-def _get(url: str, token: str | None = None) -> tuple[int, Any]:
-    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
+def _get(url: str) -> tuple[int, Any]:
+    """GET a read-only endpoint: (status, parsed JSON or text); (0, None) while nothing listens."""
+    req = urllib.request.Request(url)
     try:
         with urllib.request.urlopen(req, timeout=5) as resp:
             body = resp.read()
@@ -280,7 +281,7 @@ def run_demo(s: DemoSettings, say: Callable[[str], None]) -> DemoResult:
                 say(f"onset: inputs now corrupted with '{s.corruption}' (row {service.rows})")
             out = service.serve(s.rows_per_tick, shifted=shifted)
             served.append({"time": time.time(), "rows": service.rows, **asdict(out)})
-            live += _observe(base, token, timeline, service.rows, say)
+            live += _observe(base, timeline, service.rows, say)
             if timeline.promoted_version and promoted_at_tick is None and service.version == timeline.promoted_version:
                 promoted_at_tick = tick
             if promoted_at_tick is not None and tick - promoted_at_tick >= s.after_promotion_ticks:
@@ -290,9 +291,10 @@ def run_demo(s: DemoSettings, say: Callable[[str], None]) -> DemoResult:
             time.sleep(max(0.0, s.tick_seconds - (time.time() - t0)))
         service.close()
         time.sleep(2.5)  # let the daemon ingest the last files before it stops
-        live += _observe(base, token, timeline, service.rows, say)
+        live += _observe(base, timeline, service.rows, say)
         if s.serve:
-            say(f"--serve: driftd keeps running at {base} (/metrics, /api/v1/status); Ctrl-C to stop")
+            say(f"--serve: driftd keeps running at {base} (/metrics, /api/v1/status; control token {token}); "
+                "Ctrl-C to stop")
             try:
                 daemon.wait()
             except KeyboardInterrupt:
@@ -318,7 +320,7 @@ def run_demo(s: DemoSettings, say: Callable[[str], None]) -> DemoResult:
     )
 
 
-def _observe(base: str, token: str, t: Timeline, rows: int, say: Callable[[str], None]) -> list[dict[str, Any]]:
+def _observe(base: str, t: Timeline, rows: int, say: Callable[[str], None]) -> list[dict[str, Any]]:
     """Read the daemon's status, note the first time each event is visible, and return the
     accuracy it shows per model_version (measured on labels so far, and estimated)."""
     code, status = _get(f"{base}/api/v1/status")
