@@ -131,13 +131,14 @@ class VersionMonitor:
 
     def _absorb(self, batch: InferenceBatch, projected: np.ndarray, lo: int, hi: int, now: float) -> None:
         w = self.window
-        x = batch.features[lo:hi].astype(np.float64)
+        x = batch.features[lo:hi]
         probs = batch.probs[lo:hi]
         max_prob = probs.max(axis=1).astype(np.float64)
         w.rows += hi - lo
         w.end_time = float(batch.timestamp[hi - 1])
-        w.feature_sum += x.sum(axis=0)
-        w.feature_sumsq += (x * x).sum(axis=0)
+        # float64 accumulation without a float64 copy of the rows (numpy casts in buffered blocks)
+        w.feature_sum += np.add.reduce(x, axis=0, dtype=np.float64)
+        w.feature_sumsq += np.add.reduce(np.square(x), axis=0, dtype=np.float64)
         w.entropy = np.concatenate([w.entropy, normalised_entropy(probs)])
         w.max_prob = np.concatenate([w.max_prob, max_prob])
         w.class_counts += np.bincount(batch.prediction[lo:hi], minlength=w.class_counts.size)[: w.class_counts.size]
