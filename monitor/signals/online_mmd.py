@@ -13,8 +13,16 @@ initial test window again.
 
 Calibration needs the full reference kernel once plus, per bootstrap, only the (2W-1)^2 block of
 its extended window: sub-reference sums are the reference totals minus that block's share.
-``update`` takes b rows at once: one kernel block between the batch and the sub-reference, one
-among the last W-1 + b rows, and window sums read off 2-D prefix sums.
+``update`` takes b rows at once: one kernel block between the batch and the sub-reference, and
+for stride 1 the kernel band |i - j| < W of the row sequence (window then batch), from which the
+window's off-diagonal kernel sum S follows row by row (``_every_row``):
+
+    S_p = S_{p-1} + 2 B_p - 2 A_p,
+
+B_p the new row's kernel sum against the W - 1 rows that stay, A_p the leaving row's against the
+same rows. That is ~2 W d work per row instead of the (W + s)^2 d of a full segment kernel. S is
+kept as state and re-anchored from a direct sum every _ANCHOR_ROWS rows after a restart, so
+float64 rounding cannot accumulate over long streams.
 """
 
 from __future__ import annotations
@@ -30,19 +38,20 @@ from monitor.signals.mmd import default_device, gaussian_kernel
 from monitor.signals.projection import check_matrix
 from monitor.signals.results import OnlineMmdStatus
 
-STATE_VERSION = 1
+# 2: the window's off-diagonal kernel sum ("window_offdiag") and "stride" are required keys.
+STATE_VERSION = 2
 # Bootstraps whose (2W-1)^2 kernel blocks are gathered at once (memory ~ chunk x (2W)^2 x 12 bytes).
 _BOOTSTRAP_CHUNK = 64
 # New rows per sub-reference kernel block in update(); bounds memory at ~sub-reference x chunk.
 _UPDATE_CHUNK = 4096
-# New rows per window segment: a segment costs ~(W + s)^2 (kernel, prefix sums) plus a fixed
-# ~20 tensor ops, and an alarm wastes the rest of its segment. s ~ 2W minimises the arithmetic,
-# but on undrifted streams alarms are rare and the fixed cost dominates, so segments grow to
-# _MAX_SEGMENT while no alarm occurs and fall back to the minimum after one.
+# Strided segments (stride > 1): an alarm wastes the rest of a segment's tested-window kernels, so
+# segments start at max(2W, _MIN_SEGMENT) rows and grow while no alarm occurs.
 _MIN_SEGMENT = 64
-_MAX_SEGMENT = 256
-# With stride > 1 only the tested windows are computed (no prefix sums), so segments can be long.
 _MAX_STRIDED_SEGMENT = 4096
+# Stride 1: the off-diagonal sum S is recomputed directly (from the band already at hand) whenever
+# the rows since the last restart reach a multiple of this, bounding accumulated rounding. The
+# positions depend on the stream alone, not on batch sizes, so results do not depend on batching.
+_ANCHOR_ROWS = 4096
 # Initial splits tried before giving up when each starts above the first threshold.
 _SPLIT_TRIES = 100
 
@@ -85,6 +94,67 @@ def _window_statistics(
     c = torch.nn.functional.pad(colsums.cumsum(-1), (1, 0))
     cross = c[..., starts + window] - c[..., starts]
     return sub_mean + within / (window * (window - 1)) - 2.0 * cross / (sub_rows * window)
+
+
+def _block_tiles(rows: torch.Tensor, cols: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Gaussian kernel (blocks, W, 2W) float32 between each block of W rows (blocks, W, d) and its
+    2W columns (blocks, 2W, d). Every kernel value the every-row path uses comes from a product
+    of this one shape, so a pair's value does not depend on where its block starts: the
+    recurrence subtracts exactly the numbers it added earlier, in any batching."""
+    sq_rows, sq_cols = (rows * rows).sum(-1), (cols * cols).sum(-1)
+    d2 = torch.baddbmm(sq_rows[:, :, None] + sq_cols[:, None, :], rows, cols.transpose(1, 2), alpha=-2.0)
+    return d2.clamp_(min=0.0).mul_(-0.5 / (sigma * sigma)).exp_()
+
+
+def _kernel_band(u: torch.Tensor, window: int, sigma: float) -> torch.Tensor:
+    """band[j, k - 1] = k(u_j, u_{j-k}) for k = 1..W-1: the kernel of each row of ``u`` (L, d)
+    against the W - 1 rows before it, as an (R, W - 1) float32 contiguous tensor, R >= L.
+
+    Entries with j - k < 0 and rows j >= L are undefined; callers never read them. Rows go in
+    blocks of W, each against the block before (zeros before the first) and itself: ~2 W d per row.
+    """
+    length, dims = u.shape
+    blocks = -(-length // window)
+    padded = torch.zeros(((blocks + 1) * window, dims), dtype=u.dtype, device=u.device)
+    padded[window:window + length] = u
+    # Block c's columns are blocks c-1 and c: overlapping views of the padded rows, no copy.
+    cols = padded.as_strided((blocks, 2 * window, dims), (window * dims, dims, 1))
+    k = _block_tiles(padded[window:].view(blocks, window, dims), cols, sigma)
+    # Row i of a block sits at column W + i of its tile; its k-th predecessor at W + i - k.
+    at = torch.arange(window, device=u.device)
+    column = (window + at[:, None] - at[None, 1:]).expand(blocks, window, window - 1)
+    return k.gather(2, column).reshape(blocks * window, window - 1)
+
+
+def _kernel_vs(rows: torch.Tensor, fixed: torch.Tensor, sigma: float) -> torch.Tensor:
+    """k(rows_n, fixed_j) as (len(rows), W) float32, ``fixed`` (W, d): each block of W rows
+    against [fixed, itself], the band's product shape (see _block_tiles)."""
+    window, dims = fixed.shape
+    blocks = -(-len(rows) // window)
+    padded = torch.zeros((blocks * window, dims), dtype=rows.dtype, device=rows.device)
+    padded[:len(rows)] = rows
+    own = padded.view(blocks, window, dims)
+    k = _block_tiles(own, torch.cat([fixed.expand(blocks, window, dims), own], 1), sigma)
+    return k[:, :, :window].reshape(blocks * window, window)[:len(rows)]
+
+
+def _leaving_sums(band: torch.Tensor, window: int, rows: int) -> torch.Tensor:
+    """float64 (rows,): A_i = sum_k band[i + k, k - 1], row i's kernel sum against the W - 1 rows
+    after it (needs band rows up to rows + W - 2)."""
+    return band.as_strided((rows, window - 1), (window - 1, window), window - 1).sum(1, dtype=torch.float64)
+
+
+def _band_increments(band: torch.Tensor, window: int, rows: int) -> torch.Tensor:
+    """float64 (rows,): 2 (B_i - A_i), the change of the window's off-diagonal kernel sum as row
+    W + i of the banded sequence enters and row i leaves (both against rows i+1..i+W-1)."""
+    entering = band[window:window + rows].sum(1, dtype=torch.float64)
+    return 2.0 * (entering - _leaving_sums(band, window, rows))
+
+
+def _window_offdiag(band: torch.Tensor, start: int, window: int) -> float:
+    """Off-diagonal kernel sum of the window u[start : start + W] read off its sequence's band:
+    row start + 1 + o meets its o + 1 predecessors inside the window."""
+    return 2.0 * float(torch.tril(band[start + 1:start + window], 0).sum(dtype=torch.float64))
 
 
 def extended_windows(rng: np.random.Generator, rows: int, count: int, size: int) -> Iterator[np.ndarray]:
@@ -198,9 +268,19 @@ class OnlineMmd:
         self.sub_mean = float(sub_mean)
         self._init_window = np.ascontiguousarray(init_window, dtype=np.float32)
         self._init_colsums = np.asarray(init_colsums, dtype=np.float64)
-        # Mutable stream state: the current test window and its sub-reference column sums.
+        self._init_t = torch.from_numpy(self._init_window).to(self.device)
+        # A restart needs each initial row's kernel sum against the initial rows after it (its
+        # share of A while it leaves) and the initial window's off-diagonal sum, both from one band
+        # so the recurrence subtracts exactly what it starts from.
+        init_band = _kernel_band(self._init_t, self.window_rows, self.sigma)
+        tail = torch.zeros_like(init_band)  # no rows after the window
+        self._init_upper = _leaving_sums(torch.cat([init_band, tail]), self.window_rows, self.window_rows).cpu().numpy()
+        self._init_offdiag = 2.0 * float(self._init_upper.sum())
+        # Mutable stream state: the current test window, its sub-reference column sums and its
+        # off-diagonal kernel sum S.
         self._window = self._init_window.copy()
         self._colsums = self._init_colsums.copy()
+        self._offdiag = self._init_offdiag
         self.t = 0                      # rows since the last (re)start
         self.alarms_total = 0
         self.rows_total = 0
@@ -298,7 +378,6 @@ class OnlineMmd:
         with row i + 1. Raises ValueError on bad rows (wrong dims, non-finite).
         """
         rows = check_matrix(y, "online MMD rows", min_rows=1, dims=self.dims)
-        w = self.window_rows
         yt = torch.from_numpy(np.require(rows, requirements="W")).to(self.device)  # Arrow views are read-only
         colsums = torch.cat(
             [
@@ -306,9 +385,120 @@ class OnlineMmd:
                 for part in yt.split(_UPDATE_CHUNK)
             ]
         ).cpu().numpy()
-        stats = np.empty(len(rows))
-        thresholds = np.empty(len(rows))
-        alarms: list[int] = []
+        out = OnlineUpdate(statistics=np.empty(len(rows)), thresholds=np.empty(len(rows)), alarm_rows=[])
+        if self.stride == 1:
+            for first in range(0, len(rows), _UPDATE_CHUNK):
+                last = min(first + _UPDATE_CHUNK, len(rows))
+                self._every_row(rows[first:last], yt[first:last], colsums[first:last], first, out)
+        else:
+            self._strided(rows, colsums, out)
+            # Only tested windows were computed; keep S right for a state that may switch stride.
+            window = torch.from_numpy(self._window).to(self.device)
+            self._offdiag = _window_offdiag(_kernel_band(window, self.window_rows, self.sigma), 0, self.window_rows)
+        self.rows_total += len(rows)
+        return out
+
+    def _record(
+        self, seg: np.ndarray, tested: np.ndarray, thr: np.ndarray, pos: int, out: OnlineUpdate
+    ) -> tuple[int, bool]:
+        """Store the statistics of consecutive rows from batch row ``pos`` up to the first alarm
+        (which restarts the detector), advance t; returns (rows taken, alarmed). The caller moves
+        the window on when no alarm occurred."""
+        crossed = np.flatnonzero(tested & (seg > thr))
+        taken = len(seg) if len(crossed) == 0 else int(crossed[0]) + 1
+        out.statistics[pos:pos + taken] = seg[:taken]
+        out.thresholds[pos:pos + taken] = thr[:taken]
+        last_test = np.flatnonzero(tested[:taken])
+        if len(last_test):
+            self._last_statistic = float(seg[last_test[-1]])
+            self._last_threshold = float(thr[last_test[-1]])
+        if len(crossed):
+            out.alarm_rows.append(pos + taken - 1)
+            self._last_run_length = self.t + taken
+            self._alarm_pending = True
+            self.alarms_total += 1
+            self.t = 0
+            self._window, self._colsums = self._init_window.copy(), self._init_colsums.copy()
+            self._offdiag = self._init_offdiag
+        else:
+            self.t += taken
+        return taken, bool(len(crossed))
+
+    def _thresholds_ahead(self, count: int) -> tuple[np.ndarray, np.ndarray]:
+        """(tested, threshold) for the next ``count`` rows if no alarm intervenes: each row reports
+        the threshold of the test it counts toward; tests run every stride rows."""
+        rows_in = self.t + 1 + np.arange(count)  # rows since the (re)start after each row
+        step = -(-rows_in // self.stride)
+        return rows_in % self.stride == 0, self.thresholds[np.minimum(step, len(self.thresholds) - 1)]
+
+    def _every_row(self, rows: np.ndarray, yt: torch.Tensor, colsums: np.ndarray, first: int, out: OnlineUpdate) -> None:
+        """Stride 1 over one chunk (batch rows ``first``...): S from the banded recurrence.
+
+        u = current window (W rows) then the chunk's m rows; chunk row i is u[W + i] and, with no
+        restart in between, the window after it is u[i + 1 : i + W + 1]. The band of u gives
+        B (new row vs the W - 1 rows before it) and A (leaving row u[i] vs the W - 1 after it)
+        for every row at once; a restart inside the chunk replaces the first W increments after it
+        (_restart_increments). Rows since a restart are processed up to the next alarm or
+        anchor row, whichever comes first.
+        """
+        w, m = self.window_rows, len(rows)
+        u = np.concatenate([self._window, rows])
+        uc = np.concatenate([self._colsums, colsums])
+        band = _kernel_band(torch.from_numpy(u).to(self.device), w, self.sigma)
+        d_offdiag = _band_increments(band, w, m).cpu().numpy()
+        d_cross = uc[w:] - uc[:m]
+        scale_s, scale_c = 1.0 / (w * (w - 1)), 2.0 / (len(self._sub_np) * w)
+        period = max(_ANCHOR_ROWS, w)  # >= W: an anchored window never holds initial rows
+        restart: int | None = None     # chunk row where the current run restarted, if in this chunk
+        vs_init: torch.Tensor | None = None  # k(chunk row, initial row) from chunk row init_from on
+        init_from = 0
+        pos = 0
+        while pos < m:
+            end = min(m, pos + period - self.t % period)
+            ds, dc = d_offdiag[pos:end].copy(), d_cross[pos:end].copy()
+            if restart == pos:
+                head = min(w, end - pos)
+                if vs_init is None:  # once per chunk, for all restarts to come
+                    vs_init, init_from = _kernel_vs(yt[pos:], self._init_t, self.sigma), pos
+                ds[:head] = self._restart_increments(band, vs_init[pos - init_from:pos - init_from + head], pos)
+                dc[:head] = colsums[pos:pos + head] - self._init_colsums[:head]
+                cross0 = float(self._init_colsums.sum())
+            else:
+                cross0 = float(uc[pos:pos + w].sum())
+            offdiag = self._offdiag + np.cumsum(ds)
+            seg = self.sub_mean + offdiag * scale_s - (cross0 + np.cumsum(dc)) * scale_c
+            tested, thr = self._thresholds_ahead(len(seg))
+            taken, alarmed = self._record(seg, tested, thr, first + pos, out)
+            pos += taken
+            if alarmed:  # the next row starts from the initial window
+                restart = pos
+                continue
+            self._offdiag = float(offdiag[taken - 1])
+            if self.t % period == 0:
+                self._offdiag = _window_offdiag(band, pos, w)  # the window after chunk row pos - 1
+        if restart is not None and m - restart < w:
+            self._window = np.concatenate([self._init_window[m - restart:], rows[restart:]])
+            self._colsums = np.concatenate([self._init_colsums[m - restart:], colsums[restart:]])
+        else:
+            self._window, self._colsums = u[m:].copy(), uc[m:].copy()
+
+    def _restart_increments(self, band: torch.Tensor, vs_init: torch.Tensor, start: int) -> np.ndarray:
+        """Increments of S for the first h = len(vs_init) <= W rows after a restart at chunk row
+        ``start`` (band of u = window then chunk, as in _every_row): new row n meets initial rows
+        n+1.. and its n predecessors since the restart; the leaving initial row n meets initial
+        rows n+1.. and the new rows before n. vs_init[n, j] = k(new row n, initial row j)."""
+        w, head = self.window_rows, len(vs_init)
+        stay = torch.triu(vs_init, 1)  # (n, j > n): initial row j stays while new row n enters / n left before j
+        entering = stay.sum(1, dtype=torch.float64) + torch.tril(band[w + start:w + start + head], -1).sum(
+            1, dtype=torch.float64
+        )
+        leaving = stay.sum(0, dtype=torch.float64)[:head]
+        return 2.0 * (entering - leaving).cpu().numpy() - 2.0 * self._init_upper[:head]
+
+    def _strided(self, rows: np.ndarray, colsums: np.ndarray, out: OnlineUpdate) -> None:
+        """stride > 1: segments of the last W - 1 window rows plus new rows; only the tested
+        windows are computed (_segment_statistics)."""
+        w = self.window_rows
         smallest = max(2 * w, _MIN_SEGMENT)
         segment = self._segment_hint or smallest
         pos = 0
@@ -316,37 +506,15 @@ class OnlineMmd:
             end = min(pos + segment, len(rows))
             z = np.concatenate([self._window[1:], rows[pos:end]])
             zc = np.concatenate([self._colsums[1:], colsums[pos:end]])
-            rows_in = self.t + 1 + np.arange(end - pos)  # rows since the (re)start after each row
-            tested = rows_in % self.stride == 0
-            seg = self._segment_statistics(z, zc, tested)
-            # Each row reports the threshold of the test it counts toward; tests run every stride rows.
-            step = -(-rows_in // self.stride)
-            thr = self.thresholds[np.minimum(step, len(self.thresholds) - 1)]
-            crossed = np.flatnonzero(tested & (seg > thr))
-            taken = len(seg) if len(crossed) == 0 else int(crossed[0]) + 1
-            stats[pos:pos + taken] = seg[:taken]
-            thresholds[pos:pos + taken] = thr[:taken]
-            last_test = np.flatnonzero(tested[:taken])
-            if len(last_test):
-                self._last_statistic = float(seg[last_test[-1]])
-                self._last_threshold = float(thr[last_test[-1]])
-            if len(crossed):
-                alarms.append(pos + taken - 1)
-                self._last_run_length = self.t + taken
-                self._alarm_pending = True
-                self.alarms_total += 1
-                self.t = 0
-                self._window, self._colsums = self._init_window.copy(), self._init_colsums.copy()
+            tested, thr = self._thresholds_ahead(end - pos)
+            taken, alarmed = self._record(self._segment_statistics(z, zc, tested), tested, thr, pos, out)
+            if alarmed:
                 segment = smallest
             else:
-                longest = _MAX_SEGMENT if self.stride == 1 else _MAX_STRIDED_SEGMENT
-                segment = min(2 * segment, max(longest, smallest))
-                self.t += taken
+                segment = min(2 * segment, max(_MAX_STRIDED_SEGMENT, smallest))
                 self._window, self._colsums = z[-w:].copy(), zc[-w:].copy()
             pos += taken
-        self.rows_total += len(rows)
         self._segment_hint = segment
-        return OnlineUpdate(statistics=stats, thresholds=thresholds, alarm_rows=alarms)
 
     def _segment_statistics(self, z: np.ndarray, zc: np.ndarray, tested: np.ndarray) -> np.ndarray:
         """MMD^2 after each new row of a segment: z = the last W-1 window rows then the new rows,
@@ -403,6 +571,7 @@ class OnlineMmd:
             "stride": self.stride,
             "window": self._window.copy(),
             "window_colsums": self._colsums.copy(),
+            "window_offdiag": self._offdiag,
             "t": self.t,
             "alarms_total": self.alarms_total,
             "rows_total": self.rows_total,
@@ -416,22 +585,30 @@ class OnlineMmd:
     def from_state_dict(cls, d: dict[str, np.ndarray | int | float], *, device: torch.device | None = None) -> OnlineMmd:
         """Inverse of :meth:`state_dict` (values may be 0-d arrays, as read back from an npz).
 
-        Raises ValueError on a missing key, a newer state version or inconsistent shapes.
+        Raises ValueError on a missing key, a state version other than STATE_VERSION or
+        inconsistent shapes.
         """
-        keys = (
-            "version", "sigma", "thresholds", "sub_reference", "sub_mean", "init_window", "init_colsums",
-            "window", "window_colsums", "t", "alarms_total", "rows_total", "last_statistic",
-            "last_threshold", "alarm_pending", "last_run_length",
-        )
-        missing = [k for k in keys if k not in d]
-        if missing:
-            raise ValueError(f"online MMD state: missing key(s) {missing}; recalibrate the detector")
+        if "version" not in d:
+            raise ValueError("online MMD state: missing key 'version'; recalibrate the detector")
         version = int(np.asarray(d["version"]).item())
         if version > STATE_VERSION:
             raise ValueError(
                 f"online MMD state has version {version}, this driftd reads up to {STATE_VERSION}: "
                 "it was written by a newer driftd; upgrade or recalibrate"
             )
+        if version < STATE_VERSION:
+            raise ValueError(
+                f"online MMD state has version {version}, this driftd needs {STATE_VERSION} (it keeps the "
+                "window's kernel sum): it was written by an older driftd; recalibrate the detector"
+            )
+        keys = (
+            "sigma", "thresholds", "sub_reference", "sub_mean", "init_window", "init_colsums", "stride",
+            "window", "window_colsums", "window_offdiag", "t", "alarms_total", "rows_total", "last_statistic",
+            "last_threshold", "alarm_pending", "last_run_length",
+        )
+        missing = [k for k in keys if k not in d]
+        if missing:
+            raise ValueError(f"online MMD state: missing key(s) {missing}; recalibrate the detector")
         det = cls(
             sigma=float(np.asarray(d["sigma"]).item()),
             thresholds=np.asarray(d["thresholds"]),
@@ -439,7 +616,7 @@ class OnlineMmd:
             sub_mean=float(np.asarray(d["sub_mean"]).item()),
             init_window=np.asarray(d["init_window"]),
             init_colsums=np.asarray(d["init_colsums"]),
-            stride=int(np.asarray(d.get("stride", 1)).item()),
+            stride=int(np.asarray(d["stride"]).item()),
             device=device,
         )
         window = np.asarray(d["window"], dtype=np.float32)
@@ -450,6 +627,7 @@ class OnlineMmd:
                 f"window_rows {det.window_rows}; recalibrate the detector"
             )
         det._window, det._colsums = window.copy(), colsums.copy()
+        det._offdiag = float(np.asarray(d["window_offdiag"]).item())
         det.t = int(np.asarray(d["t"]).item())
         det.alarms_total = int(np.asarray(d["alarms_total"]).item())
         det.rows_total = int(np.asarray(d["rows_total"]).item())
