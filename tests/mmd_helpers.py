@@ -8,6 +8,9 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
+from monitor.signals.mmd import gaussian_kernel
+from monitor.signals.online_mmd import _window_statistics
+
 
 def naive_kernel(a: np.ndarray, b: np.ndarray, sigma: float) -> np.ndarray:
     """Gaussian kernel in float64, straight from pairwise differences (no norm expansion)."""
@@ -84,3 +87,34 @@ def one_thread() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def prefix_sum_online(state: dict, stream: np.ndarray, segment: int = 256) -> tuple[np.ndarray, list[int]]:
+    """The every-row online update as it was before the banded recurrence, as a reference: per
+    segment, the kernel among the last W - 1 window rows and the new rows, window sums read off
+    2-D prefix sums (``online_mmd._window_statistics``). Starts from ``state``
+    (``OnlineMmd.state_dict()``, stride 1); returns (per-row statistics, alarm rows)."""
+    sigma, thresholds, sub_mean = float(state["sigma"]), np.asarray(state["thresholds"]), float(state["sub_mean"])
+    sub = torch.from_numpy(np.asarray(state["sub_reference"]))
+    window, colsums, t = np.asarray(state["window"]), np.asarray(state["window_colsums"]), int(state["t"])
+    w = len(window)
+    new_colsums = gaussian_kernel(sub, torch.from_numpy(stream), sigma).sum(0, dtype=torch.float64).numpy()
+    stats, alarms, pos = np.empty(len(stream)), [], 0
+    while pos < len(stream):
+        end = min(pos + segment, len(stream))
+        z = np.concatenate([window[1:], stream[pos:end]])
+        zc = np.concatenate([colsums[1:], new_colsums[pos:end]])
+        zt = torch.from_numpy(z)
+        seg = _window_statistics(
+            gaussian_kernel(zt, zt, sigma, same=True), torch.from_numpy(zc), w, sub_mean, len(sub)
+        ).numpy()
+        crossed = np.flatnonzero(seg > thresholds[np.minimum(t + 1 + np.arange(end - pos), len(thresholds) - 1)])
+        taken = len(seg) if len(crossed) == 0 else int(crossed[0]) + 1
+        stats[pos:pos + taken] = seg[:taken]
+        if len(crossed):
+            alarms.append(pos + taken - 1)
+            t, window, colsums = 0, np.asarray(state["init_window"]), np.asarray(state["init_colsums"])
+        else:
+            t, window, colsums = t + taken, z[-w:], zc[-w:]
+        pos += taken
+    return stats, alarms

@@ -10,9 +10,11 @@ import numpy as np
 import pytest
 
 from monitor.signals.mmd import median_bandwidth
-from monitor.signals.online_mmd import OnlineMmd, _bootstrap_thresholds, extended_windows, required_bootstraps
+from monitor.signals.online_mmd import (
+    OnlineMmd, _bootstrap_thresholds, _kernel_band, _window_offdiag, extended_windows, required_bootstraps,
+)
 from monitor.signals.mmd import gaussian_kernel
-from mmd_helpers import gaussian_rows, naive_mmd2, naive_online_thresholds, one_thread, run_lengths
+from mmd_helpers import gaussian_rows, naive_mmd2, naive_online_thresholds, one_thread, prefix_sum_online, run_lengths
 
 import torch
 
@@ -85,6 +87,53 @@ def test_mini_batches_give_the_per_row_statistics_and_alarms(row_by_row, batch: 
     assert (got.alarm, got.alarms_total, got.rows_since_reset, got.run_length_rows) == (
         want.alarm, want.alarms_total, want.rows_since_reset, want.run_length_rows
     )
+
+
+def _feed(det: OnlineMmd, stream: np.ndarray, sizes: list[int]) -> tuple[np.ndarray, list[int]]:
+    """Feed ``stream`` in batches cycling through ``sizes``; (statistics, alarm rows)."""
+    stats, alarms, start, i = [], [], 0, 0
+    while start < len(stream):
+        update = det.update(stream[start:start + sizes[i % len(sizes)]])
+        stats.append(update.statistics)
+        alarms += [start + a for a in update.alarm_rows]
+        start, i = start + len(update.statistics), i + 1
+    return np.concatenate(stats), alarms
+
+
+def test_banded_recurrence_equals_the_prefix_sum_statistics_over_a_long_stream_with_restarts() -> None:
+    det = _detector(seed=5)
+    # One threshold between null (max ~0.2 here) and shifted (median ~0.5) statistics: null stretches
+    # run past the 4096-row anchor without alarms, the shifted stretch alarms and restarts often.
+    state = {**det.state_dict(), "thresholds": np.full(len(det.thresholds), 0.3)}
+    rng = np.random.default_rng(11)
+    stream = np.concatenate(
+        [gaussian_rows(rng, 5000, 4), gaussian_rows(rng, 300, 4, shift=1.5, shifted_dims=4), gaussian_rows(rng, 5000, 4)]
+    )
+    want, want_alarms = prefix_sum_online(state, stream)
+    with one_thread():
+        got, alarms = _feed(OnlineMmd.from_state_dict(state), stream, [1, 37, 500, 4100, 999])
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-9)
+    assert alarms == want_alarms and len(alarms) >= 10
+    assert alarms[0] > 4096 and len(stream) - alarms[-1] > 4096
+
+
+def test_window_kernel_sum_does_not_drift_over_100k_rows() -> None:
+    det = _detector(seed=3)
+    # A narrow kernel spreads values over many magnitudes, so float64 sums round at every step.
+    state = {**det.state_dict(), "thresholds": np.full(len(det.thresholds), np.inf), "sigma": det.sigma / 3}
+    narrow = OnlineMmd.from_state_dict(state)
+    rng = np.random.default_rng(12)
+    sizes = [997, 1, 3000] * 25 + [50]
+    with one_thread():
+        for size in sizes:
+            narrow.update(gaussian_rows(rng, size, 4))
+    window = torch.from_numpy(narrow.state_dict()["window"])
+    direct = _window_offdiag(_kernel_band(window, narrow.window_rows, narrow.sigma), 0, narrow.window_rows)
+    assert narrow.rows_total == sum(sizes) == 100_000 and narrow.t == narrow.rows_total
+    assert narrow.state_dict()["window_offdiag"] == pytest.approx(direct, rel=1e-9)
+    # and the same sum from the plain kernel (other float32 products: ~1e-7 apart)
+    plain = float(gaussian_kernel(window, window, narrow.sigma, same=True).sum(dtype=torch.float64)) - narrow.window_rows
+    assert direct == pytest.approx(plain, rel=1e-6)
 
 
 def test_state_round_trip_continues_exactly(tmp_path) -> None:
@@ -168,5 +217,10 @@ def test_bad_calibration_requests_and_rows_are_rejected() -> None:
         det.update(np.zeros((3, 5), dtype=np.float32))
     with pytest.raises(ValueError, match="newer driftd"):
         OnlineMmd.from_state_dict({**det.state_dict(), "version": 99})
+    with pytest.raises(ValueError, match="older driftd"):
+        OnlineMmd.from_state_dict({**det.state_dict(), "version": 1})
+    without_stride = {k: v for k, v in det.state_dict().items() if k != "stride"}
+    with pytest.raises(ValueError, match=r"missing key\(s\) \['stride'\]"):
+        OnlineMmd.from_state_dict(without_stride)
     with pytest.raises(ValueError, match="missing key"):
         OnlineMmd.from_state_dict({"sigma": 1.0})
