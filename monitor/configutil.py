@@ -44,12 +44,13 @@ class Section:
             return self.data[name]
         if default is _MISSING:
             self.errors.append(f"{self.key(name)}: required key is missing")
+            return None  # accessors turn this into a typed placeholder; load_config raises before use
         return default
 
     def str(self, name: str, default: Any = _MISSING) -> Any:
         value = self._get(name, default)
-        if value is default:
-            return value
+        if value is default or value is None:
+            return "" if default is _MISSING else value
         if not isinstance(value, str) or not value:
             self.errors.append(f"{self.key(name)}: expected a non-empty string, got {value!r}")
             return default if default is not _MISSING else ""
@@ -60,8 +61,8 @@ class Section:
 
     def _number(self, name: str, default: Any, kind: type, minimum: float | None, maximum: float | None) -> Any:
         value = self._get(name, default)
-        if value is default:
-            return value
+        if value is default or value is None:
+            return kind(0) if default is _MISSING else value
         ok_types = (int,) if kind is int else (int, float)
         if isinstance(value, bool) or not isinstance(value, ok_types):
             self.errors.append(f"{self.key(name)}: expected {'an integer' if kind is int else 'a number'}, got {value!r}")
@@ -82,8 +83,8 @@ class Section:
 
     def bool(self, name: str, default: Any = _MISSING) -> Any:
         value = self._get(name, default)
-        if value is default:
-            return value
+        if value is default or value is None:
+            return False if default is _MISSING else value
         if not isinstance(value, bool):
             self.errors.append(f"{self.key(name)}: expected true or false, got {value!r}")
             return bool(default) if default is not _MISSING else False
@@ -91,8 +92,8 @@ class Section:
 
     def choice(self, name: str, options: Sequence[str], default: Any = _MISSING) -> Any:
         value = self._get(name, default)
-        if value is default:
-            return value
+        if value is default or value is None:
+            return options[0] if default is _MISSING else value
         if value not in options:
             self.errors.append(f"{self.key(name)}: must be one of {', '.join(map(repr, options))}, got {value!r}")
             return default if default is not _MISSING else options[0]
@@ -100,8 +101,8 @@ class Section:
 
     def str_list(self, name: str, default: Any = _MISSING) -> Any:
         value = self._get(name, default)
-        if value is default:
-            return value
+        if value is default or value is None:
+            return () if default is _MISSING else value
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             self.errors.append(f"{self.key(name)}: expected a list of strings, got {value!r}")
             return default if default is not _MISSING else []

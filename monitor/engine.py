@@ -72,14 +72,31 @@ class Engine:
         self.monitors: dict[str, VersionMonitor] = {}
         self._latest: dict[str, WindowSignals] = {}
         self._warned_missing: set[str] = set()
+        self._looked_up: set[str] = set()  # versions whose reference was looked for this cycle
         self._last_commit = clock()
         self._restore()
 
     # -- public ---------------------------------------------------------------------------------
 
     def run_cycle(self, should_stop: Callable[[], bool] = lambda: False) -> CycleReport:
-        """Process what is new since the checkpoint, then checkpoint. Safe to call repeatedly."""
+        """Process what is new since the checkpoint, then checkpoint. Safe to call repeatedly.
+
+        If anything unexpected is raised half-way, the open transaction is rolled back and the
+        in-memory state reloaded from the last checkpoint before the error propagates, so the
+        next cycle reads the same rows again instead of finding them half-applied.
+        """
+        try:
+            return self._cycle(should_stop)
+        except BaseException:
+            self.store.rollback()
+            self.monitors.clear()
+            self._latest = {}
+            self._restore()
+            raise
+
+    def _cycle(self, should_stop: Callable[[], bool]) -> CycleReport:
         started = self.clock()
+        self._looked_up.clear()
         windows: list[WindowSignals] = []
         joined: list[JoinedLabel] = []
         rows = files = 0
@@ -220,7 +237,8 @@ class Engine:
         monitor = self.monitors.get(version)
         if monitor is not None:
             return monitor
-        if version not in self.references:
+        if version not in self.references and version not in self._looked_up:
+            self._looked_up.add(version)  # once a cycle: the disk is not re-read for every chunk
             self.reload_references()  # a promotion may have just written it
         ref = self.references.get(version)
         if ref is None:

@@ -125,8 +125,9 @@ class VersionMonitor:
                 signals = self._close()
                 if signals is not None:
                     closed.append(signals)
-                elif take == 0:  # a lone row too old to share a window: let it start the next one
-                    self.window.rows = 0
+                elif take == 0:  # one row, too old to share a window with the next: no window to report
+                    self.window = _Window.empty(self.reference.feature_dim, self.reference.n_classes,
+                                                self.projected_dim)
         return closed
 
     def _absorb(self, batch: InferenceBatch, projected: np.ndarray, lo: int, hi: int, now: float) -> None:

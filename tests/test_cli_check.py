@@ -84,10 +84,10 @@ def test_check_with_flags_only(logs: Path, capsys):
     [
         (["check"], "pass --config FILE", 2),
         (["check", "--config", "missing.yaml"], "config file not found", 2),
-        (["reference", "build", "--logs", "nowhere", "--out", "x"], "no valid rows", 1),
+        (["reference", "build", "--logs", "nowhere", "--out", "x"], "--logs nowhere: no such file or directory", 2),
         (["reference", "build", "--logs", "val", "--out", "x", "--max-rows", "1"], "--max-rows must be at least 2", 1),
     ],
-    ids=["no-config", "missing-config", "empty-logs", "bad-max-rows"],
+    ids=["no-config", "missing-config", "missing-logs", "bad-max-rows"],
 )
 def test_cli_errors_are_one_line_with_exit_codes(logs: Path, capsys, monkeypatch, argv, message, code):
     monkeypatch.chdir(logs)

@@ -178,3 +178,31 @@ def test_exactly_once_across_kill_9(tmp_path: Path, ref: Path, kill_at: int):
     assert latest.index == expected_windows[-1].index
     assert latest.activations.max_abs_shift == pytest.approx(expected_windows[-1].activations.max_abs_shift)
     assert latest.accuracy == expected_latest.accuracy and latest.accuracy.labels_last_n == 500
+
+
+def test_an_unexpected_error_mid_cycle_rolls_back_to_the_checkpoint(tmp_path: Path, ref: Path, monkeypatch):
+    rows = make_rows(1000, seed=60)
+    write_inference(tmp_path / "logs", rows, per_file=1000, row_group_size=250)
+    engine = _engine(tmp_path, ref, **{"ingest.batch_rows": 250})
+    from monitor import window as window_mod
+
+    original = window_mod.VersionMonitor.add
+    calls = {"n": 0}
+
+    def flaky(self, batch, *, now):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("device lost")  # e.g. a CUDA error in a signal
+        return original(self, batch, now=now)
+
+    monkeypatch.setattr(window_mod.VersionMonitor, "add", flaky)
+    try:
+        with pytest.raises(RuntimeError, match="device lost"):
+            engine.run_cycle()
+        windows = _drain(engine)
+        counters = engine.counters()
+    finally:
+        engine.close()
+    assert counters[("rows", "v1")] == 1000
+    assert ("rejected_rows", "duplicate_request_id") not in counters
+    assert sum(w.rows for w in windows) == 1000

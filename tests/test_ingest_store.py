@@ -125,3 +125,15 @@ def test_readonly_connection_sees_only_commits(tmp_path):
     assert reader.execute("SELECT value FROM counters").fetchall() == [(10.0,)]
     reader.close()
     store.close()
+
+
+def test_a_second_writer_on_the_same_state_dir_is_refused(tmp_path: Path) -> None:
+    import os
+
+    first = StateStore.open(tmp_path / "state")
+    try:
+        with pytest.raises(StateError, match=rf"already in use by another driftd \(pid {os.getpid()}\)"):
+            StateStore.open(tmp_path / "state")
+    finally:
+        first.close()
+    StateStore.open(tmp_path / "state").close()  # free again once the first one closed

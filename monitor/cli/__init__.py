@@ -66,6 +66,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("driftd: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # the one catch point for what no command anticipated
+        logging.getLogger("driftd").debug("unexpected error", exc_info=True)
+        print(
+            f"driftd: internal error: {type(exc).__name__}: {exc} (rerun with --log-level DEBUG for the "
+            "traceback, and please report it)",
+            file=sys.stderr,
+        )
+        return 1
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from monitor.cli.common import add_config_argument
 from monitor.config import IngestConfig, MmdConfig, load_config
-from monitor.errors import ContractError, DriftdError
+from monitor.errors import ConfigError, ContractError, DriftdError
 from monitor.ingest.tail import FileNotReady, Tailer
 from monitor.reference import DEFAULT_MAX_ROWS, ReferenceBuilder, save_reference
 
@@ -37,6 +37,8 @@ def build(args: argparse.Namespace) -> int:
         seed=args.seed,
         source=args.logs,
     )
+    if "://" not in args.logs and not Path(args.logs).exists():
+        raise ConfigError(f"--logs {args.logs}: no such file or directory")
     files = skipped = rejected = 0
     for info in tailer.discover({}):
         try:
@@ -45,7 +47,10 @@ def build(args: argparse.Namespace) -> int:
                 batch = chunk.batch
                 if args.model_version:
                     batch = batch.take(batch.model_version == args.model_version)
-                builder.add(batch)
+                try:
+                    builder.add(batch)
+                except ValueError as exc:  # e.g. a feature width that differs from earlier files
+                    raise DriftdError(f"{info.path}: {exc}; build references from logs of one model each") from None
             files += 1
         except (ContractError, FileNotReady) as exc:
             skipped += 1

@@ -13,17 +13,20 @@ WAL lets them read a consistent snapshot while the daemon writes.
 
 from __future__ import annotations
 
+import fcntl
+import os
 import sqlite3
 import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import IO, Any, Literal
 
 from monitor.errors import StateError
 
 SCHEMA_VERSION = 1
 DB_NAME = "state.db"
+LOCK_NAME = "state.lock"
 
 FileStatus = Literal["partial", "done", "quarantined"]
 
@@ -88,10 +91,11 @@ class StateStore:
     the daemon use :func:`connect_readonly` instead.
     """
 
-    def __init__(self, conn: sqlite3.Connection, path: Path):
+    def __init__(self, conn: sqlite3.Connection, path: Path, owner: IO[str] | None = None):
         self._conn = conn
         self._lock = threading.RLock()
         self.path = path
+        self._owner = owner  # holds the state directory's flock while open
 
     @classmethod
     def open(cls, state_dir: Path) -> "StateStore":
@@ -101,6 +105,7 @@ class StateStore:
             state_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise StateError(f"{state_dir}: cannot create state directory: {exc.strerror}; fix its permissions or point state_dir elsewhere") from None
+        owner = _claim(state_dir)
         path = state_dir / DB_NAME
         # isolation_level=None: we issue BEGIN ourselves so a transaction spans exactly commit() to commit().
         conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
@@ -119,6 +124,7 @@ class StateStore:
             elif row[0] > SCHEMA_VERSION:
                 conn.execute("ROLLBACK")
                 conn.close()
+                owner.close()
                 raise StateError(
                     f"{path}: checkpoint has schema version {row[0]} but this driftd understands up to "
                     f"{SCHEMA_VERSION}; it was written by a newer driftd: upgrade driftd or point state_dir elsewhere"
@@ -126,8 +132,9 @@ class StateStore:
             conn.execute("COMMIT")
         except sqlite3.DatabaseError as exc:
             conn.close()
+            owner.close()
             raise _corrupt(path, exc) from None
-        return cls(conn, path)
+        return cls(conn, path, owner)
 
     # ------------------------------------------------------------------ transactions
     def _begin(self) -> None:
@@ -172,6 +179,9 @@ class StateStore:
         with self._lock:
             self.rollback()
             self._conn.close()
+            if self._owner is not None:
+                self._owner.close()  # releases the flock
+                self._owner = None
 
     def __enter__(self) -> "StateStore":
         return self
@@ -208,6 +218,28 @@ class StateStore:
     def get_blob(self, name: str) -> bytes | None:
         rows = self.query("SELECT data FROM blobs WHERE name = ?", (name,))
         return bytes(rows[0][0]) if rows else None
+
+
+def _claim(state_dir: Path) -> IO[str]:
+    """One writer per state directory: two engines committing cursors and signal state in turn
+    would each overwrite the other's checkpoint. The kernel drops the lock if the process dies."""
+    lock_path = state_dir / LOCK_NAME
+    handle = open(lock_path, "a+", encoding="utf-8")
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "unknown"
+        handle.close()
+        raise StateError(
+            f"{state_dir}: already in use by another driftd (pid {holder}); stop it, or give this one its own "
+            "state_dir (`driftd check` next to a running daemon needs a separate --state)"
+        ) from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    return handle
 
 
 def connect_readonly(state_dir: Path) -> sqlite3.Connection:
