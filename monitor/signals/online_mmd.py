@@ -123,8 +123,10 @@ def _kernel_band(u: torch.Tensor, window: int, sigma: float) -> torch.Tensor:
     """
     length, dims = u.shape
     blocks = -(-length // window)
-    padded = torch.zeros(((blocks + 1) * window, dims), dtype=u.dtype, device=u.device)
+    padded = torch.empty(((blocks + 1) * window, dims), dtype=u.dtype, device=u.device)
+    padded[:window] = 0.0
     padded[window:window + length] = u
+    padded[window + length:] = 0.0
     # Block c's columns are blocks c-1 and c: overlapping views of the padded rows, no copy.
     cols = padded.as_strided((blocks, 2 * window, dims), (window * dims, dims, 1))
     k = _block_tiles(padded[window:].view(blocks, window, dims), cols, sigma)
@@ -139,8 +141,9 @@ def _kernel_vs(rows: torch.Tensor, fixed: torch.Tensor, sigma: float) -> torch.T
     block of 2W rows, the band's product shape (see _block_tiles), transposed."""
     window, dims = fixed.shape
     blocks = -(-len(rows) // (2 * window))
-    padded = torch.zeros((blocks * 2 * window, dims), dtype=rows.dtype, device=rows.device)
+    padded = torch.empty((blocks * 2 * window, dims), dtype=rows.dtype, device=rows.device)
     padded[:len(rows)] = rows
+    padded[len(rows):] = 0.0
     k = _block_tiles(fixed.expand(blocks, window, dims), padded.view(blocks, 2 * window, dims), sigma)
     return k.transpose(1, 2).reshape(blocks * 2 * window, window)[:len(rows)]
 
@@ -501,7 +504,8 @@ class OnlineMmd:
                 cross0 = float(uc[pos:pos + w].sum())
             offdiag = self._offdiag + np.cumsum(ds)
             seg = self.sub_mean + offdiag * scale_s - (cross0 + np.cumsum(dc)) * scale_c
-            tested, thr = self._thresholds_ahead(len(seg))
+            thr = self.thresholds[np.minimum(self.t + 1 + np.arange(len(seg)), len(self.thresholds) - 1)]
+            tested = np.ones(len(seg), dtype=bool)
             taken, alarmed = self._record(seg, tested, thr, first + pos, out)
             pos += taken
             if alarmed:  # the next row starts from the initial window
