@@ -74,6 +74,7 @@ class Engine:
         self._warned_missing: set[str] = set()
         self._looked_up: set[str] = set()  # versions whose reference was looked for this cycle
         self._last_commit = clock()
+        self.last_progress = clock()  # read by the daemon's watchdog from another thread
         self._restore()
 
     # -- public ---------------------------------------------------------------------------------
@@ -95,7 +96,7 @@ class Engine:
             raise
 
     def _cycle(self, should_stop: Callable[[], bool]) -> CycleReport:
-        started = self.clock()
+        started = self.last_progress = self.clock()
         self._looked_up.clear()
         windows: list[WindowSignals] = []
         joined: list[JoinedLabel] = []
@@ -125,6 +126,7 @@ class Engine:
                             files += 1
                             self.store.add_counter("files", tailer.kind, 1)
                         self._maybe_checkpoint()
+                        self.last_progress = self.clock()
                         if should_stop():
                             stopped = True
                             break

@@ -165,3 +165,27 @@ def test_corrupt_pages_after_good_rows_raise_unreadable_with_the_row(tmp_path):
     with pytest.raises(ContractError) as err:
         next(read)
     assert (err.value.reason, err.value.row) == ("unreadable", 200) and "corrupt" in str(err.value)
+
+
+def test_a_settled_file_with_an_io_error_is_retried_before_quarantine(tmp_path: Path) -> None:
+    """A corrupt footer (pyarrow raises OSError, as for a storage hiccup) gets IO_ATTEMPTS reads."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from monitor.config import IngestConfig
+    from monitor.errors import ContractError
+    from monitor.ingest.tail import IO_ATTEMPTS, FileNotReady, Tailer
+
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    pq.write_table(pa.table({"a": list(range(100))}), logs / "p.parquet")
+    data = (logs / "p.parquet").read_bytes()
+    (logs / "p.parquet").write_bytes(data[:-20] + b"x" * 12 + data[-8:])  # footer length intact, thrift broken
+    tailer = Tailer(str(logs), "inference", IngestConfig(settle_seconds=0.0))
+    (info,) = tailer.discover({})
+    for _ in range(IO_ATTEMPTS - 1):
+        with pytest.raises(FileNotReady, match="retrying"):
+            list(tailer.read(info, 0, {}))
+    with pytest.raises(ContractError) as err:
+        list(tailer.read(info, 0, {}))
+    assert err.value.reason == "unreadable"

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import re
+import logging
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -43,6 +44,8 @@ Kind = Literal["inference", "labels"]
 _FINISHED = ("done", "quarantined")
 _READ_BUFFER_BYTES = 4 << 20
 
+
+log = logging.getLogger(__name__)
 
 class FileNotReady(Exception):
     """The file cannot be read yet (still being written, or vanished); try again next cycle."""
@@ -98,6 +101,10 @@ def _natural_key(path: str) -> tuple[tuple[tuple[int, int, str], ...], ...]:
     )
 
 
+# Reads of a settled file that fail with an I/O-level error before it is quarantined.
+IO_ATTEMPTS = 3
+
+
 class Tailer:
     """Discovers and reads one log location (``kind`` = "inference" or "labels")."""
 
@@ -107,6 +114,7 @@ class Tailer:
         self.kind = kind
         self.config = config
         self.clock = clock
+        self._io_failures: dict[str, int] = {}  # per file, this process: a restart grants fresh attempts
         if filesystem is None:
             self.filesystem, self.root = resolve_filesystem(location)
         else:
@@ -159,6 +167,14 @@ class Tailer:
             age = self.clock() - file.mtime
             if age < self.config.settle_seconds:
                 raise FileNotReady(f"{file.path}: footer not readable yet ({age:.0f}s old); retrying") from None
+            # ArrowInvalid means the bytes are not Parquet. Any other error may be the storage
+            # (an S3/NFS hiccup) or a corrupt footer: only one that persists is quarantined.
+            if not isinstance(exc, pa.ArrowInvalid):
+                failures = self._io_failures[file.path] = self._io_failures.get(file.path, 0) + 1
+                if failures < IO_ATTEMPTS:
+                    log.warning("%s: cannot read (%s); attempt %d of %d, retrying next cycle",
+                                file.path, exc, failures, IO_ATTEMPTS)
+                    raise FileNotReady(f"{file.path}: read failed ({exc}); retrying") from None
             raise ContractError(
                 f"{file.path}: not a readable Parquet file ({exc}) and unchanged for {age:.0f}s "
                 f"(settle_seconds={self.config.settle_seconds:g}); producers must write to a temporary name "

@@ -146,6 +146,7 @@ class Daemon:
         self._hup = threading.Event()
         self._reload_refs = threading.Event()
         self._ready = False
+        self._cycle_started: float | None = None  # wall time the running cycle began (None: idle)
         self._job_errors: Counter[str] = Counter()
         self._last_cycle: dict[str, Any] | None = None
         self._refs: dict[str, dict[str, Any]] = {}
@@ -197,7 +198,7 @@ class Daemon:
                                id="cycle", name="ingest/evaluate cycle", next_run_time=now)
         interval = self.notifier.watchdog_interval
         if interval is not None:
-            self.scheduler.add_job(self.notifier.watchdog, "interval", seconds=interval, id="watchdog",
+            self.scheduler.add_job(self._watchdog, "interval", seconds=interval, id="watchdog",
                                    name="sd_notify watchdog", next_run_time=now)
         self.scheduler.resume()
 
@@ -273,13 +274,28 @@ class Daemon:
         log.info("SIGHUP: configuration reloaded from %s; references reload before the next cycle", self.config_path)
         return True
 
+    def _watchdog(self) -> None:
+        """WATCHDOG=1 only while the cycle is idle or making progress: a cycle stuck (no chunk
+        finished) for a whole watchdog period is withheld, so systemd restarts driftd."""
+        started, engine = self._cycle_started, self.engine
+        timeout = (self.notifier.watchdog_usec or 0) / 1e6
+        if started is not None and engine is not None:
+            stalled = self.clock() - max(started, engine.last_progress)
+            if stalled >= timeout:
+                log.error("ingest/evaluate cycle made no progress for %.0fs: withholding WATCHDOG=1", stalled)
+                return
+        self.notifier.watchdog()
+
     # -- the cycle job -----------------------------------------------------------------------------
     def _cycle_job(self) -> None:
         try:  # the one catch point of the cycle job
+            self._cycle_started = self.clock()
             self._cycle()
         except Exception:
             log.exception("ingest/evaluate cycle failed; retrying in %ss", self.config.service.scheduler.interval_seconds)
             self.count_error("cycle")
+        finally:
+            self._cycle_started = None
 
     def _cycle(self) -> None:
         engine = self.engine

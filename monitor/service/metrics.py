@@ -113,7 +113,7 @@ class SnapshotCollector(Collector):
             "rows_without_reference", [mv for (k, mv) in c if k == "rows_without_reference"],
         )
         yield per_version("driftd_windows", "Windows closed and evaluated", "windows", versions)
-        yield _gauge("driftd_ingest_lag_seconds", "Age of the newest ingested row at the end of the last cycle", m, s.lag_seconds)
+        yield _gauge("driftd_ingest_lag_seconds", "Age of the oldest log file not yet fully ingested (0 when caught up)", m, s.lag_seconds)
         yield _gauge("driftd_last_successful_cycle_timestamp_seconds", "End of the last successful cycle (epoch s)", m, s.last_success)
         errors = CounterMetricFamily("driftd_job_errors", "Scheduled job runs that failed, by job", labels=["model", "job"])
         for job in sorted(set(JOB_NAMES) | set(s.job_errors)):
