@@ -239,9 +239,11 @@ def _finetune_phase(
         # statistics themselves are what moved; with replay in every batch they adapt to the
         # mixture of old and new inputs instead of being overwritten by the new ones.
         model.train()
-        if not plan.adapt_batchnorm:
-            for m in model.modules():
-                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                # A frozen layer (e.g. the stem) keeps its statistics too, or it is not frozen.
+                frozen = not any(p.requires_grad for p in m.parameters())
+                if frozen or not plan.adapt_batchnorm:
                     m.eval()
 
     def sync_buffers() -> None:

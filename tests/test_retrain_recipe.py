@@ -35,7 +35,9 @@ def test_guarded_recipe_recovers_shifted_accuracy_without_forgetting(setup) -> N
     report = fine_tune(candidate, training, FAST_HYPER, plan, device=CPU, progress=events.append)
     gate = evaluate_gate(candidate, source, prod_gate, ref_gate, GateConfig(), CPU)
     assert plan.name == "all_but_stem"
-    assert torch.equal(candidate.conv1[0].weight, source.conv1[0].weight)  # the stem stayed frozen
+    # the stem stayed frozen: weights and BatchNorm statistics
+    stem, stem_source = candidate.conv1.state_dict(), source.conv1.state_dict()
+    assert stem.keys() == stem_source.keys() and all(torch.equal(stem[k], stem_source[k]) for k in stem)
     assert [p.name for p in report.phases] == ["head", "finetune"] and report.guard_message is None
     assert gate.current_production < 0.3 and gate.candidate_production > gate.current_production + 0.3
     assert gate.forgetting <= 0.01 and gate.promote, gate.reason

@@ -188,7 +188,7 @@ class SnapshotCollector(Collector):
         yield _gauge("driftd_retrain_in_progress", "1 while a retrain is queued or running", m, 1.0 if s.retrain_in_progress else 0.0)
         yield _gauge("driftd_last_promotion_timestamp_seconds", "When a candidate was last promoted (epoch s)", m, s.last_promotion)
         yield _gauge("driftd_retrain_backbone_grad_norm", "Backbone gradient norm of the running retrain", m, s.progress.grad_norm)
-        yield _gauge("driftd_retrain_weight_drift", "Relative weight drift of the running retrain", m, s.progress.weight_drift)
+        yield _gauge("driftd_retrain_weight_drift", "L2 distance of the running retrain's backbone weights from its start", m, s.progress.weight_drift)
         yield _gauge("driftd_retrain_epoch", "Epoch of the running retrain", m, s.progress.epoch)
         info = GaugeMetricFamily("driftd_model_info", "1 for the model version currently served", labels=["model", "model_version"])
         if s.current_version is not None:
