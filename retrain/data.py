@@ -125,11 +125,14 @@ def _logged_features(rows: Sequence[JoinedLabel]) -> np.ndarray:
     return np.stack(out) if out else np.zeros((0, 0), np.float32)  # type: ignore[arg-type]
 
 
-def read_replay(replay_logs: str, *, max_rows: int, num_classes: int, seed: int) -> dict[str, np.ndarray]:
+def read_replay(replay_logs: str, *, max_rows: int, num_classes: int, seed: int,
+                features_of: str | None = None) -> dict[str, np.ndarray]:
     """A class-balanced sample (<= max_rows) of labelled rows from the replay Parquet logs.
 
     Returns columns ``key`` (request_id or row position), ``label`` and, where present,
-    ``input_uri`` and ``features``. Raises DataError when the logs are unreadable or unlabelled.
+    ``input_uri`` and ``features``. ``features_of``: keep only rows logged by that model_version
+    (logged features belong to the backbone that produced them). Raises DataError when the logs
+    are unreadable, unlabelled, or hold no rows of ``features_of``.
     """
     try:
         dataset = pads.dataset(replay_logs, format="parquet")
@@ -137,9 +140,17 @@ def read_replay(replay_logs: str, *, max_rows: int, num_classes: int, seed: int)
         if "label" not in names:
             raise DataError(f"{replay_logs}: replay logs need a 'label' column (labelled source data)")
         wanted = [c for c in ("request_id", "label", "input_uri", "features") if c in names]
-        table = dataset.to_table(columns=wanted, filter=pads.field("label").is_valid())
+        keep = pads.field("label").is_valid()
+        if features_of is not None and "model_version" in names:
+            keep = keep & (pads.field("model_version") == features_of)
+        table = dataset.to_table(columns=wanted, filter=keep)
     except (OSError, pa.ArrowException) as exc:
         raise DataError(f"{replay_logs}: cannot read replay logs: {exc}") from None
+    if features_of is not None and table.num_rows == 0:
+        raise DataError(
+            f"{replay_logs}: no labelled replay rows logged by model_version {features_of}; features mode needs "
+            "replay features from the current backbone: set retrain.input_root (images mode) or add such rows"
+        )
     labels = table.column("label").to_numpy().astype(np.int64)
     bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
     if bad.size:
@@ -199,7 +210,8 @@ def load_training_data(config: Config, data_config: dict[str, Any], *, num_class
     bad = next((r for r in rows if not 0 <= r.label < num_classes), None)
     if bad is not None:
         raise DataError(f"labelled row {bad.request_id}: label {bad.label} outside the model's [0, {num_classes})")
-    replay = read_replay(rc.replay_logs, max_rows=rc.max_rows, num_classes=num_classes, seed=rc.hyper.seed)
+    replay = read_replay(rc.replay_logs, max_rows=rc.max_rows, num_classes=num_classes, seed=rc.hyper.seed,
+                         features_of=None if images else model_version)
     if images and rc.input_root is not None:
         if "input_uri" not in replay:
             raise DataError(f"{rc.replay_logs}: replay logs have no input_uri column; images mode needs the source inputs")

@@ -109,3 +109,20 @@ def test_terminate_stops_a_running_job(tmp_path: Path) -> None:
     # the child is still importing torch: SIGTERM to its process group ends it
     assert job.terminate(grace_seconds=5) == -signal.SIGTERM
     assert job.poll() == -signal.SIGTERM
+
+
+def test_features_mode_refuses_replay_features_of_another_backbone(tmp_path: Path) -> None:
+    """Logged features belong to the backbone that produced them: replay rows of v1 cannot train v2's head."""
+    import numpy as np
+
+    from monitor.ingest.writer import LogWriter
+    from retrain.data import read_replay
+
+    rng = np.random.default_rng(0)
+    probs = rng.dirichlet(np.ones(3), size=30).astype(np.float32)
+    with LogWriter(tmp_path / "replay") as w:
+        w.write_batch(request_id=[f"r{i}" for i in range(30)], timestamp=1_790_000_000.0, model_version="v1",
+                      features=rng.normal(size=(30, 8)).astype(np.float32), probs=probs, label=probs.argmax(1))
+    assert len(read_replay(str(tmp_path / "replay"), max_rows=30, num_classes=3, seed=0, features_of="v1")["label"])
+    with pytest.raises(DataError, match="no labelled replay rows logged by model_version v2"):
+        read_replay(str(tmp_path / "replay"), max_rows=30, num_classes=3, seed=0, features_of="v2")
