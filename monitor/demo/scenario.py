@@ -300,12 +300,14 @@ def run_demo(s: DemoSettings, say: Callable[[str], None]) -> DemoResult:
             except KeyboardInterrupt:
                 pass
     finally:
+        service.close()  # idempotent: flushes buffered rows and pending labels even on an error
         if daemon.poll() is None:
             daemon.send_signal(signal.SIGTERM)
             try:
                 daemon.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 daemon.kill()
+                daemon.wait()
         log_file.close()
     timeline.finished = time.time()
     say("replaying the logs to chart every window")

@@ -62,6 +62,7 @@ class InferenceService:
         self.switches: list[tuple[float, str]] = []
         self.tick = 0
         self.rows = 0
+        self._closed = False
 
     def refresh_model(self) -> bool:
         """Load CURRENT if it changed; True when the served version changed."""
@@ -108,6 +109,10 @@ class InferenceService:
         self.label_writer.flush()
 
     def close(self) -> None:
+        """Write every pending label and close both writers; idempotent."""
+        if self._closed:
+            return
+        self._closed = True
         self._release_labels(all_of_them=True)
         self.writer.close()
         self.label_writer.close()
