@@ -542,17 +542,10 @@ class OnlineMmd:
         self._segment_hint = segment
 
     def _segment_statistics(self, z: np.ndarray, zc: np.ndarray, tested: np.ndarray) -> np.ndarray:
-        """MMD^2 after each new row of a segment: z = the last W-1 window rows then the new rows,
-        zc their sub-reference column sums. With stride 1 every row is tested and all windows come
-        from 2-D prefix sums; with a stride only the tested rows' windows are computed (a batched
-        W x W kernel each, ~W^2 d / stride work per row) and the others are NaN."""
+        """MMD^2 after each tested new row of a segment (stride > 1): z = the last W-1 window rows
+        then the new rows, zc their sub-reference column sums. Only the tested rows' windows are
+        computed (a batched W x W kernel each, ~W^2 d / stride work per row); the others are NaN."""
         w, sub_rows = self.window_rows, len(self._sub_np)
-        if self.stride == 1:
-            zt = torch.from_numpy(z).to(self.device)
-            return _window_statistics(
-                gaussian_kernel(zt, zt, self.sigma, same=True), torch.from_numpy(zc).to(self.device), w,
-                self.sub_mean, sub_rows,
-            ).cpu().numpy()
         out = np.full(len(tested), np.nan)
         starts = np.flatnonzero(tested)  # the window after new row j is z[j : j + W]
         if len(starts) == 0:
