@@ -49,7 +49,7 @@ def main() -> None:
         """(calibration s, s per 1000-row batch, s per single-row update) samples."""
         cal = [median_seconds(calibrate, 1) for _ in range(2)]
         det = calibrate()
-        batch = [median_seconds(lambda b=draw(model, rng, 1000): det.update(b), 1) for _ in range(3)]
+        batch = [median_seconds(lambda b=draw(model, rng, 1000): det.update(b), 1) for _ in range(6)]
         single = draw(model, rng, 100)
         one = [median_seconds(lambda: [det.update(row[None]) for row in single], 1) / len(single)]
         return cal, batch, one
