@@ -69,10 +69,20 @@ def _local(config: Any, reason: str) -> int:
     job_dir = Path(config.monitor.state_dir) / "retrain" / job_id
     job_dir.mkdir(parents=True, exist_ok=True)
 
+    hyper = config.retrain.hyper
+    budget = {"head": hyper.epochs_head, "finetune": hyper.epochs_finetune}  # upper bounds: early stop may end sooner
+
     def progress(event: dict[str, Any]) -> None:
-        bits = [f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in event.items()
-                if k in ("event", "epoch", "grad_norm", "weight_drift", "message") and v is not None]
-        print("\r[retrain] " + " ".join(bits) + " " * 8, end="", file=sys.stderr, flush=True)
+        kind, phase = event.get("event"), event.get("phase")
+        if kind == "epoch" and phase in budget:
+            done, total = int(event.get("epoch", 0)) + 1, max(1, budget[phase])
+            filled = min(20, round(20 * done / total))
+            line = (f"[retrain] {phase:<8} [{'#' * filled}{'.' * (20 - filled)}] epoch {done}/{total}"
+                    f" train_loss={event.get('train_loss', float('nan')):.4g} val_loss={event.get('val_loss', float('nan')):.4g}"
+                    f" grad_norm={event.get('grad_norm', float('nan')):.3g} weight_drift={event.get('weight_drift', float('nan')):.3g}")
+            print("\r" + line + " " * 4, end="", file=sys.stderr, flush=True)
+        elif kind in ("phase", "guard", "gate", "promoted", "rejected", "failed"):
+            print(f"\n[retrain] {kind}: {event.get('message', '')}", end="", file=sys.stderr, flush=True)
 
     result = run_job(config, job_dir, reason=reason, progress=progress)
     print(file=sys.stderr)
