@@ -8,6 +8,7 @@ of wall time after its last row arrived. Everything here is plain numpy state wi
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,6 +22,8 @@ from monitor.signals.mmd import MmdReference, mmd_test
 from monitor.signals.online_mmd import OnlineMmd
 from monitor.signals.predictions import normalised_entropy, prediction_stats
 from monitor.signals.results import EstimateStats, OnlineMmdStatus, WindowSignals
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -77,24 +80,29 @@ class VersionMonitor:
         self.mmd_reference = (
             MmdReference.build(projected[: sig.mmd.max_reference_rows], reference.bandwidth) if sig.mmd.enabled else None
         )
+        self._projected_sample = projected
         self.online: OnlineMmd | None = None
         restored_online = state is not None and any(k.startswith("online.") for k in state[0])
         if sig.online_mmd.enabled and not restored_online:
-            self.online = OnlineMmd.calibrate(
-                projected[: sig.online_mmd.max_reference_rows],
-                sigma=reference.bandwidth,
-                window_rows=sig.online_mmd.window_rows,
-                ert_rows=sig.online_mmd.ert_rows,
-                stride_rows=sig.online_mmd.stride_rows,
-                bootstraps=sig.online_mmd.bootstraps,
-                seed=sig.online_mmd.seed,
-            )
+            self.online = self._calibrate_online()
         self.accuracy = AccuracyTracker(last_n=sig.accuracy.last_n, last_seconds=sig.accuracy.last_seconds)
         self.rng = np.random.default_rng([sig.mmd.seed, 7])
         self.index = 0
         self.window = _Window.empty(reference.feature_dim, reference.n_classes, self.projected_dim)
         if state is not None:
             self.load_state_dict(*state)
+
+    def _calibrate_online(self) -> OnlineMmd:
+        on = self.config.signals.online_mmd
+        return OnlineMmd.calibrate(
+            self._projected_sample[: on.max_reference_rows],
+            sigma=self.reference.bandwidth,
+            window_rows=on.window_rows,
+            ert_rows=on.ert_rows,
+            stride_rows=on.stride_rows,
+            bootstraps=on.bootstraps,
+            seed=on.seed,
+        )
 
     # -- rows ---------------------------------------------------------------------------------
 
@@ -241,7 +249,12 @@ class VersionMonitor:
         self.accuracy.load_state_dict({k[len("accuracy.") :]: v for k, v in arrays.items() if k.startswith("accuracy.")})
         online = {k[len("online.") :]: v for k, v in arrays.items() if k.startswith("online.")}
         if self.config.signals.online_mmd.enabled and online:
-            self.online = OnlineMmd.from_state_dict(online)
+            try:
+                self.online = OnlineMmd.from_state_dict(online)
+            except ValueError as exc:  # e.g. state written by another driftd version
+                log.warning("model_version %s: online detector state not restored (%s); recalibrating",
+                            self.reference.model_version, exc)
+                self.online = self._calibrate_online()
         self.index = int(meta["index"])
         self.rng.bit_generator.state = meta["rng"]
 
