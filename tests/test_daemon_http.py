@@ -118,5 +118,5 @@ def test_cli_errors_say_what_to_do(tmp_path: Path, capsys: pytest.CaptureFixture
     # --local runs the real job in this process; with an empty registry it fails and says why
     assert main(["retrain", "--config", str(cfg), "--local", "--reason", "by hand"]) == 1
     captured = capsys.readouterr()
-    assert "[retrain] event=started" in captured.err
+    assert "[retrain] started on cpu" in captured.err and "[retrain] failed: RegistryError" in captured.err
     assert "-local: failed (RegistryError:" in captured.out and "no promoted model yet" in captured.out

@@ -81,6 +81,9 @@ def _local(config: Any, reason: str) -> int:
                     f" train_loss={event.get('train_loss', float('nan')):.4g} val_loss={event.get('val_loss', float('nan')):.4g}"
                     f" grad_norm={event.get('grad_norm', float('nan')):.3g} weight_drift={event.get('weight_drift', float('nan')):.3g}")
             print("\r" + line + " " * 4, end="", file=sys.stderr, flush=True)
+        elif kind == "started":
+            print(f"[retrain] started on {event.get('device')} ({event.get('world_size')} process(es))",
+                  end="", file=sys.stderr, flush=True)
         elif kind in ("phase", "guard", "gate", "promoted", "rejected", "failed"):
             print(f"\n[retrain] {kind}: {event.get('message', '')}", end="", file=sys.stderr, flush=True)
 
