@@ -133,8 +133,9 @@ class Engine:
                 except FileNotReady:
                     log.debug("%s is still being written; retrying next cycle", info.path)
                 except ContractError as exc:
-                    self.quarantine.file(tailer.kind, info, exc)
-                    # The file may have been moved already: make its record durable at once.
+                    self.quarantine.file(tailer.kind, info, exc, move=False)
+                    self._checkpoint()  # the record is durable before the file leaves the logs
+                    self.quarantine.move(tailer.kind, info)
                     self._checkpoint()
                 if stopped:
                     break

@@ -206,3 +206,20 @@ def test_an_unexpected_error_mid_cycle_rolls_back_to_the_checkpoint(tmp_path: Pa
     assert counters[("rows", "v1")] == 1000
     assert ("rejected_rows", "duplicate_request_id") not in counters
     assert sum(w.rows for w in windows) == 1000
+
+
+def test_a_quarantined_file_is_recorded_then_moved_never_deleted(tmp_path: Path, ref: Path):
+    write_inference(tmp_path / "logs", make_rows(100, seed=70), per_file=100, name="good")
+    (tmp_path / "logs" / "broken.parquet").write_bytes(b"not parquet at all")
+    engine = _engine(tmp_path, ref, **{"ingest.quarantine_dir": str(tmp_path / "quarantine")})
+    try:
+        _drain(engine)
+        records = engine.quarantine.records()
+        counters = engine.counters()
+    finally:
+        engine.close()
+    (rec,) = [r for r in records if r.whole_file]
+    assert rec.reason == "unreadable" and rec.moved_to is not None
+    assert Path(rec.moved_to).read_bytes() == b"not parquet at all"
+    assert not (tmp_path / "logs" / "broken.parquet").exists()
+    assert counters[("quarantined_files", "unreadable")] == 1 and counters[("rows", "v1")] == 100

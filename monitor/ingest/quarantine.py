@@ -59,23 +59,40 @@ class Quarantine:
         self.quarantine_dir = quarantine_dir
         self.clock = clock
 
-    def file(self, kind: str, file: FileInfo, error: ContractError) -> QuarantineRecord:
-        """Quarantine a whole file: record, mark progress "quarantined", count, move if configured."""
+    def file(self, kind: str, file: FileInfo, error: ContractError, *, move: bool = True) -> QuarantineRecord:
+        """Quarantine a whole file: record, mark progress "quarantined", count, move if configured.
+
+        ``move=False`` leaves the move to :meth:`move`, for callers that commit the record first
+        (the engine does: a crash between a move and its commit would leave a moved file with
+        no record of why).
+        """
         done = self.store.file_progress(kind).get(file.path)
         rows_done = done.rows_done if done else 0
         total = _row_count(file)
         rows = None if total is None else max(total - rows_done, 0)
-        moved_to = self._move(kind, file) if self.quarantine_dir else None
+        moved_to = self._move(kind, file) if self.quarantine_dir and move else None
         self.store.set_file_progress(kind, FileProgress(file.path, "quarantined", rows_done, file.size, file.mtime))
         self.store.add_counter("quarantined_files", error.reason, 1)
         if rows:
             self.store.add_counter("rejected_rows", error.reason, rows)
-        where = f"moved to {moved_to}" if moved_to else "left in place and skipped from now on"
+        where = (f"moved to {moved_to}" if moved_to else "to be moved to quarantine_dir" if self.quarantine_dir and not move
+                 else "left in place and skipped from now on")
         # the ContractError's message already says what to do about the producer
         log.warning("quarantined %s file %s: reason=%s column=%s row=%s; the file is %s: %s", kind, file.path,
                     error.reason, error.column or "-", "-" if error.row is None else error.row, where, error)
         return self._insert(QuarantineRecord(kind, file.path, error.reason, error.column, error.row, rows, str(error),
                                              moved_to, self.clock(), True))
+
+    def move(self, kind: str, file: FileInfo) -> str | None:
+        """Move a file already recorded by ``file(..., move=False)`` and note where it went."""
+        if not self.quarantine_dir:
+            return None
+        moved_to = self._move(kind, file)
+        if moved_to is not None:
+            self.store.execute("UPDATE quarantine SET moved_to = ? WHERE kind = ? AND path = ? AND whole_file = 1",
+                               (moved_to, kind, file.path))
+            log.info("moved quarantined %s file %s to %s", kind, file.path, moved_to)
+        return moved_to
 
     def rows(self, kind: str, file: FileInfo, rejections: RowRejections) -> QuarantineRecord | None:
         """Record row-level rejections of a file that otherwise goes on; counts each reason.
