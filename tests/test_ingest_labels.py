@@ -133,9 +133,11 @@ def test_state_persists_across_reopen_and_readonly_queries(tmp_path):
     store.close()
 
     store = StateStore.open(tmp_path)
-    joiner = LabelJoiner(store, IngestConfig(), clock=Clock())
+    clock = Clock()
+    joiner = LabelJoiner(store, IngestConfig(), clock=clock)
     assert joiner.pending_counts() == (4, 1)
     joiner.add_labels(labels(["a"], [1], at=10.0))
+    clock.now += 100  # joins are counted by driftd's clock, not the producer's labeled_at
     joiner.add_labels(labels(["b"], [0], at=20.0))
     joiner.add_labels(labels(["d"], [2], at=30.0))
     joiner.add_predictions(predictions(["zz"]))
@@ -145,6 +147,6 @@ def test_state_persists_across_reopen_and_readonly_queries(tmp_path):
     assert [r.request_id for r in labelled_rows(reader, limit=2)] == ["zz", "d"]
     assert [r.request_id for r in labelled_rows(reader, since=15.0, until=30.0)] == ["b"]
     assert [r.request_id for r in labelled_rows(reader, model_version="v2")] == ["d"]
-    assert count_labelled(reader, None) == 4 and count_labelled(reader, 20.0) == 3
+    assert count_labelled(reader, None) == 4 and count_labelled(reader, clock.now) == 3
     reader.close()
     store.close()

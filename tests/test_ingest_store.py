@@ -137,3 +137,24 @@ def test_a_second_writer_on_the_same_state_dir_is_refused(tmp_path: Path) -> Non
     finally:
         first.close()
     StateStore.open(tmp_path / "state").close()  # free again once the first one closed
+
+
+def test_a_version_1_state_is_migrated_in_place(tmp_path: Path) -> None:
+    StateStore.open(tmp_path).close()
+    conn = sqlite3.connect(tmp_path / "state.db")
+    conn.execute("DROP TABLE labelled")  # the version-1 table had no joined_at
+    conn.execute(
+        "CREATE TABLE labelled (request_id TEXT PRIMARY KEY, model_version TEXT NOT NULL, timestamp REAL NOT NULL, "
+        "labeled_at REAL NOT NULL, prediction INTEGER NOT NULL, label INTEGER NOT NULL, confidence REAL NOT NULL, "
+        "source TEXT NOT NULL, row INTEGER NOT NULL, input_uri TEXT) WITHOUT ROWID")
+    conn.execute("INSERT INTO labelled VALUES ('old', 'v1', 1.0, 2.0, 0, 0, 0.9, 'f', 0, NULL)")
+    conn.execute("UPDATE meta SET schema_version = 1")
+    conn.commit()
+    conn.close()
+    StateStore.open(tmp_path).close()
+    reader = connect_readonly(tmp_path)
+    try:
+        assert reader.execute("SELECT schema_version FROM meta").fetchone()[0] == SCHEMA_VERSION
+        assert reader.execute("SELECT joined_at FROM labelled").fetchall() == [(0.0,)]
+    finally:
+        reader.close()

@@ -163,10 +163,11 @@ class LabelJoiner:
         return joined
 
     def _record(self, joined: list[JoinedLabel]) -> None:
+        now = self.clock()
         self.store.executemany(
-            f"INSERT INTO labelled ({_LABELLED_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            f"INSERT INTO labelled ({_LABELLED_COLUMNS}, joined_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             [(j.request_id, j.model_version, j.timestamp, j.labeled_at, j.prediction, j.label, j.confidence, j.source,
-              j.row, j.input_uri) for j in joined])
+              j.row, j.input_uri, now) for j in joined])
         self.store.add_counter("labels", "joined", len(joined))
 
     def expire(self) -> ExpiryCounts:
@@ -234,7 +235,10 @@ def labelled_rows(conn: sqlite3.Connection, *, since: float | None = None, until
 
 
 def count_labelled(conn: sqlite3.Connection, since: float | None = None) -> int:
-    """Number of joined rows with ``labeled_at >= since`` (all when None)."""
+    """Number of rows joined (by driftd's clock) at or after ``since`` (all when None).
+
+    The daemon compares with its own last-retrain time, so the count uses driftd's clock rather
+    than the producer's ``labeled_at``: late or backfilled labels still count as new."""
     if since is None:
         return int(conn.execute("SELECT COUNT(*) FROM labelled").fetchone()[0])
-    return int(conn.execute("SELECT COUNT(*) FROM labelled WHERE labeled_at >= ?", (since,)).fetchone()[0])
+    return int(conn.execute("SELECT COUNT(*) FROM labelled WHERE joined_at >= ?", (since,)).fetchone()[0])

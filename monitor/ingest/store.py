@@ -24,7 +24,7 @@ from typing import IO, Any, Literal
 
 from monitor.errors import StateError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: labelled.joined_at
 DB_NAME = "state.db"
 LOCK_NAME = "state.lock"
 
@@ -59,7 +59,8 @@ CREATE INDEX IF NOT EXISTS pending_labels_arrived ON pending_labels (arrived_at)
 CREATE TABLE IF NOT EXISTS labelled (
     request_id TEXT PRIMARY KEY, model_version TEXT NOT NULL, timestamp REAL NOT NULL,
     labeled_at REAL NOT NULL, prediction INTEGER NOT NULL, label INTEGER NOT NULL,
-    confidence REAL NOT NULL, source TEXT NOT NULL, row INTEGER NOT NULL, input_uri TEXT
+    confidence REAL NOT NULL, source TEXT NOT NULL, row INTEGER NOT NULL, input_uri TEXT,
+    joined_at REAL NOT NULL DEFAULT 0
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS labelled_labeled_at ON labelled (labeled_at);
 """
@@ -121,6 +122,10 @@ class StateStore:
             row = conn.execute("SELECT schema_version FROM meta").fetchone()
             if row is None:
                 conn.execute("INSERT INTO meta (schema_version) VALUES (?)", (SCHEMA_VERSION,))
+            elif row[0] == 1:
+                # joined_at (the driftd clock at the join): rows joined before it count as joined long ago.
+                conn.execute("ALTER TABLE labelled ADD COLUMN joined_at REAL NOT NULL DEFAULT 0")
+                conn.execute("UPDATE meta SET schema_version = ?", (SCHEMA_VERSION,))
             elif row[0] > SCHEMA_VERSION:
                 conn.execute("ROLLBACK")
                 conn.close()
