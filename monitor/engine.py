@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from monitor.config import MonitorConfig
 from monitor.errors import ContractError, ReferenceMissingError, StateError
@@ -25,7 +26,7 @@ from monitor.ingest.labels import LabelJoiner, count_labelled
 from monitor.ingest.quarantine import Quarantine
 from monitor.ingest.records import InferenceBatch, JoinedLabel
 from monitor.ingest.store import FileProgress, StateStore, connect_readonly
-from monitor.ingest.tail import Chunk, FileInfo, FileNotReady, Tailer
+from monitor.ingest.tail import Chunk, FileNotReady, Tailer
 from monitor.reference import Reference, load_references
 from monitor.signals.results import WindowSignals
 from monitor.window import VersionMonitor
@@ -55,8 +56,6 @@ class Engine:
     def __init__(self, config: MonitorConfig, *, clock: Callable[[], float] = time.time):
         self.config = config
         self.clock = clock
-        import torch
-
         torch.set_num_threads(config.signals.threads)  # see SignalsConfig.threads
         self.references: dict[str, Reference] = load_references(config.reference_dir)
         if not self.references:

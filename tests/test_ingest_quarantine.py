@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pytest
 
 from ingest_helpers import inference_table, replace_column, write
 from monitor.config import IngestConfig

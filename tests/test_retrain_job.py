@@ -92,7 +92,7 @@ def test_input_uri_traversal_is_refused(tmp_path: Path) -> None:
 def test_launch_local_runs_the_job_in_its_own_process(tmp_path: Path, checkpoint: Path,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    world = build_world(tmp_path, checkpoint, digits(n_production=40), retrain={"min_labelled_rows": 100})
+    build_world(tmp_path, checkpoint, digits(n_production=40), retrain={"min_labelled_rows": 100})
     monkeypatch.chdir(tmp_path)  # relative paths, as a user would type them
     job = launch_local("driftd.yaml", Path("job"), reason="from test")
     assert job.pid != os.getpid() and os.getpgid(job.pid) == job.pid  # own process group
