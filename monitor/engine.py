@@ -34,8 +34,9 @@ from monitor.window import VersionMonitor
 log = logging.getLogger(__name__)
 
 STATE_BLOB = "engine"
-STATE_FORMAT = 1
+STATE_FORMAT = 2  # 2: unacknowledged windows
 _CHECKPOINT_EVERY_SECONDS = 2.0
+_MAX_UNACKED = 1000
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,7 @@ class Engine:
         self.joiner = LabelJoiner(self.store, config.ingest, clock=clock)
         self.monitors: dict[str, VersionMonitor] = {}
         self._latest: dict[str, WindowSignals] = {}
+        self._unacked: list[WindowSignals] = []  # closed windows the consumer has not acknowledged
         self._warned_missing: set[str] = set()
         self._looked_up: set[str] = set()  # versions whose reference was looked for this cycle
         self._last_commit = clock()
@@ -90,7 +92,7 @@ class Engine:
         except BaseException:
             self.store.rollback()
             self.monitors.clear()
-            self._latest = {}
+            self._latest, self._unacked = {}, []
             self._restore()
             raise
 
@@ -160,6 +162,17 @@ class Engine:
     def latest_windows(self) -> dict[str, WindowSignals]:
         return dict(self._latest)
 
+    def pending_windows(self) -> list[WindowSignals]:
+        """Closed windows not yet acknowledged, oldest first. They are part of the checkpoint, so
+        windows committed just before a crash are handed over again after it (the policy skips
+        the ones it had already evaluated)."""
+        return list(self._unacked)
+
+    def acknowledge(self, windows: list[WindowSignals]) -> None:
+        """The consumer has durably acted on ``windows``; persisted with the next checkpoint."""
+        done = {(w.model_version, w.reference_id, w.index) for w in windows}
+        self._unacked = [w for w in self._unacked if (w.model_version, w.reference_id, w.index) not in done]
+
     def counters(self) -> dict[tuple[str, str], float]:
         return self.store.counters()
 
@@ -217,10 +230,16 @@ class Engine:
         return len(batch), windows, joined
 
     def _record(self, windows: list[WindowSignals]) -> list[WindowSignals]:
-        """Count closed windows in the same transaction as the state that closed them."""
+        """Count closed windows in the same transaction as the state that closed them, and keep
+        them for the consumer until it acknowledges them (see :meth:`pending_windows`)."""
         for window in windows:
             self._latest[window.model_version] = window
             self.store.add_counter("windows", window.model_version, 1)
+        self._unacked += windows
+        if len(self._unacked) > _MAX_UNACKED:
+            log.warning("%d closed windows were never acknowledged; keeping the newest %d",
+                        len(self._unacked), _MAX_UNACKED)
+            del self._unacked[:-_MAX_UNACKED]
         return windows
 
     def _feed_labels(self, joined: list[JoinedLabel]) -> None:
@@ -281,6 +300,7 @@ class Engine:
             "online_config": self._online_fingerprint(),
             "versions": versions,
             "latest": latest,
+            "unacked": [dataclasses.asdict(w) for w in self._unacked],
         }
         arrays["header"] = np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)
         buf = io.BytesIO()
@@ -318,7 +338,8 @@ class Engine:
             if not keep_online:
                 state = {k: v for k, v in state.items() if not k.startswith("online.")}
             self.monitors[version] = VersionMonitor(ref, self.config, state=(state, meta))
-        self._latest = {v: _window_from_dict(d) for v, d in header.get("latest", {}).items()}
+        self._latest = {v: _window_from_dict(d) for v, d in header["latest"].items()}
+        self._unacked = [_window_from_dict(d) for d in header["unacked"]] if header["format"] >= 2 else []
 
 
 def _window_from_dict(d: dict) -> WindowSignals:

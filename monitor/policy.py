@@ -31,7 +31,7 @@ from monitor.configutil import Section
 from monitor.errors import StateError
 from monitor.signals.results import SIGNAL_NAMES, WindowSignals, signal_values
 
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: evaluated (last window evaluated per model_version)
 ACTIONS = ("alert", "retrain")
 OPS = ("above", "below")
 # Signals a drop_from_reference rule may use; min_rows counts their labels rather than window rows.
@@ -196,12 +196,18 @@ class Policy:
         self.cooldown_until: float | None = None
         self.last_retrain_at: float | None = None
         self.pending: Decision | None = None  # a retrain decision waiting for labels or cooldown
+        # model_version -> (reference_id, index) of the last window evaluated: the engine hands
+        # windows over again after a crash, and each must move a streak exactly once.
+        self.evaluated: dict[str, tuple[str, int]] = {}
 
     # -- evaluation ----------------------------------------------------------------------
     def evaluate(
         self, window: WindowSignals, *, reference_accuracy: float | None, now: float, budget: RetrainBudget
     ) -> list[Decision]:
-        """Apply every rule to one closed window; returns decisions for alarms that fired or cleared."""
+        """Apply every rule to one closed window; returns decisions for alarms that fired or cleared.
+
+        Callers that may see a window twice (the daemon after a crash) check :meth:`is_new` first."""
+        self.evaluated[window.model_version] = (window.reference_id, window.index)
         values = signal_values(window)
         out: list[Decision] = []
         for rule in self.config.rules:
@@ -296,8 +302,14 @@ class Policy:
         return out
 
     # -- persistence -------------------------------------------------------------------------
+    def is_new(self, window: WindowSignals) -> bool:
+        """False for a window at or before the last one evaluated for its model_version and reference."""
+        last = self.evaluated.get(window.model_version)
+        return last is None or last[0] != window.reference_id or window.index > last[1]
+
     def state_dict(self) -> dict[str, Any]:
         return {
+            "evaluated": {mv: [ref, idx] for mv, (ref, idx) in sorted(self.evaluated.items())},
             "version": STATE_VERSION,
             "rules": [
                 {"rule": n, "model_version": mv, "breach_streak": s.breach_streak, "ok_streak": s.ok_streak,
@@ -337,6 +349,8 @@ class Policy:
             self.last_retrain_at = state["last_retrain_at"]
             p = state["pending"]
             self.pending = Decision(**p) if p is not None and p["rule"] in self._rules else None
+            evaluated = state["evaluated"] if version >= 2 else {}
+            self.evaluated = {str(mv): (str(ref), int(idx)) for mv, (ref, idx) in evaluated.items()}
         except (KeyError, TypeError, ValueError) as exc:
             raise StateError(f"policy state is malformed ({exc!r}); delete policy.json in the state directory to reset alarms") from None
 

@@ -139,3 +139,19 @@ def test_state_round_trip_and_version_check() -> None:
     assert again.alarms() == {"acc": True} and again.pending is not None
     with pytest.raises(StateError, match="newer than this driftd"):
         again.load_state_dict({**state, "version": 99})
+
+
+def test_a_window_handed_over_twice_moves_a_streak_once() -> None:
+    """After a crash the engine hands committed windows over again; each counts once."""
+    policy = Policy(PolicyConfig(rules=(Rule("shift", "activation_max_abs_shift", "above", threshold=1.0,
+                                             consecutive=2, action="alert"),)))
+    w = make_window(max_abs_shift=5.0, index=3)
+    budget = RetrainBudget(lambda since: 0, 0, None)
+    assert policy.is_new(w)
+    assert policy.evaluate(w, reference_accuracy=None, now=0.0, budget=budget) == []
+    assert not policy.is_new(w)  # the daemon skips it when the engine hands it over again
+    restored = Policy(policy.config)
+    restored.load_state_dict(policy.state_dict())
+    assert not restored.is_new(w)
+    fired = restored.evaluate(make_window(max_abs_shift=5.0, index=4), reference_accuracy=None, now=2.0, budget=budget)
+    assert [d.outcome for d in fired] == ["alert"]

@@ -223,3 +223,23 @@ def test_a_quarantined_file_is_recorded_then_moved_never_deleted(tmp_path: Path,
     assert Path(rec.moved_to).read_bytes() == b"not parquet at all"
     assert not (tmp_path / "logs" / "broken.parquet").exists()
     assert counters[("quarantined_files", "unreadable")] == 1 and counters[("rows", "v1")] == 100
+
+
+def test_windows_stay_pending_across_a_restart_until_acknowledged(tmp_path: Path, ref: Path):
+    write_inference(tmp_path / "logs", make_rows(400, seed=80), per_file=400)
+    engine = _engine(tmp_path, ref)
+    closed = _drain(engine)
+    assert [w.index for w in engine.pending_windows()] == [0, 1]
+    engine.close()  # e.g. the daemon died before its policy acted on them
+
+    engine = _engine(tmp_path, ref)
+    pending = engine.pending_windows()
+    assert [(w.index, w.rows) for w in pending] == [(w.index, w.rows) for w in closed]
+    engine.acknowledge(pending)
+    engine.run_cycle()  # the acknowledgement is committed with the next checkpoint
+    engine.close()
+    engine = _engine(tmp_path, ref)
+    try:
+        assert engine.pending_windows() == []
+    finally:
+        engine.close()

@@ -65,6 +65,7 @@ def run(args: argparse.Namespace) -> int:
         while True:  # until a cycle finds nothing new
             report = engine.run_cycle()
             windows += report.windows
+            engine.acknowledge(report.windows)  # printed: nobody else acts on them
             if report.rows == 0 and report.files == 0:
                 break
         counters = engine.counters()

@@ -306,8 +306,13 @@ class Daemon:
         report = engine.run_cycle(should_stop=self._stop.is_set)
         self.metrics.observe_cycle(report.finished_at - report.started_at, (j.delay_seconds for j in report.joined))
         now = self.clock()
+        # Every closed window the policy has not acted on: this cycle's, and any committed by a
+        # previous run that stopped before its policy state was saved.
+        windows = engine.pending_windows()
         with self._lock:
-            for window in report.windows:
+            for window in windows:
+                if not self.policy.is_new(window):
+                    continue  # evaluated before a restart; its policy state was saved
                 ref = self._reference_accuracy(window)
                 for decision in self.policy.evaluate(window, reference_accuracy=ref, now=now, budget=self._budget()):
                     self._act(decision, now)
@@ -321,6 +326,7 @@ class Daemon:
                 "stopped_early": report.stopped_early,
             }
             self._refresh_snapshot(report)
+        engine.acknowledge(windows)  # durable with the next checkpoint; the policy state already is
         status = f"last cycle: {report.rows} rows, {len(report.windows)} windows, lag {report.lag_seconds:.0f}s"
         with self._lock:  # shutdown() sets the stop flag and sends STOPPING=1 under this lock
             if self._stop.is_set():
