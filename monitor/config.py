@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import tomllib
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -300,7 +300,3 @@ def load_config(path: str | os.PathLike[str]) -> Config:
     p = Path(path).expanduser().resolve()
     return parse_config(read_document(p), source=str(p), base=p.parent)
 
-
-def with_overrides(config: Config, **monitor_fields: Any) -> Config:
-    """A copy with some MonitorConfig fields replaced (used by CLI flags)."""
-    return replace(config, monitor=replace(config.monitor, **monitor_fields))

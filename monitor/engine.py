@@ -159,6 +159,18 @@ class Engine:
             stopped_early=stopped,
         )
 
+    def catch_up(self) -> list[WindowSignals]:
+        """Run cycles until one finds nothing new; returns (and acknowledges) the windows closed.
+
+        For one-shot consumers (``driftd check``, reports) that act on the windows themselves."""
+        windows: list[WindowSignals] = []
+        while True:
+            report = self.run_cycle()
+            windows += report.windows
+            self.acknowledge(report.windows)
+            if report.rows == 0 and report.files == 0:
+                return windows
+
     def latest_windows(self) -> dict[str, WindowSignals]:
         return dict(self._latest)
 

@@ -60,14 +60,8 @@ def run(args: argparse.Namespace) -> int:
 
     config = config_from_flags(args, _FLAGS)
     engine = Engine(config.monitor)
-    windows: list[WindowSignals] = []
     try:
-        while True:  # until a cycle finds nothing new
-            report = engine.run_cycle()
-            windows += report.windows
-            engine.acknowledge(report.windows)  # printed: nobody else acts on them
-            if report.rows == 0 and report.files == 0:
-                break
+        windows = engine.catch_up()
         counters = engine.counters()
     finally:
         engine.close()

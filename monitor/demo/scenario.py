@@ -222,16 +222,10 @@ def _replay_windows(config_path: Path, state: Path) -> list[dict[str, Any]]:
 
     config = load_config(config_path)
     engine = Engine(replace(config.monitor, state_dir=state))
-    windows = []
     try:
-        while True:
-            report = engine.run_cycle()
-            windows += [to_jsonable(w) for w in report.windows]
-            if report.rows == 0 and report.files == 0:
-                break
+        return [to_jsonable(w) for w in engine.catch_up()]
     finally:
         engine.close()
-    return windows
 
 
 def run_demo(s: DemoSettings, say: Callable[[str], None]) -> DemoResult:
