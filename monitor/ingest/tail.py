@@ -114,7 +114,8 @@ class Tailer:
         self.kind = kind
         self.config = config
         self.clock = clock
-        self._io_failures: dict[str, int] = {}  # per file, this process: a restart grants fresh attempts
+        self._io_failures: dict[str, int] = {}
+        self._listing: list[FileInfo] | None = None  # from the last discover()  # per file, this process: a restart grants fresh attempts
         if filesystem is None:
             self.filesystem, self.root = resolve_filesystem(location)
         else:
@@ -143,12 +144,17 @@ class Tailer:
 
     def discover(self, known: Mapping[str, FileProgress]) -> list[FileInfo]:
         """Files not yet done or quarantined, in processing order, at most ``max_files_per_cycle``."""
-        pending = [f for f in self._list() if f.path not in known or known[f.path].status not in _FINISHED]
+        self._listing = self._list()
+        pending = [f for f in self._listing if f.path not in known or known[f.path].status not in _FINISHED]
         return pending[: self.config.max_files_per_cycle]
 
     def lag_seconds(self, known: Mapping[str, FileProgress]) -> float:
-        """Age (by clock, from mtime) of the oldest file not fully processed; 0 when caught up."""
-        pending = [f.mtime for f in self._list() if f.path not in known or known[f.path].status not in _FINISHED]
+        """Age (by clock, from mtime) of the oldest file not fully processed; 0 when caught up.
+
+        Uses the listing of the last :meth:`discover` (one listing a cycle: on object stores a
+        listing is the expensive call); files that appeared since count from the next cycle."""
+        listing = self._listing if self._listing is not None else self._list()
+        pending = [f.mtime for f in listing if f.path not in known or known[f.path].status not in _FINISHED]
         return max(0.0, self.clock() - min(pending)) if pending else 0.0
 
     # ------------------------------------------------------------------ reading
