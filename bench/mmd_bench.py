@@ -28,7 +28,15 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from monitor.signals.mmd import MmdReference, gaussian_kernel, median_bandwidth, mmd_test  # noqa: E402
+from monitor.config import MmdConfig  # noqa: E402
+from monitor.signals.mmd import (  # noqa: E402
+    MmdReference,
+    PermutationPlan,
+    PermutationSchedule,
+    gaussian_kernel,
+    median_bandwidth,
+    mmd_test,
+)
 from monitor.signals.projection import fit_projection  # noqa: E402
 
 ALIBI_VENV = REPO / "bench" / ".venv-alibi"
@@ -67,6 +75,18 @@ def median_seconds(fn: Callable[[], object], repeats: int) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Median seconds of each function, timed in turn within every repeat, so a load spike on
+    the shared box hits all of them rather than whichever ran during it."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def feature_model(dims: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -108,14 +128,27 @@ def versus_alibi(args: argparse.Namespace) -> None:
     windows = {"null": draw(model, rng, 500), "shifted": draw(model, rng, 500, shift=0.2)}
     sigma = median_bandwidth(x_ref)
     ref = MmdReference.build(x_ref, sigma)
-    ours, ours_s, kernel_s = {}, {}, {}
-    for name, y in windows.items():
-        yt = torch.from_numpy(y) - ref.center
-        ours[name] = mmd_test(ref, y, permutations=100, generator=np.random.default_rng(2))
-        ours_s[name] = median_seconds(
-            lambda y=y: mmd_test(ref, y, permutations=100, generator=np.random.default_rng(2)), args.repeats
-        )
-        kernel_s[name] = median_seconds(lambda yt=yt: gaussian_kernel(ref.x, yt, sigma), args.repeats)
+    redraw = MmdConfig().redraw_permutations_every
+    schedule = PermutationSchedule(ref, permutations=100, redraw_every=redraw, seed=2)
+    plan = schedule.for_window(0, 500)
+    ours = {name: mmd_test(ref, y, plan=plan) for name, y in windows.items()}
+
+    def measure() -> dict[str, dict[str, float]]:
+        out = {}
+        for name, y in windows.items():
+            yt = torch.from_numpy(y) - ref.center
+            out[name] = interleaved_medians(
+                {
+                    # the bare block: the reference's squared norms precomputed, as ours has them
+                    "kernel": lambda yt=yt: gaussian_kernel(ref.x, yt, sigma, sq_a=ref.x_sq),
+                    "test": lambda y=y: mmd_test(ref, y, plan=plan),
+                },
+                args.repeats,
+            )
+        out["plan"] = {"draw": median_seconds(lambda: PermutationPlan.draw(ref, 500, 100, np.random.default_rng(4)), 3)}
+        return out
+
+    timings = measure()
     build_s = median_seconds(lambda: MmdReference.build(x_ref, sigma), 3)
     print(f"reference build (K_rr once): {build_s * 1e3:.1f} ms")
     alibi = None
@@ -128,15 +161,19 @@ def versus_alibi(args: argparse.Namespace) -> None:
                 **{f"window_{k}": v for k, v in windows.items()},
             },
         )
-    if alibi:
         # Measure ours again after alibi's run, so both sides see the same (shared) machine load.
-        for name, y in windows.items():
-            again = median_seconds(
-                lambda y=y: mmd_test(ref, y, permutations=100, generator=np.random.default_rng(2)), args.repeats
-            )
-            yt = torch.from_numpy(y) - ref.center
-            kernel_again = median_seconds(lambda yt=yt: gaussian_kernel(ref.x, yt, sigma), args.repeats)
-            ours_s[name], kernel_s[name] = (ours_s[name] + again) / 2, (kernel_s[name] + kernel_again) / 2
+        again = measure()
+        timings = {k: {f: (v + again[k][f]) / 2 for f, v in d.items()} for k, d in timings.items()}
+    draw_s = timings["plan"]["draw"]
+    # A window's cost in the daemon: the test plus its share of the plan draw (one per `redraw` windows).
+    ours_s = {name: timings[name]["test"] + draw_s / redraw for name in windows}
+    kernel_s = {name: timings[name]["kernel"] for name in windows}
+    print(
+        f"permutation plan draw (B=100, incl. the S x S sums over K_rr): {draw_s * 1e3:.1f} ms, "
+        f"once per {redraw} windows (signals.mmd.redraw_permutations_every) -> "
+        f"{draw_s / redraw * 1e3:.1f} ms a window; a fresh draw every window would cost "
+        + ", ".join(f"{(timings[n]['test'] + draw_s) / kernel_s[n]:.2f}x K_rw ({n})" for n in windows)
+    )
     header = (
         f"{'window':8} {'ours mmd2':>12} {'naive f64':>12} {'alibi mmd2':>12} {'rel(alibi)':>10} "
         f"{'p ours':>7} {'p alibi':>7} {'drift o/a':>9} {'ours ms':>8} {'alibi ms':>9} {'speedup':>8} {'ours/K_rw':>9}"
@@ -178,18 +215,22 @@ def power_table(args: argparse.Namespace) -> None:
                 x = proj.apply(x_raw)
                 ref = MmdReference.build(x, median_bandwidth(x))
                 build = time.perf_counter() - start
-                gen = np.random.default_rng(3)
+                schedule = PermutationSchedule(
+                    ref, permutations=100, redraw_every=MmdConfig().redraw_permutations_every, seed=3
+                )
                 hits, false, times = 0, 0, []
-                for _ in range(args.power_windows):
+                for i in range(args.power_windows):
                     shifted, null = draw(model, rng, window, shift=0.05), draw(model, rng, window)
                     start = time.perf_counter()
-                    hits += mmd_test(ref, proj.apply(shifted), permutations=100, generator=gen).p_value < 0.05
+                    plan = schedule.for_window(2 * i, window)  # incl. its plan draws, amortised
+                    hits += mmd_test(ref, proj.apply(shifted), plan=plan).p_value < 0.05
                     times.append(time.perf_counter() - start)
-                    false += mmd_test(ref, proj.apply(null), permutations=100, generator=gen).p_value < 0.05
+                    plan = schedule.for_window(2 * i + 1, window)
+                    false += mmd_test(ref, proj.apply(null), plan=plan).p_value < 0.05
                 label = "raw-512" if proj_kind == "none" else f"{proj_kind}-{dims}"
                 print(
                     f"{label:12} {n_ref:6d} {window:7d} {hits / args.power_windows:6.2f} "
-                    f"{false / args.power_windows:8.2f} {statistics.median(times) * 1e3:10.1f} {build * 1e3:9.1f}"
+                    f"{false / args.power_windows:8.2f} {statistics.fmean(times) * 1e3:10.1f} {build * 1e3:9.1f}"
                 )
 
 

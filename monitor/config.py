@@ -58,6 +58,9 @@ class ActivationConfig:
 class MmdConfig:
     enabled: bool = True
     permutations: int = 100
+    # Windows that share one draw of the permutations (their reference-only sums are the costly
+    # part); each window's p-value stays exact because the draw never depends on its rows.
+    redraw_permutations_every: int = 20
     alpha: float = 0.05
     max_window_rows: int = 500      # window rows are subsampled to this for the test
     max_reference_rows: int = 1000  # reference rows used by the test (of those stored)
@@ -204,6 +207,7 @@ def _parse_monitor(root: Section, base: Path) -> MonitorConfig:
     mmd = MmdConfig(
         enabled=mm.bool("enabled", m.enabled),
         permutations=mm.int("permutations", m.permutations, minimum=1),
+        redraw_permutations_every=mm.int("redraw_permutations_every", m.redraw_permutations_every, minimum=1),
         alpha=mm.float("alpha", m.alpha, minimum=1e-9, maximum=1),
         max_window_rows=mm.int("max_window_rows", m.max_window_rows, minimum=2),
         max_reference_rows=mm.int("max_reference_rows", m.max_reference_rows, minimum=2),

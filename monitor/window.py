@@ -18,7 +18,7 @@ from monitor.ingest.records import InferenceBatch, JoinedLabel
 from monitor.reference import Reference
 from monitor.signals.accuracy import AccuracyTracker
 from monitor.signals.activations import activation_stats
-from monitor.signals.mmd import MmdReference, mmd_test
+from monitor.signals.mmd import MmdReference, PermutationSchedule, mmd_test
 from monitor.signals.online_mmd import OnlineMmd
 from monitor.signals.predictions import normalised_entropy, prediction_stats
 from monitor.signals.results import EstimateStats, OnlineMmdStatus, WindowSignals
@@ -79,6 +79,16 @@ class VersionMonitor:
         self.projected_dim = int(projected.shape[1])
         self.mmd_reference = (
             MmdReference.build(projected[: sig.mmd.max_reference_rows], reference.bandwidth) if sig.mmd.enabled else None
+        )
+        self.mmd_permutations = (
+            PermutationSchedule(
+                self.mmd_reference,
+                permutations=sig.mmd.permutations,
+                redraw_every=sig.mmd.redraw_permutations_every,
+                seed=sig.mmd.seed,
+            )
+            if self.mmd_reference is not None
+            else None
         )
         self._projected_sample = projected
         self.online: OnlineMmd | None = None
@@ -189,8 +199,9 @@ class VersionMonitor:
         ref = self.reference
         sig = self.config.signals
         mmd = None
-        if self.mmd_reference is not None and w.rows >= self.config.window.min_rows and w.sample.shape[0] >= 2:
-            mmd = mmd_test(self.mmd_reference, w.sample, permutations=sig.mmd.permutations, generator=self.rng)
+        if self.mmd_permutations is not None and w.rows >= self.config.window.min_rows and w.sample.shape[0] >= 2:
+            plan = self.mmd_permutations.for_window(self.index, w.sample.shape[0])
+            mmd = mmd_test(self.mmd_permutations.ref, w.sample, plan=plan)
         online = self.online.status() if self.online is not None else _NO_ONLINE
         estimate = None
         if ref.calibrator is not None and ref.accuracy is not None:

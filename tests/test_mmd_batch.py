@@ -5,10 +5,23 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from scipy import stats
 
-from monitor.signals.mmd import MmdReference, median_bandwidth, mmd_test, permuted_mmd2
+from monitor.signals.mmd import (
+    MmdReference,
+    PermutationPlan,
+    PermutationSchedule,
+    median_bandwidth,
+    mmd_test,
+    permuted_mmd2,
+)
 from mmd_helpers import gaussian_rows, naive_mmd2, naive_permuted_mmd2, one_thread
+
+
+def fresh_test(ref: MmdReference, y: np.ndarray, permutations: int, rng: np.random.Generator):
+    """The test with a freshly drawn plan (as with redraw_permutations_every: 1)."""
+    return mmd_test(ref, y, plan=PermutationPlan.draw(ref, len(y), permutations, rng))
 
 
 @pytest.mark.parametrize(
@@ -21,7 +34,7 @@ def test_mmd2_matches_naive_pooled_computation(m: int, n: int, dims: int, shift:
     x = gaussian_rows(rng, m, dims)
     y = gaussian_rows(rng, n, dims, shift=shift, shifted_dims=2)
     sigma = median_bandwidth(x)
-    result = mmd_test(MmdReference.build(x, sigma), y, permutations=20, generator=np.random.default_rng(0))
+    result = fresh_test(MmdReference.build(x, sigma), y, 20, np.random.default_rng(0))
     expected = naive_mmd2(x, y, sigma)
     # A null MMD^2 can sit arbitrarily close to 0, so an absolute floor too: float32 kernel
     # entries carry ~6e-8 relative rounding, and a 5-row window averages only 20 of them.
@@ -59,7 +72,7 @@ def test_null_p_values_are_uniform_and_never_zero() -> None:
         for _ in range(200):
             x = gaussian_rows(rng, 120, 6)
             ref = MmdReference.build(x, median_bandwidth(x))
-            p_values.append(mmd_test(ref, gaussian_rows(rng, 30, 6), permutations=99, generator=rng).p_value)
+            p_values.append(fresh_test(ref, gaussian_rows(rng, 30, 6), 99, rng).p_value)
     p = np.array(p_values)
     assert p.min() >= 0.01  # (1 + k) / (1 + B) with B = 99
     assert stats.kstest(p, "uniform").pvalue > 0.01
@@ -73,7 +86,7 @@ def test_mean_shift_of_half_an_sd_in_a_few_dims_is_detected() -> None:
     x = gaussian_rows(rng, 500, 32)
     ref = MmdReference.build(x, median_bandwidth(x))
     detected = [
-        mmd_test(ref, gaussian_rows(rng, 200, 32, shift=0.5, shifted_dims=4), permutations=100, generator=rng).p_value
+        fresh_test(ref, gaussian_rows(rng, 200, 32, shift=0.5, shifted_dims=4), 100, rng).p_value
         < 0.05
         for _ in range(5)
     ]
@@ -83,7 +96,7 @@ def test_mean_shift_of_half_an_sd_in_a_few_dims_is_detected() -> None:
 def test_an_extreme_shift_gets_the_smallest_p_value_not_zero() -> None:
     rng = np.random.default_rng(9)
     x = gaussian_rows(rng, 100, 5)
-    result = mmd_test(MmdReference.build(x, 2.0), x[:20] + 50.0, permutations=49, generator=rng)
+    result = fresh_test(MmdReference.build(x, 2.0), x[:20] + 50.0, 49, rng)
     assert result.p_value == pytest.approx(1 / 50)
     assert result.permutations == 49
 
@@ -95,8 +108,8 @@ def test_reference_round_trips_through_plain_arrays(tmp_path) -> None:
     np.savez(tmp_path / "ref.npz", **ref.to_arrays())
     with np.load(tmp_path / "ref.npz", allow_pickle=False) as data:
         loaded = MmdReference.from_arrays(dict(data))
-    first = mmd_test(ref, y, permutations=30, generator=np.random.default_rng(1))
-    again = mmd_test(loaded, y, permutations=30, generator=np.random.default_rng(1))
+    first = fresh_test(ref, y, 30, np.random.default_rng(1))
+    again = fresh_test(loaded, y, 30, np.random.default_rng(1))
     assert first == again
 
 
@@ -114,7 +127,7 @@ def test_reference_round_trips_through_plain_arrays(tmp_path) -> None:
 def test_bad_windows_are_rejected_with_the_fault_named(window: np.ndarray, message: str) -> None:
     ref = MmdReference.build(gaussian_rows(np.random.default_rng(0), 20, 4), 1.0)
     with pytest.raises(ValueError, match=message):
-        mmd_test(ref, window, permutations=10, generator=np.random.default_rng(0))
+        fresh_test(ref, window, 10, np.random.default_rng(0))
 
 
 def test_bad_reference_bandwidth_and_permutations_are_rejected() -> None:
@@ -124,6 +137,58 @@ def test_bad_reference_bandwidth_and_permutations_are_rejected() -> None:
     with pytest.raises(ValueError, match="identical"):
         median_bandwidth(np.ones((10, 3)))
     with pytest.raises(ValueError, match="permutations"):
-        mmd_test(MmdReference.build(x, 1.0), x, permutations=0, generator=np.random.default_rng(0))
+        fresh_test(MmdReference.build(x, 1.0), x, 0, np.random.default_rng(0))
+    ref = MmdReference.build(x, 1.0)
+    with pytest.raises(ValueError, match="plan is for 10 window rows"):
+        mmd_test(ref, x[:12], plan=PermutationPlan.draw(ref, 10, 5, np.random.default_rng(0)))
+    with pytest.raises(ValueError, match="redraw_every"):
+        PermutationSchedule(ref, permutations=5, redraw_every=0, seed=0)
     with pytest.raises(ValueError, match="missing key"):
         MmdReference.from_arrays({"x_ref": x})
+
+
+def test_one_draw_reused_over_many_null_windows_keeps_p_values_uniform() -> None:
+    """The daemon reuses a draw of permutations for a run of windows. Held FIXED over 300
+    independent null (reference, window) pairs, one draw still gives uniform p-values: the
+    draw never depends on the rows it is used on. (With the reference held fixed too, p-values
+    are not exactly uniform whether or not the draw is reused: a fixed reference sample is
+    itself one draw; bench/README.md.)"""
+    m, n = 200, 40
+    sets = np.random.default_rng(3).random((99, m + n)).argpartition(m, axis=1)[:, m:]
+    rng = np.random.default_rng(21)
+    p_values = []
+    with one_thread():
+        for _ in range(300):
+            x = gaussian_rows(rng, m, 6)
+            ref = MmdReference.build(x, median_bandwidth(x))
+            plan = PermutationPlan.from_window_sets(ref, sets)
+            p_values.append(mmd_test(ref, gaussian_rows(rng, n, 6), plan=plan).p_value)
+    p = np.array(p_values)
+    assert stats.kstest(p, "uniform").pvalue > 0.01
+    # Binomial(300, 0.05): mean 15, sd 3.8; [4, 29] holds it with probability > 0.999.
+    assert 4 <= int((p <= 0.05).sum()) <= 29
+
+
+def test_schedule_redraws_every_n_windows_and_is_the_same_after_a_restart() -> None:
+    x = gaussian_rows(np.random.default_rng(2), 60, 4)
+    ref = MmdReference.build(x, median_bandwidth(x))
+    schedule = PermutationSchedule(ref, permutations=20, redraw_every=5, seed=7)
+    first = schedule.for_window(0, 30)
+    assert all(schedule.for_window(i, 30) is first for i in range(5))
+    second = schedule.for_window(5, 30)
+    assert not torch.equal(second.lhs, first.lhs)
+    assert schedule.for_window(7, 12).window_rows == 12  # a short window gets its own draw
+    # A restarted daemon (a new schedule) recomputes the very same permutations for a window.
+    restarted = PermutationSchedule(ref, permutations=20, redraw_every=5, seed=7)
+    assert torch.equal(restarted.for_window(6, 30).lhs, second.lhs)
+    assert torch.equal(restarted.for_window(6, 30).ss, second.ss)
+
+
+def test_a_permutation_that_keeps_the_window_ties_and_counts_as_exceeding() -> None:
+    """Tiny windows often draw the identity grouping; its statistic ties the observed one but is
+    summed along another float path, so it must still count (ties are exceedances)."""
+    rng = np.random.default_rng(8)
+    x, y = gaussian_rows(rng, 30, 5), gaussian_rows(rng, 6, 5, shift=3.0, shifted_dims=5)
+    ref = MmdReference.build(x, median_bandwidth(x))
+    identity = np.tile(np.arange(30, 36), (9, 1))
+    assert mmd_test(ref, y, plan=PermutationPlan.from_window_sets(ref, identity)).p_value == 1.0

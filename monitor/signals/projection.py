@@ -29,6 +29,11 @@ def check_matrix(x: np.ndarray, name: str, *, min_rows: int = 1, dims: int | Non
     if dims is not None and arr.shape[1] != dims:
         raise ValueError(f"{name}: expected {dims} feature columns (as the reference), got {arr.shape[1]}")
     arr = np.ascontiguousarray(arr, dtype=np.float32)
+    # A NaN or inf anywhere makes the sum non-finite (a finite sum proves every value finite);
+    # only then pay for the element-wise mask to name the first one. Huge finite values can
+    # overflow the float32 sum: the mask then finds nothing and the array passes.
+    if np.isfinite(arr.sum()):
+        return arr
     bad = ~np.isfinite(arr)
     if bad.any():
         row, col = np.argwhere(bad)[0]
