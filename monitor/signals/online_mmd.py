@@ -214,6 +214,24 @@ def _calibrated_steps(window_rows: int, stride_rows: int) -> int:
     return (window_rows - 1) // stride_rows + 1
 
 
+def _walk_mask(window: int, device: torch.device) -> torch.Tensor:
+    """(2W-1, 2W-1) 0/1 float32: row a < W keeps columns a+1..a+W-1 (the rows a leaving row
+    shares a window with), row a >= W keeps a-W+1..a-1 (the same for an entering row)."""
+    a = torch.arange(2 * window - 1, device=device)
+    ahead = (a[None, :] > a[:, None]) & (a[None, :] < a[:, None] + window)
+    behind = (a[None, :] < a[:, None]) & (a[None, :] > a[:, None] - window)
+    return torch.where(a[:, None] < window, ahead, behind).to(torch.float32)
+
+
+def _gather_blocks(k: torch.Tensor, idx: np.ndarray) -> torch.Tensor:
+    """k[idx_i, idx_j] for each row of ``idx`` (c, L): (c, L, L). On CPU numpy's flat take
+    measured 2.5x faster than torch's 2-D advanced indexing."""
+    flat = idx[:, :, None] * k.shape[1] + idx[:, None, :]
+    if k.device.type == "cpu":
+        return torch.from_numpy(np.take(k.numpy(), flat))
+    return torch.take(k, torch.from_numpy(flat).to(k.device))
+
+
 def _bootstrap_thresholds(
     k: torch.Tensor, window: int, ert: float, bootstraps: int, rng: np.random.Generator, stride: int = 1
 ) -> np.ndarray:
@@ -224,15 +242,24 @@ def _bootstrap_thresholds(
     sub_rows = n - ext
     col_full = k.sum(0, dtype=torch.float64)
     total = float(col_full.sum())
+    band_mask = _walk_mask(window, k.device)
     stats = []
     for chunk in extended_windows(rng, n, bootstraps, ext):
         idx = torch.from_numpy(chunk).to(k.device)
-        g = k[idx[:, :, None], idx[:, None, :]]
-        g_cols = g.sum(1, dtype=torch.float64)
+        g = _gather_blocks(k, chunk)                         # (c, 2W-1, 2W-1) float32
+        g_cols = g.sum(1).to(torch.float64)                  # <= 2W-1 terms each: float32 is exact enough
         cross_cols = col_full[idx] - g_cols  # sum over sub-reference rows of k(., ext_j)
         sub_off = total - 2.0 * cross_cols.sum(1) - g_cols.sum(1) - sub_rows
         sub_mean = (sub_off / (sub_rows * (sub_rows - 1)))[:, None]
-        stats.append(_window_statistics(g, cross_cols, window, 0.0, sub_rows) + sub_mean)
+        # The W windows of an extended window by the sliding recurrence (see _every_row): the
+        # first window's off-diagonal sum, then +2 (entering row's band) -2 (leaving row's band).
+        first = g[:, :window, :window].sum((1, 2), dtype=torch.float64) - window
+        bands = g.mul_(band_mask).sum(2).to(torch.float64)  # (c, 2W-1): row a's sum over its band
+        steps = 2.0 * (bands[:, window:] - bands[:, : window - 1])
+        within = torch.cat([first[:, None], first[:, None] + steps.cumsum(1)], 1)
+        c = torch.nn.functional.pad(cross_cols.cumsum(1), (1, 0))
+        cross = c[:, window:] - c[:, :window]
+        stats.append(sub_mean + within / (window * (window - 1)) - 2.0 * cross / (sub_rows * window))
     # Column i is the window i rows after a restart; only every stride-th one is ever tested.
     mmd = torch.cat(stats).cpu().numpy()[:, ::stride]  # (bootstraps, _calibrated_steps(W, stride))
     quantile = 1.0 - stride / ert
