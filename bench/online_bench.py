@@ -28,7 +28,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--skip-alibi", action="store_true", help="only our figures (no baseline venv)")
     parser.add_argument("--bootstraps", type=int, default=1000, help="bootstraps on both sides (alibi default 1000)")
-    parser.add_argument("--alibi-rows", type=int, default=100, help="rows fed to alibi's predict, one at a time")
+    parser.add_argument("--alibi-rows", type=int, default=300, help="rows fed to alibi's predict, one at a time")
     parser.add_argument("--runs", type=int, default=100, help="false alarms collected for the mean run length")
     parser.add_argument("--threads", type=int, default=1, help="torch threads on both sides (see bench/README.md)")
     args = parser.parse_args()

@@ -230,7 +230,7 @@ class Engine:
         self._feed_labels(joined)
         windows: list[WindowSignals] = []
         now = self.clock()
-        versions = np.unique(batch.model_version)
+        versions = _versions(batch.model_version)
         for version in versions:
             part = batch if versions.size == 1 else batch.take(batch.model_version == version)
             self.store.add_counter("rows", str(version), len(part))
@@ -379,3 +379,10 @@ def _window_from_dict(d: dict) -> WindowSignals:
         reference_id=d.get("reference_id", ""),
         extra=d.get("extra", {}),
     )
+
+
+def _versions(model_version: np.ndarray) -> np.ndarray:
+    """Distinct model versions of a batch; one version (the usual case) without sorting strings."""
+    if model_version.size and bool((model_version == model_version[0]).all()):
+        return model_version[:1]
+    return np.unique(model_version)

@@ -61,6 +61,22 @@ class _Window:
         )
 
 
+# Rows per float64 block in _accumulate_moments: 512 x 512 doubles stay in L2.
+_MOMENT_ROWS = 512
+
+
+def _accumulate_moments(x: np.ndarray, total: np.ndarray, total_sq: np.ndarray) -> None:
+    """Add the column sums and sums of squares of float32 ``x`` into float64 ``total``/``total_sq``,
+    in cache-sized float64 blocks: no float64 copy of the whole batch, squares taken in float64."""
+    block = np.empty((min(_MOMENT_ROWS, len(x)), x.shape[1]))
+    for lo in range(0, len(x), _MOMENT_ROWS):
+        b = block[: min(_MOMENT_ROWS, len(x) - lo)]
+        np.copyto(b, x[lo:lo + _MOMENT_ROWS])
+        total += b.sum(0)
+        np.multiply(b, b, out=b)
+        total_sq += b.sum(0)
+
+
 _WINDOW_ARRAYS = ("feature_sum", "feature_sumsq", "entropy", "max_prob", "class_counts", "sample_keys", "sample")
 _WINDOW_SCALARS = ("rows", "start_time", "end_time", "estimate_sum", "last_arrival")
 
@@ -155,9 +171,7 @@ class VersionMonitor:
         max_prob = probs.max(axis=1).astype(np.float64)
         w.rows += hi - lo
         w.end_time = float(batch.timestamp[hi - 1])
-        # float64 accumulation without a float64 copy of the rows (numpy casts in buffered blocks)
-        w.feature_sum += np.add.reduce(x, axis=0, dtype=np.float64)
-        w.feature_sumsq += np.add.reduce(np.square(x), axis=0, dtype=np.float64)
+        _accumulate_moments(x, w.feature_sum, w.feature_sumsq)
         w.entropy = np.concatenate([w.entropy, normalised_entropy(probs)])
         w.max_prob = np.concatenate([w.max_prob, max_prob])
         w.class_counts += np.bincount(batch.prediction[lo:hi], minlength=w.class_counts.size)[: w.class_counts.size]

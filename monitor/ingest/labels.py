@@ -51,12 +51,24 @@ class ExpiryCounts:
     labelled_pruned: int = 0         # joined rows older than labelled_retention_seconds
 
 
-def _first_occurrence(ids: np.ndarray) -> np.ndarray:
+def _id_list(values: np.ndarray) -> list[str]:
+    """The ids as a list of str (the contract reads them as str already: no per-row conversion)."""
+    ids = values.tolist()
+    if all(type(v) is str for v in ids):
+        return ids
+    return [str(v) for v in ids]
+
+
+def _first_occurrence(ids: list[str]) -> np.ndarray:
     """bool mask: True for the first row of each distinct id."""
-    first = np.zeros(ids.shape[0], dtype=bool)
-    if ids.shape[0]:
-        _, index = np.unique(ids.astype(str), return_index=True)
-        first[index] = True
+    first = np.ones(len(ids), dtype=bool)
+    if len(set(ids)) == len(ids):  # the usual case: no repeats, no per-row loop
+        return first
+    seen: set[str] = set()
+    for i, rid in enumerate(ids):
+        if rid in seen:
+            first[i] = False
+        seen.add(rid)
     return first
 
 
@@ -82,7 +94,7 @@ class LabelJoiner:
         n = len(batch)
         if n == 0:
             return np.zeros(0, dtype=bool), []
-        ids = [str(x) for x in batch.request_id.tolist()]
+        ids = _id_list(batch.request_id)
         seen: set[str] = set()
         early: dict[str, tuple[int, float]] = {}
         for rid, table, label, labeled_at in self._lookup(_SEEN_OR_EARLY, ids):
@@ -90,7 +102,7 @@ class LabelJoiner:
                 early[rid] = (int(label), float(labeled_at))
             else:
                 seen.add(rid)
-        duplicate = ~_first_occurrence(batch.request_id)
+        duplicate = ~_first_occurrence(ids)
         if seen:
             duplicate |= np.fromiter((i in seen for i in ids), dtype=bool, count=n)
         has_label = np.zeros(n, dtype=bool)
@@ -131,9 +143,9 @@ class LabelJoiner:
         n = len(batch)
         if n == 0:
             return []
-        ids = [str(x) for x in batch.request_id.tolist()]
+        ids = _id_list(batch.request_id)
         already = {r[0] for r in self._lookup(_LABELLED_OR_WAITING, ids)}
-        fresh = _first_occurrence(batch.request_id)
+        fresh = _first_occurrence(ids)
         if already:
             fresh &= np.fromiter((i not in already for i in ids), dtype=bool, count=n)
         duplicates = n - int(fresh.sum())
