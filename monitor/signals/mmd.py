@@ -21,7 +21,7 @@ which keeps the float32 partial sums of the permutation products small and accur
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -48,24 +48,24 @@ def gaussian_kernel(
     *,
     same: bool = False,
     sq_a: torch.Tensor | None = None,
-    out: torch.Tensor | None = None,
+    sq_b: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """k(a_i, b_j) = exp(-||a_i - b_j||^2 / (2 sigma^2)) as an (len(a), len(b)) float32 tensor.
 
     ``same=True`` (a is b) sets the diagonal to exactly 1, which the unbiased estimator relies on.
-    ``sq_a``: precomputed squared row norms of ``a`` (a fixed reference), saving a pass over it.
-    ``out``: a contiguous (len(a), len(b)) float32 tensor (or view) to write into.
+    ``sq_a``/``sq_b``: precomputed squared row norms (e.g. of a fixed reference), saving a pass.
     """
     if sq_a is None:
         sq_a = (a * a).sum(1)
-    sq_b = sq_a if same else (b * b).sum(1)
+    if sq_b is None:
+        sq_b = sq_a if same else (b * b).sum(1)
     # The same arithmetic as the online detector's band tiles (_block_tiles), so both give a
     # pair the same bits: its recurrence subtracts exactly what it added.
-    k = torch.addmm(sq_a[:, None] + sq_b[None, :], a, b.T, alpha=-2.0, out=out)
-    k.clamp_(min=0.0).mul_(-0.5 / (sigma * sigma)).exp_()
+    d2 = torch.addmm(sq_a[:, None] + sq_b[None, :], a, b.T, alpha=-2.0)
+    d2.clamp_(min=0.0).mul_(-0.5 / (sigma * sigma)).exp_()
     if same:
-        k.fill_diagonal_(1.0)
-    return k
+        d2.fill_diagonal_(1.0)
+    return d2
 
 
 def median_bandwidth(x_ref: np.ndarray, *, max_rows: int = 1000, seed: int = 0) -> float:
@@ -105,6 +105,10 @@ class MmdReference:
     k_rr: torch.Tensor        # (m, m) float32, k - c
     rr_row_sums: torch.Tensor  # (m,) float64 row sums of k_rr
     rr_total: float           # float64 sum of k_rr
+    # Reused [reference; window] rows and squared norms, so a window's pooled kernel block is
+    # one product without copying the reference each time (see pooled_rows). Not thread-safe:
+    # one monitor owns a reference.
+    _scratch: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
     @property
     def rows(self) -> int:
@@ -141,6 +145,20 @@ class MmdReference:
             rr_total=float(k.sum(dtype=torch.float64)),
         )
 
+    def pooled_rows(self, yt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """([x; yt], squared row norms) for a centred window ``yt`` (n, d), as views of a
+        buffer kept for the next window (grown when a larger window comes)."""
+        m, n = self.rows, int(yt.shape[0])
+        rows, sq = self._scratch.get("rows"), self._scratch.get("sq")
+        if rows is None or sq is None or rows.shape[0] < m + n:
+            rows = torch.empty((m + n, self.dims), dtype=torch.float32, device=self.x.device)
+            sq = torch.empty(m + n, dtype=torch.float32, device=self.x.device)
+            rows[:m], sq[:m] = self.x, self.x_sq
+            self._scratch.update(rows=rows, sq=sq)
+        rows[m:m + n] = yt
+        torch.sum(yt * yt, 1, out=sq[m:m + n])
+        return rows[:m + n], sq[:m + n]
+
     def to_arrays(self) -> dict[str, np.ndarray]:
         return {"x_ref": self.x_ref, "sigma": np.array(self.sigma, dtype=np.float64)}
 
@@ -160,8 +178,8 @@ class PermutationPlan:
     A permutation only matters through W', the n pooled rows it puts in the window group: S
     (reference rows moved in, indicator ``u``) and T (window rows kept, indicator ``v``). The
     SS block sum over K_rr and the sum of K_rr's row sums over S depend on the reference and the
-    draw alone, so they are computed here, once per plan, not once per window: that B x m^2
-    product is what used to cost as much as the whole window x reference kernel block.
+    draw alone, so they are computed here, once per plan rather than once per window: that
+    B x m^2 product costs about as much as a window's whole kernel block.
     """
 
     window_rows: int
@@ -263,12 +281,12 @@ class _WindowBlocks:
 def _window_blocks(ref: MmdReference, y: np.ndarray) -> _WindowBlocks:
     y_np = check_matrix(y, "window features", min_rows=2, dims=ref.dims)
     yt = torch.from_numpy(y_np).to(ref.x.device) - ref.center
-    m, n = ref.rows, int(yt.shape[0])
-    # Both blocks written into one buffer (no copy of the reference), so one product serves
-    # both in the permutations; shifted by -c like K_rr, which keeps its float32 sums small.
-    block = torch.empty((m + n, n), dtype=torch.float32, device=yt.device)
-    gaussian_kernel(ref.x, yt, ref.sigma, sq_a=ref.x_sq, out=block[:m])
-    gaussian_kernel(yt, yt, ref.sigma, same=True, out=block[m:])
+    m = ref.rows
+    # Both blocks from one product, so one product also serves both in the permutations;
+    # shifted by -c like K_rr, which keeps its float32 sums small.
+    rows, sq = ref.pooled_rows(yt)
+    block = gaussian_kernel(rows, yt, ref.sigma, sq_a=sq, sq_b=sq[m:])
+    block[m:].fill_diagonal_(1.0)
     block.sub_(ref.offset)
     rows = _row_sums_f64(block)  # float64: float32 row sums cost ~1e-6 relative on a null MMD^2
     return _WindowBlocks(
