@@ -13,10 +13,12 @@ from the footer's metadata without reading them.
 
 from __future__ import annotations
 
+import logging
+import math
 import os
 import re
-import logging
 import time
+import urllib.parse
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
@@ -43,6 +45,8 @@ from monitor.ingest.store import FileProgress
 Kind = Literal["inference", "labels"]
 _FINISHED = ("done", "quarantined")
 _READ_BUFFER_BYTES = 4 << 20
+_OBJECT_STORES = ("s3", "gcs")  # filesystems whose first path component is a bucket
+_S3_CLIENT_OPTIONS = ("connect_timeout", "request_timeout")
 
 
 log = logging.getLogger(__name__)
@@ -81,16 +85,59 @@ class Chunk:
 
 
 def resolve_filesystem(location: str) -> tuple[pafs.FileSystem, str]:
-    """(filesystem, path within it) for a local path or a ``pyarrow.fs`` URI."""
-    if "://" in location:
-        try:
-            return pafs.FileSystem.from_uri(location)
-        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as exc:
-            raise ContractError(
-                f"{location}: cannot open this log location ({exc}); use a local path or a file://, s3:// or gs:// URI",
-                reason="unreadable", path=location,
-            ) from None
-    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(location))
+    """(filesystem, path within it) for a local path or a ``pyarrow.fs`` URI.
+
+    ``s3://`` URIs also take ``connect_timeout`` and ``request_timeout`` (seconds), which
+    pyarrow's URI parser rejects: without them a stalled endpoint holds each call for minutes.
+    Raises ContractError naming the location when the URI cannot be used or names no bucket.
+    """
+    if "://" not in location:
+        return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(location))
+    uri, client_options = _split_client_options(location)
+    try:
+        filesystem, path = pafs.FileSystem.from_uri(uri)
+        if client_options:
+            # Rebuilt from the options pyarrow parsed (its pickle state), plus ours.
+            _, (options,) = filesystem.__reduce__()
+            filesystem = pafs.S3FileSystem(**{**options, **client_options})
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as exc:
+        raise ContractError(
+            f"{location}: cannot open this log location ({exc}); use a local path or a file://, s3:// or gs:// URI",
+            reason="unreadable", path=location,
+        ) from None
+    if filesystem.type_name in _OBJECT_STORES and not path.strip("/"):
+        raise ContractError(f"{location}: names no bucket; use {filesystem.type_name}://BUCKET/PREFIX",
+                            reason="unreadable", path=location)
+    return filesystem, path
+
+
+def _split_client_options(location: str) -> tuple[str, dict[str, float]]:
+    """(URI without driftd's S3 client options, those options), validated."""
+    parts = urllib.parse.urlsplit(location)
+    if parts.scheme != "s3" or not parts.query:
+        return location, {}
+    options: dict[str, float] = {}
+    kept = []
+    for item in parts.query.split("&"):  # the other items go to pyarrow exactly as written
+        key, _, value = item.partition("=")
+        if key not in _S3_CLIENT_OPTIONS:
+            kept.append(item)
+            continue
+        seconds = _seconds(value)
+        if seconds is None:
+            raise ContractError(f"{location}: {key} must be a number of seconds > 0, got {value!r}",
+                                reason="unreadable", path=location)
+        options[key] = seconds
+    return urllib.parse.urlunsplit(parts._replace(query="&".join(kept))), options
+
+
+def _seconds(value: str) -> float | None:
+    """A finite number of seconds > 0, or None."""
+    try:
+        seconds = float(value)
+    except ValueError:
+        return None
+    return seconds if 0 < seconds < math.inf else None
 
 
 def _natural_key(path: str) -> tuple[tuple[tuple[int, int, str], ...], ...]:
@@ -127,8 +174,7 @@ class Tailer:
         try:
             infos = self.filesystem.get_file_info(selector)
         except OSError as exc:
-            raise ContractError(f"{self.location}: cannot list {self.kind} logs: {exc}", reason="unreadable",
-                                path=self.location) from None
+            raise self._unlistable(exc) from None
         prefix = self.root.rstrip("/") + "/"
         files = []
         for info in infos:
@@ -139,8 +185,27 @@ class Tailer:
                 continue
             mtime = info.mtime.timestamp() if info.mtime is not None else 0.0
             files.append(FileInfo(info.path, int(info.size or 0), mtime, self.root, self.filesystem))
+        if not infos and self.filesystem.type_name in _OBJECT_STORES:
+            self._check_bucket()
         files.sort(key=lambda f: _natural_key(f.relative))
         return files
+
+    def _check_bucket(self) -> None:
+        """An empty listing is normal for a prefix nothing was written to yet, but a missing bucket
+        (a typo) would look the same forever: report it."""
+        bucket = self.root.split("/", 1)[0]
+        try:
+            missing = self.filesystem.get_file_info(bucket).type == pafs.FileType.NotFound
+        except OSError as exc:
+            raise self._unlistable(exc) from None
+        if missing:
+            raise ContractError(
+                f"{self.location}: bucket {bucket!r} does not exist (or these credentials cannot see it); "
+                "fix the bucket name or the endpoint in the URI", reason="unreadable", path=self.location)
+
+    def _unlistable(self, exc: OSError) -> ContractError:
+        return ContractError(f"{self.location}: cannot list {self.kind} logs: {exc}", reason="unreadable",
+                             path=self.location)
 
     def discover(self, known: Mapping[str, FileProgress]) -> list[FileInfo]:
         """Files not yet done or quarantined, in processing order, at most ``max_files_per_cycle``."""
