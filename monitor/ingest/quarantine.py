@@ -10,7 +10,10 @@ Quarantined files are never deleted. With ``quarantine_dir`` set they are moved 
 ``<quarantine_dir>/<kind>/<path relative to the log location>``; a failed move is recorded and
 logged, and the file stays in place (its progress says "quarantined", so it is not re-read).
 Keep ``quarantine_dir`` outside the log location (or under a name starting with ``_``, which the
-tailer skips), or moved files would be discovered again.
+tailer skips), or moved files would be discovered again. ``quarantine_dir`` may be a URI like the
+log location (``s3://bucket/quarantine?endpoint_override=...``); a file is moved only within one
+filesystem (for S3: the same endpoint and client options, a server-side copy then delete), so a
+quarantine_dir elsewhere is recorded as not moved, with the reason in the log line.
 
 The move happens at once while the record joins the open transaction: commit right after
 :meth:`Quarantine.file` so a crash cannot leave a moved file without its record.
@@ -32,7 +35,7 @@ import pyarrow.parquet as pq
 from monitor.errors import ContractError
 from monitor.ingest.contract import RowRejections
 from monitor.ingest.store import FileProgress, StateStore
-from monitor.ingest.tail import FileInfo
+from monitor.ingest.tail import FileInfo, resolve_filesystem
 
 log = logging.getLogger(__name__)
 
@@ -137,32 +140,32 @@ class Quarantine:
     def _move(self, kind: str, file: FileInfo) -> str | None:
         """Move the file under quarantine_dir; None (and a log line) when it cannot be moved."""
         source_fs = file.filesystem or pafs.LocalFileSystem()
-        target = f"{self.quarantine_dir.rstrip('/')}/{kind}/{file.relative}"
         try:
-            if "://" in target:
-                target_fs, target_path = pafs.FileSystem.from_uri(target)
-            else:
-                target_fs, target_path = pafs.LocalFileSystem(), os.path.abspath(target)
+            # quarantine_dir may be a URI with a query (s3://b/q?endpoint_override=...): the
+            # kind and relative path join the path it resolves to, never the URI's text.
+            target_fs, root = resolve_filesystem(self.quarantine_dir)
+            target_path = _free_name(target_fs, f"{root.rstrip('/')}/{kind}/{file.relative}")
             if isinstance(source_fs, pafs.LocalFileSystem) and isinstance(target_fs, pafs.LocalFileSystem):
-                target_path = _free_name(target_path)
                 os.makedirs(os.path.dirname(target_path), exist_ok=True)
                 shutil.move(file.path, target_path)  # rename, or copy then unlink across devices
-            elif type(source_fs) is type(target_fs):
+            elif source_fs.equals(target_fs):
                 target_fs.create_dir(os.path.dirname(target_path), recursive=True)
-                target_fs.move(file.path, target_path)
+                source_fs.move(file.path, target_path)  # object stores: server-side copy, then delete
             else:
-                raise OSError("the log location and quarantine_dir are on different filesystems")
-        except (OSError, ValueError) as exc:
-            log.warning("could not move quarantined file %s to %s (%s); it stays in place and is skipped",
-                        file.path, target, exc)
+                raise OSError("the log location and quarantine_dir are on different filesystems (or S3 "
+                              "endpoints or options); files are moved only within one")
+        except (OSError, ValueError, ContractError) as exc:
+            log.warning("could not move quarantined file %s to quarantine_dir %s (%s); it stays in place and is skipped",
+                        file.path, self.quarantine_dir, exc)
             return None
         return target_path
 
 
-def _free_name(path: str) -> str:
-    """``path``, or ``path.1``, ``path.2``... so an earlier quarantined file is never overwritten."""
+def _free_name(fs: pafs.FileSystem, path: str) -> str:
+    """``path``, or ``path.1``, ``path.2``... so an earlier quarantined file is never overwritten
+    (an object store's move would replace it without a word)."""
     candidate, n = path, 0
-    while os.path.exists(candidate):
+    while fs.get_file_info(candidate).type != pafs.FileType.NotFound:
         n += 1
         candidate = f"{path}.{n}"
     return candidate
