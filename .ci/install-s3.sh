@@ -9,5 +9,5 @@ cd "$(dirname "$0")"
 [ -x .venv-s3/bin/moto_server ] && exit 0
 
 python3 -m venv .venv-s3
-.venv-s3/bin/pip install -q --disable-pip-version-check "moto[server]"
+.venv-s3/bin/pip install -q --disable-pip-version-check "moto[server]>=5.2,<6"
 test -x .venv-s3/bin/moto_server

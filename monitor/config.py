@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import os
 import tomllib
+import urllib.parse
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import yaml
@@ -123,6 +124,38 @@ class Config:
     retrain: Any
 
 
+_SECRET_QUERY_KEYS = ("access_key", "secret_key", "session_token")
+
+
+def redact_location(location: str) -> str:
+    """A location fit for logs and error messages: credentials a URI may carry (user:secret@ or
+    access_key/secret_key/session_token options) replaced by ***."""
+    if "://" not in location:
+        return location
+    parts = urllib.parse.urlsplit(location)
+    netloc = parts.netloc
+    if "@" in netloc:
+        netloc = "***@" + netloc.rpartition("@")[2]
+    query = "&".join(
+        f"{key}=***" if key in _SECRET_QUERY_KEYS else item
+        for item in parts.query.split("&") if item
+        for key in [item.partition("=")[0]]
+    )
+    if (netloc, query) == (parts.netloc, parts.query):
+        return location
+    # urlunsplit would drop the "//" of an empty netloc (s3://?...): rebuilt by hand
+    return f"{parts.scheme}://{netloc}{parts.path}" + (f"?{query}" if query else "")
+
+
+def _comparable(location: str) -> PurePosixPath:
+    """A location as a path for containment checks: a URI becomes scheme/bucket/key (its query,
+    e.g. an S3 endpoint, dropped), a local path stays itself."""
+    if "://" not in location:
+        return PurePosixPath(location)
+    parts = urllib.parse.urlsplit(location)
+    return PurePosixPath("/", parts.scheme, parts.netloc.rpartition("@")[2], parts.path.lstrip("/"))
+
+
 def resolve_location(value: str, base: Path) -> str:
     """A path relative to the config file, or a URI (``s3://``, ``gs://``, ``file://``) unchanged."""
     if "://" in value:
@@ -172,15 +205,16 @@ def _parse_monitor(root: Section, base: Path) -> MonitorConfig:
     )
     ing.finish()
     for location in (inference, labels):
-        if ingest.quarantine_dir is None or not location or "://" in location:
+        if ingest.quarantine_dir is None or not location:
             continue
-        q, logs_root = Path(ingest.quarantine_dir), Path(resolve_location(location, base))
+        q, logs_root = _comparable(ingest.quarantine_dir), _comparable(resolve_location(location, base))
         # The tailer skips names starting with "_" or "."; anything else inside the logs is read again.
         if q.is_relative_to(logs_root) and not any(p.startswith(("_", ".")) for p in q.relative_to(logs_root).parts):
             root.error(
                 "ingest.quarantine_dir",
-                f"{q} is inside the logs at {logs_root}, so moved files would be read again: put it elsewhere "
-                "or give it a name starting with '_'",
+                f"{redact_location(ingest.quarantine_dir)} is inside the logs at "
+                f"{redact_location(resolve_location(location, base))}, so moved files would be read again: "
+                "put it elsewhere or give it a name starting with '_'",
             )
 
     win = root.section("window")

@@ -64,19 +64,24 @@ class Engine:
                 f"no reference in {config.reference_dir}: build one from labelled validation logs with "
                 f"`driftd reference build --logs PATH --out {config.reference_dir}`"
             )
-        self.store = StateStore.open(config.state_dir)
+        # Log locations first: a bad one fails before the state directory is opened and locked.
         self.inference = Tailer(config.logs.inference, "inference", config.ingest, clock=clock)
         self.labels = Tailer(config.logs.labels, "labels", config.ingest, clock=clock) if config.logs.labels else None
-        self.quarantine = Quarantine(self.store, config.ingest.quarantine_dir, clock=clock)
-        self.joiner = LabelJoiner(self.store, config.ingest, clock=clock)
-        self.monitors: dict[str, VersionMonitor] = {}
-        self._latest: dict[str, WindowSignals] = {}
-        self._unacked: list[WindowSignals] = []  # closed windows the consumer has not acknowledged
-        self._warned_missing: set[str] = set()
-        self._looked_up: set[str] = set()  # versions whose reference was looked for this cycle
-        self._last_commit = clock()
-        self.last_progress = clock()  # read by the daemon's watchdog from another thread
-        self._restore()
+        self.store = StateStore.open(config.state_dir)
+        try:
+            self.quarantine = Quarantine(self.store, config.ingest.quarantine_dir, clock=clock)
+            self.joiner = LabelJoiner(self.store, config.ingest, clock=clock)
+            self.monitors: dict[str, VersionMonitor] = {}
+            self._latest: dict[str, WindowSignals] = {}
+            self._unacked: list[WindowSignals] = []  # closed windows the consumer has not acknowledged
+            self._warned_missing: set[str] = set()
+            self._looked_up: set[str] = set()  # versions whose reference was looked for this cycle
+            self._last_commit = clock()
+            self.last_progress = clock()  # read by the daemon's watchdog from another thread
+            self._restore()
+        except BaseException:
+            self.store.close()  # releases the state directory's lock for the next attempt
+            raise
 
     # -- public ---------------------------------------------------------------------------------
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from monitor.cli.common import add_config_argument, load_config
+from monitor.config import redact_location
 from monitor.errors import ConfigError
 
 EPILOG = """examples:
@@ -29,7 +30,7 @@ def summary(config) -> list[str]:
     rules = ", ".join(f"{r.name} ({r.action})" for r in pol.rules) or "none"
     return [
         f"model: {m.model}",
-        f"logs: {m.logs.inference} (labels: {m.logs.labels or 'none'})",
+        f"logs: {redact_location(m.logs.inference)} (labels: {redact_location(m.logs.labels or 'none')})",
         f"state_dir: {m.state_dir}   reference_dir: {m.reference_dir}",
         f"window: {m.window.rows} rows or {m.window.seconds:g}s",
         f"http: {svc.http.url} (control token: {'set' if svc.http.has_token else 'none, loopback only'})",

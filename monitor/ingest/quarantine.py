@@ -32,6 +32,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from monitor.config import redact_location
 from monitor.errors import ContractError
 from monitor.ingest.contract import RowRejections
 from monitor.ingest.store import FileProgress, StateStore
@@ -156,7 +157,7 @@ class Quarantine:
                               "endpoints or options); files are moved only within one")
         except (OSError, ValueError, ContractError) as exc:
             log.warning("could not move quarantined file %s to quarantine_dir %s (%s); it stays in place and is skipped",
-                        file.path, self.quarantine_dir, exc)
+                        file.path, redact_location(self.quarantine_dir), exc)
             return None
         return target_path
 

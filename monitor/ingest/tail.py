@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from monitor.config import IngestConfig
+from monitor.config import IngestConfig, redact_location
 from monitor.errors import ContractError
 from monitor.ingest.contract import (
     InferenceLayout,
@@ -93,6 +93,7 @@ def resolve_filesystem(location: str) -> tuple[pafs.FileSystem, str]:
     """
     if "://" not in location:
         return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(location))
+    shown = redact_location(location)
     uri, client_options = _split_client_options(location)
     try:
         filesystem, path = pafs.FileSystem.from_uri(uri)
@@ -102,12 +103,13 @@ def resolve_filesystem(location: str) -> tuple[pafs.FileSystem, str]:
             filesystem = pafs.S3FileSystem(**{**options, **client_options})
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as exc:
         raise ContractError(
-            f"{location}: cannot open this log location ({exc}); use a local path or a file://, s3:// or gs:// URI",
-            reason="unreadable", path=location,
+            f"{shown}: cannot open this log location ({str(exc).replace(location, shown)}); use a local path or a "
+            "file://, s3:// or gs:// URI",
+            reason="unreadable", path=shown,
         ) from None
     if filesystem.type_name in _OBJECT_STORES and not path.strip("/"):
-        raise ContractError(f"{location}: names no bucket; use {filesystem.type_name}://BUCKET/PREFIX",
-                            reason="unreadable", path=location)
+        raise ContractError(f"{shown}: names no bucket; use {filesystem.type_name}://BUCKET/PREFIX",
+                            reason="unreadable", path=shown)
     return filesystem, path
 
 
@@ -125,8 +127,9 @@ def _split_client_options(location: str) -> tuple[str, dict[str, float]]:
             continue
         seconds = _seconds(value)
         if seconds is None:
-            raise ContractError(f"{location}: {key} must be a number of seconds > 0, got {value!r}",
-                                reason="unreadable", path=location)
+            shown = redact_location(location)
+            raise ContractError(f"{shown}: {key} must be a number of seconds > 0, got {value!r}",
+                                reason="unreadable", path=shown)
         options[key] = seconds
     return urllib.parse.urlunsplit(parts._replace(query="&".join(kept))), options
 
@@ -157,7 +160,7 @@ class Tailer:
 
     def __init__(self, location: str, kind: Kind, config: IngestConfig, *, clock: Callable[[], float] = time.time,
                  filesystem: pafs.FileSystem | None = None):
-        self.location = location
+        self.location = redact_location(location)  # for messages only: no credentials in logs
         self.kind = kind
         self.config = config
         self.clock = clock
