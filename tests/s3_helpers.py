@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -65,13 +66,17 @@ class S3Server:
 def moto_server(binary: Path, *, timeout: float = 20.0) -> Iterator[S3Server]:
     """Run moto_server on a free port until the block exits; ready when it answers HTTP."""
     port = free_port()
+    # The server logs every request to stderr: a file, not a pipe nobody drains (a full pipe
+    # would block the server mid-test).
+    log = tempfile.TemporaryFile(mode="w+")
     proc = subprocess.Popen([str(binary), "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.DEVNULL, stderr=log, text=True)
     try:
         deadline = time.monotonic() + timeout
         while True:
             if proc.poll() is not None:
-                pytest.fail(f"moto_server exited with {proc.returncode}: {proc.stderr.read()[-2000:]}")
+                log.seek(0)
+                pytest.fail(f"moto_server exited with {proc.returncode}: {log.read()[-2000:]}")
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=1):
                     break
@@ -87,7 +92,7 @@ def moto_server(binary: Path, *, timeout: float = 20.0) -> Iterator[S3Server]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-        proc.stderr.close()
+        log.close()
 
 
 def upload(fs: pafs.FileSystem, local: Path, key: str) -> str:
