@@ -247,7 +247,7 @@ def _bootstrap_thresholds(
     for chunk in extended_windows(rng, n, bootstraps, ext):
         idx = torch.from_numpy(chunk).to(k.device)
         g = _gather_blocks(k, chunk)                         # (c, 2W-1, 2W-1) float32
-        g_cols = g.sum(1).to(torch.float64)                  # <= 2W-1 terms each: float32 is exact enough
+        g_cols = g.sum(1).to(torch.float64)                  # <= 2W-1 terms each: float32 is accurate enough
         cross_cols = col_full[idx] - g_cols  # sum over sub-reference rows of k(., ext_j)
         sub_off = total - 2.0 * cross_cols.sum(1) - g_cols.sum(1) - sub_rows
         sub_mean = (sub_off / (sub_rows * (sub_rows - 1)))[:, None]
