@@ -59,8 +59,9 @@ class ActivationConfig:
 class MmdConfig:
     enabled: bool = True
     permutations: int = 100
-    # Windows that share one draw of the permutations (their reference-only sums are the costly
-    # part); each window's p-value stays exact because the draw never depends on its rows.
+    # Windows each draw of the permutations serves (their reference-only sums are the costly
+    # part; 8 draws serve consecutive windows in turn). A p-value stays exact because the draw
+    # never depends on the window's rows (monitor/signals/mmd.py, PermutationSchedule).
     redraw_permutations_every: int = 20
     alpha: float = 0.05
     max_window_rows: int = 500      # window rows are subsampled to this for the test
@@ -129,22 +130,25 @@ _SECRET_QUERY_KEYS = ("access_key", "secret_key", "session_token")
 
 def redact_location(location: str) -> str:
     """A location fit for logs and error messages: credentials a URI may carry (user:secret@ or
-    access_key/secret_key/session_token options) replaced by ***."""
+    access_key/secret_key/session_token options) replaced by ***.
+
+    Works on the raw text, not a URI parse: an unencoded secret may contain "/" (AWS keys do),
+    which would end a parser's authority early and leave the secret in the "path"."""
     if "://" not in location:
         return location
-    parts = urllib.parse.urlsplit(location)
-    netloc = parts.netloc
-    if "@" in netloc:
-        netloc = "***@" + netloc.rpartition("@")[2]
-    query = "&".join(
-        f"{key}=***" if key in _SECRET_QUERY_KEYS else item
-        for item in parts.query.split("&") if item
-        for key in [item.partition("=")[0]]
-    )
-    if (netloc, query) == (parts.netloc, parts.query):
-        return location
-    # urlunsplit would drop the "//" of an empty netloc (s3://?...): rebuilt by hand
-    return f"{parts.scheme}://{netloc}{parts.path}" + (f"?{query}" if query else "")
+    scheme, rest = location.split("://", 1)
+    head, sep, query = rest.partition("?")
+    at = head.rfind("@")
+    # user@ / user:secret@ before the bucket; an "@" deeper in a path without ":" before it is
+    # taken as part of an object key (over-redacting a message is the safe mistake)
+    if at >= 0 and ("/" not in head[:at] or ":" in head[:at]):
+        head = "***" + head[at:]
+    if query:
+        query = "&".join(
+            f"{item.partition('=')[0]}=***" if item.partition("=")[0] in _SECRET_QUERY_KEYS else item
+            for item in query.split("&")
+        )
+    return f"{scheme}://{head}{sep}{query}"
 
 
 def _comparable(location: str) -> PurePosixPath:
@@ -153,6 +157,8 @@ def _comparable(location: str) -> PurePosixPath:
     if "://" not in location:
         return PurePosixPath(location)
     parts = urllib.parse.urlsplit(location)
+    if parts.scheme == "file":  # the same files as the local path
+        return PurePosixPath(parts.path)
     return PurePosixPath("/", parts.scheme, parts.netloc.rpartition("@")[2], parts.path.lstrip("/"))
 
 

@@ -9,6 +9,7 @@ import torch
 from scipy import stats
 
 from monitor.signals.mmd import (
+    DRAWS_IN_ROTATION,
     MmdReference,
     PermutationPlan,
     PermutationSchedule,
@@ -169,19 +170,36 @@ def test_one_draw_reused_over_many_null_windows_keeps_p_values_uniform() -> None
     assert 4 <= int((p <= 0.05).sum()) <= 29
 
 
-def test_schedule_redraws_every_n_windows_and_is_the_same_after_a_restart() -> None:
+def test_schedule_rotates_draws_replaces_each_after_n_uses_and_survives_a_restart() -> None:
     x = gaussian_rows(np.random.default_rng(2), 60, 4)
     ref = MmdReference.build(x, median_bandwidth(x))
-    schedule = PermutationSchedule(ref, permutations=20, redraw_every=5, seed=7)
-    first = schedule.for_window(0, 30)
-    assert all(schedule.for_window(i, 30) is first for i in range(5))
-    second = schedule.for_window(5, 30)
-    assert not torch.equal(second.lhs, first.lhs)
+    schedule = PermutationSchedule(ref, permutations=20, redraw_every=3, seed=7)
+    rotation = DRAWS_IN_ROTATION
+    plans = [schedule.for_window(i, 30) for i in range(3 * rotation + 1)]
+    # adjacent windows (fewer than the rotation apart) never share a draw...
+    for i in range(len(plans)):
+        for j in range(i + 1, min(i + rotation, len(plans))):
+            assert not torch.equal(plans[i].lhs, plans[j].lhs)
+    # ...each draw serves redraw_every windows, one rotation apart, then is replaced
+    assert plans[0] is plans[rotation] is plans[2 * rotation]
+    assert not torch.equal(plans[3 * rotation].lhs, plans[0].lhs)
     assert schedule.for_window(7, 12).window_rows == 12  # a short window gets its own draw
     # A restarted daemon (a new schedule) recomputes the very same permutations for a window.
-    restarted = PermutationSchedule(ref, permutations=20, redraw_every=5, seed=7)
-    assert torch.equal(restarted.for_window(6, 30).lhs, second.lhs)
-    assert torch.equal(restarted.for_window(6, 30).ss, second.ss)
+    restarted = PermutationSchedule(ref, permutations=20, redraw_every=3, seed=7)
+    assert torch.equal(restarted.for_window(rotation + 5, 30).lhs, plans[5].lhs)
+    assert torch.equal(restarted.for_window(rotation + 5, 30).ss, plans[5].ss)
+
+
+def test_bad_window_sets_and_a_plan_for_another_reference_are_rejected() -> None:
+    rng = np.random.default_rng(3)
+    x = gaussian_rows(rng, 20, 4)
+    ref, other = MmdReference.build(x, 1.0), MmdReference.build(x, 1.0)
+    with pytest.raises(ValueError, match="in \\[0, 25\\)"):
+        PermutationPlan.from_window_sets(ref, np.array([[0, 25, 3, 4, 5]]))
+    with pytest.raises(ValueError, match="repeats an index"):
+        PermutationPlan.from_window_sets(ref, np.array([[0, 1, 1, 4, 5]]))
+    with pytest.raises(ValueError, match="another reference"):
+        mmd_test(ref, gaussian_rows(rng, 5, 4), plan=PermutationPlan.draw(other, 5, 9, rng))
 
 
 def test_a_permutation_that_keeps_the_window_ties_and_counts_as_exceeding() -> None:
