@@ -8,7 +8,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from monitor.cli.common import add_config_argument
-from monitor.config import IngestConfig, MmdConfig, load_config
+from monitor.config import IngestConfig, MmdConfig, load_config, redact_location
 from monitor.errors import ConfigError, ContractError, DriftdError
 from monitor.ingest.tail import FileNotReady, Tailer
 from monitor.reference import DEFAULT_MAX_ROWS, ReferenceBuilder, save_reference
@@ -35,7 +35,7 @@ def build(args: argparse.Namespace) -> int:
         projection=mmd.projection,
         projection_dims=mmd.projection_dims,
         seed=args.seed,
-        source=args.logs,
+        source=redact_location(args.logs),  # stored in the reference's metadata
     )
     if "://" not in args.logs and not Path(args.logs).exists():
         raise ConfigError(f"--logs {args.logs}: no such file or directory")
@@ -57,7 +57,9 @@ def build(args: argparse.Namespace) -> int:
             log.warning("skipping %s: %s", info.path, exc)
     if not builder.versions():
         which = f" for model_version {args.model_version!r}" if args.model_version else ""
-        raise DriftdError(f"no valid rows{which} under {args.logs} ({files} files read, {skipped} skipped)")
+        raise DriftdError(
+            f"no valid rows{which} under {redact_location(args.logs)} ({files} files read, {skipped} skipped)"
+        )
     for version, ref in builder.finish().items():
         path = save_reference(ref, out)
         acc = "no labels" if ref.accuracy is None else f"accuracy {ref.accuracy:.4f} on {ref.labelled_rows} labels"

@@ -103,14 +103,21 @@ def resolve_filesystem(location: str) -> tuple[pafs.FileSystem, str]:
             filesystem = pafs.S3FileSystem(**{**options, **client_options})
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as exc:
         raise ContractError(
-            f"{shown}: cannot open this log location ({str(exc).replace(location, shown)}); use a local path or a "
-            "file://, s3:// or gs:// URI",
+            f"{shown}: cannot open this log location ({_redacted_text(str(exc), location, uri)}); use a local "
+            "path or a file://, s3:// or gs:// URI",
             reason="unreadable", path=shown,
         ) from None
     if filesystem.type_name in _OBJECT_STORES and not path.strip("/"):
         raise ContractError(f"{shown}: names no bucket; use {filesystem.type_name}://BUCKET/PREFIX",
                             reason="unreadable", path=shown)
     return filesystem, path
+
+
+def _redacted_text(text: str, *locations: str) -> str:
+    """``text`` (e.g. pyarrow's error, which may quote the URI) with each location redacted."""
+    for location in locations:
+        text = text.replace(location, redact_location(location))
+    return text
 
 
 def _split_client_options(location: str) -> tuple[str, dict[str, float]]:
@@ -161,6 +168,7 @@ class Tailer:
     def __init__(self, location: str, kind: Kind, config: IngestConfig, *, clock: Callable[[], float] = time.time,
                  filesystem: pafs.FileSystem | None = None):
         self.location = redact_location(location)  # for messages only: no credentials in logs
+        self._bucket_seen = False  # an object store's bucket was seen to exist (see _check_bucket)
         self.kind = kind
         self.config = config
         self.clock = clock
@@ -196,15 +204,22 @@ class Tailer:
     def _check_bucket(self) -> None:
         """An empty listing is normal for a prefix nothing was written to yet, but a missing bucket
         (a typo) would look the same forever: report it."""
+        if self._bucket_seen:
+            return
         bucket = self.root.split("/", 1)[0]
         try:
             missing = self.filesystem.get_file_info(bucket).type == pafs.FileType.NotFound
         except OSError as exc:
-            raise self._unlistable(exc) from None
-        if missing:
-            raise ContractError(
-                f"{self.location}: bucket {bucket!r} does not exist (or these credentials cannot see it); "
-                "fix the bucket name or the endpoint in the URI", reason="unreadable", path=self.location)
+            # e.g. AccessDenied: least-privilege policies grant listing a prefix, not HeadBucket.
+            # The listing itself worked, so the bucket is taken to exist.
+            log.debug("%s: cannot check that bucket %r exists (%s); assuming it does", self.location, bucket, exc)
+            missing = False
+        if not missing:
+            self._bucket_seen = True  # checked once: an extra request per cycle buys nothing more
+            return
+        raise ContractError(
+            f"{self.location}: bucket {bucket!r} does not exist (or these credentials cannot see it); "
+            "fix the bucket name or the endpoint in the URI", reason="unreadable", path=self.location)
 
     def _unlistable(self, exc: OSError) -> ContractError:
         return ContractError(f"{self.location}: cannot list {self.kind} logs: {exc}", reason="unreadable",
