@@ -253,7 +253,7 @@ def _parse_monitor(root: Section, base: Path) -> MonitorConfig:
         max_reference_rows=mm.int("max_reference_rows", m.max_reference_rows, minimum=2),
         projection=mm.choice("projection", ("pca", "random", "none"), m.projection),
         projection_dims=mm.int("projection_dims", m.projection_dims, minimum=1),
-        seed=mm.int("seed", m.seed),
+        seed=mm.int("seed", m.seed, minimum=0),
     )
     mm.finish()
     on = sig.section("online_mmd")
@@ -265,7 +265,7 @@ def _parse_monitor(root: Section, base: Path) -> MonitorConfig:
         ert_rows=on.float("ert_rows", o.ert_rows, minimum=1),
         bootstraps=on.int("bootstraps", o.bootstraps, minimum=10),
         max_reference_rows=on.int("max_reference_rows", o.max_reference_rows, minimum=4),
-        seed=on.int("seed", o.seed),
+        seed=on.int("seed", o.seed, minimum=0),
     )
     on.finish()
     if online.enabled:

@@ -99,10 +99,12 @@ def test_cli_errors_are_one_line_with_exit_codes(logs: Path, capsys, monkeypatch
 def test_bad_config_keys_are_all_named(tmp_path: Path, capsys):
     cfg = tmp_path / "bad.yaml"
     cfg.write_text(yaml.safe_dump({"logs": {"inference": "x"}, "windw": {"rows": 5},
-                                   "signals": {"mmd": {"permutations": 0}}}))
+                                   "signals": {"mmd": {"permutations": 0, "redraw_permutations_every": 0, "seed": -1}}}))
     assert main(["check", "--config", str(cfg)]) == 2
     err = capsys.readouterr().err
     assert "windw: unknown key" in err and "signals.mmd.permutations: must be >= 1, got 0" in err
+    assert "signals.mmd.redraw_permutations_every: must be >= 1, got 0" in err
+    assert "signals.mmd.seed: must be >= 0, got -1" in err  # numpy's generators take no negative seed
 
 
 def test_toml_config_works_the_same(logs: Path, capsys):
