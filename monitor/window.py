@@ -93,17 +93,15 @@ class VersionMonitor:
         sig = config.signals
         projected = reference.projection.apply(reference.sample)
         self.projected_dim = int(projected.shape[1])
-        self.mmd_reference = (
-            MmdReference.build(projected[: sig.mmd.max_reference_rows], reference.bandwidth) if sig.mmd.enabled else None
-        )
+        # The batch test's reference lives in its schedule (``.ref``), the one place that uses it.
         self.mmd_permutations = (
             PermutationSchedule(
-                self.mmd_reference,
+                MmdReference.build(projected[: sig.mmd.max_reference_rows], reference.bandwidth),
                 permutations=sig.mmd.permutations,
                 redraw_every=sig.mmd.redraw_permutations_every,
                 seed=sig.mmd.seed,
             )
-            if self.mmd_reference is not None
+            if sig.mmd.enabled
             else None
         )
         self._projected_sample = projected
