@@ -210,12 +210,13 @@ class PermutationPlan:
         # The window group of a uniform permutation is a uniform n-subset of the pooled rows:
         # the n largest of m + n iid uniform keys (half the cost of drawing whole permutations).
         sets = generator.random((permutations, m + n)).argpartition(m, axis=1)[:, m:]
-        return cls.from_window_sets(ref, np.ascontiguousarray(sets))
+        return cls._build(ref, np.ascontiguousarray(sets))  # distinct and in range by construction
 
     @classmethod
     def from_window_sets(cls, ref: MmdReference, window_sets: np.ndarray) -> PermutationPlan:
         """A plan from explicit window groups: (B, n) pooled indices, 0..m-1 the reference rows,
-        m..m+n-1 the window rows."""
+        m..m+n-1 the window rows. Raises ValueError on a bad shape, an index out of range or
+        repeated within a row."""
         arr = np.asarray(window_sets, dtype=np.int64)
         if arr.ndim != 2 or arr.shape[1] < 2:
             raise ValueError(f"window_sets must be (permutations, window_rows >= 2), got shape {arr.shape}")
@@ -225,6 +226,11 @@ class PermutationPlan:
         ordered = np.sort(arr, axis=1)
         if (ordered[:, 1:] == ordered[:, :-1]).any():
             raise ValueError("window_sets: a row repeats an index; each row must name distinct pooled rows")
+        return cls._build(ref, arr)
+
+    @classmethod
+    def _build(cls, ref: MmdReference, arr: np.ndarray) -> PermutationPlan:
+        m, n = ref.rows, int(arr.shape[1])
         sets = torch.from_numpy(arr).to(ref.x.device)
         lhs = torch.zeros((1 + int(sets.shape[0]), m + n), dtype=torch.float32, device=ref.x.device)
         lhs[0] = 1.0
