@@ -133,12 +133,13 @@ def build_world(root: Path, checkpoint: Path, d: Digits, *, retrain: dict | None
     log(root / "replay", replay_ids, d.images[d.replay], replay_uris, d.labels[d.replay])
     log(root / "inference", prod_ids, shifted, prod_uris, None)
     store = StateStore.open(root / "state")
-    joiner = LabelJoiner(store, IngestConfig(), clock=lambda: NOW)
+    joiner = LabelJoiner(store, IngestConfig())
     for path in sorted((root / "inference").glob("*.parquet")):
-        joiner.add_predictions(_batch_from_file(path))
+        batch = _batch_from_file(path)
+        joiner.add_predictions(batch, float(batch.timestamp.max()))
     joiner.add_labels(LabelBatch(source="labels.parquet", request_id=np.asarray(prod_ids, dtype=object),
                                  label=d.labels[prod_idx].astype(np.int64),
-                                 labeled_at=np.full(len(prod_ids), NOW - 60.0)))
+                                 labeled_at=np.full(len(prod_ids), NOW - 60.0)), NOW - 3600 + len(prod_ids) * 0.1)
     store.commit()
     store.close()
     hyper = {k: v for k, v in dataclasses.asdict(FAST_HYPER).items() if v is not None}

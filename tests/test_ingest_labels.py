@@ -1,4 +1,4 @@
-"""Label joins by request_id in either arrival order, duplicates, TTLs and persistence."""
+"""Label joins by request_id in either arrival order, duplicates, event-time TTLs and persistence."""
 
 from __future__ import annotations
 
@@ -9,14 +9,6 @@ from monitor.config import IngestConfig
 from monitor.ingest.labels import LabelJoiner, count_labelled, labelled_rows
 from monitor.ingest.records import InferenceBatch, LabelBatch
 from monitor.ingest.store import StateStore, connect_readonly
-
-
-class Clock:
-    def __init__(self, now: float = 1_000_000.0):
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def predictions(ids: list[str], *, version: str = "v1", t0: float = 500.0, first_row: int = 0,
@@ -45,7 +37,7 @@ def store(tmp_path):
 
 
 def test_prediction_first_then_label(store):
-    joiner = LabelJoiner(store, IngestConfig(), clock=Clock())
+    joiner = LabelJoiner(store, IngestConfig())
     dup, joined = joiner.add_predictions(predictions(["a", "b", "c"], first_row=40))
     assert not dup.any() and joined == []
     joined = joiner.add_labels(labels(["b", "zz"], [1, 0]))
@@ -58,7 +50,7 @@ def test_prediction_first_then_label(store):
 
 
 def test_label_first_then_prediction(store):
-    joiner = LabelJoiner(store, IngestConfig(), clock=Clock())
+    joiner = LabelJoiner(store, IngestConfig())
     assert joiner.add_labels(labels(["x", "y"], [2, 0])) == []
     dup, joined = joiner.add_predictions(predictions(["w", "x"]))
     assert [(j.request_id, j.label, j.prediction) for j in joined] == [("x", 2, 1)]
@@ -66,7 +58,7 @@ def test_label_first_then_prediction(store):
 
 
 def test_duplicate_predictions_and_labels(store):
-    joiner = LabelJoiner(store, IngestConfig(), clock=Clock())
+    joiner = LabelJoiner(store, IngestConfig())
     dup, _ = joiner.add_predictions(predictions(["a", "b", "a"]))
     assert list(dup) == [False, False, True]
     joiner.add_labels(labels(["a"], [1]))
@@ -78,44 +70,59 @@ def test_duplicate_predictions_and_labels(store):
 
 
 def test_inline_labels_join_at_once(store):
-    joiner = LabelJoiner(store, IngestConfig(), clock=Clock())
+    joiner = LabelJoiner(store, IngestConfig())
     _, joined = joiner.add_predictions(predictions(["a", "b"], labels=[2, -1]))
     assert [(j.request_id, j.label, j.labeled_at) for j in joined] == [("a", 2, 500.0)]
     assert joiner.pending_counts() == (1, 0)
 
 
-def test_ttl_expiry_and_caps_are_counted(store):
-    clock = Clock(0.0)
+def test_ttl_expiry_and_caps_are_counted_in_event_time(store):
+    """Every age is the watermark's (the newest prediction time), never the wall clock."""
     cfg = IngestConfig(prediction_ttl_seconds=100, label_ttl_seconds=10, max_pending_predictions=3,
                        max_pending_labels=100, labelled_retention_seconds=1000)
-    joiner = LabelJoiner(store, cfg, clock=clock)
-    joiner.add_labels(labels(["early"], [1], at=0.0))
-    joiner.add_predictions(predictions(["p0", "p1"]))
-    clock.now = 50.0
-    joiner.add_predictions(predictions(["p2", "p3", "p4"]))
-    counts = joiner.expire()  # early label is 50 s old > 10 s; 5 predictions > cap 3: two oldest dropped
+    joiner = LabelJoiner(store, cfg)
+    joiner.add_labels(labels(["early"], [1], at=0.0), event_time=None)  # before any prediction: ages from labeled_at
+    joiner.add_predictions(predictions(["p0", "p1"], t0=0.0), event_time=1.0)
+    joiner.add_predictions(predictions(["p2", "p3", "p4"], t0=50.0), event_time=52.0)
+    counts = joiner.expire(52.0)  # early label is 52 s old > 10 s; 5 predictions > cap 3: two oldest dropped
     assert (counts.labels_unmatched, counts.predictions_expired, counts.predictions_dropped) == (1, 0, 2)
-    clock.now = 120.0
-    joiner.add_labels(labels(["p4"], [0], at=100.0))
-    counts = joiner.expire()  # p2, p3 arrived at 50: 70 s old, kept
+    joiner.add_labels(labels(["p4"], [0], at=100.0), event_time=120.0)
+    counts = joiner.expire(120.0)  # p2, p3 were predicted at 50 and 51: 70 s old, kept
     assert counts.predictions_expired == 0 and joiner.pending_counts() == (2, 0)
-    clock.now = 151.0
-    assert joiner.expire().predictions_expired == 2
-    clock.now = 1101.0
-    assert joiner.expire().labelled_pruned == 1
+    assert joiner.expire(151.5).predictions_expired == 2
+    assert joiner.expire(1051.0).labelled_pruned == 0  # p4 was predicted at 52: 999 s old
+    assert joiner.expire(1052.5).labelled_pruned == 1
     c = store.counters()
     assert c[("labels", "unmatched")] == 1 and c[("predictions", "expired")] == 2
     assert c[("predictions", "dropped_over_cap")] == 2 and c[("labelled", "pruned")] == 1
     assert ("labels", "dropped_over_cap") not in c
 
 
+def test_old_logs_age_like_live_ones(store):
+    """A replay of logs stamped 70 days ago joins and keeps its rows: only the watermark ages them."""
+    seventy_days_ago = 1_800_000_000.0 - 70 * 86400
+    joiner = LabelJoiner(store, IngestConfig())  # defaults: 14-day prediction TTL, 30-day retention
+    wm = seventy_days_ago + 3
+    joiner.add_predictions(predictions(["a", "b", "c", "d"], t0=seventy_days_ago), event_time=wm)
+    joined = joiner.add_labels(labels(["a", "b", "c"], [1, 1, 0], at=seventy_days_ago + 500), event_time=wm)
+    assert len(joined) == 3
+    assert not joiner.expire(wm).any  # nothing is old by the stream's own clock
+    assert count_labelled(store.connection) == 3
+    # ... and once the stream itself moves 31 days on, they are pruned
+    assert joiner.expire(seventy_days_ago + 31 * 86400).labelled_pruned == 3
+
+
+def test_no_watermark_ages_nothing(store):
+    joiner = LabelJoiner(store, IngestConfig(label_ttl_seconds=1))
+    joiner.add_labels(labels(["x"], [1], at=0.0), event_time=None)
+    assert not joiner.expire(None).any and joiner.pending_counts() == (0, 1)
+
+
 def test_label_cap_drops_oldest_and_counts_them_unmatched(store, caplog):
-    clock = Clock(0.0)
-    joiner = LabelJoiner(store, IngestConfig(max_pending_labels=2), clock=clock)
+    joiner = LabelJoiner(store, IngestConfig(max_pending_labels=2))
     for i, rid in enumerate(["l0", "l1", "l2"]):
-        clock.now = float(i)
-        joiner.add_labels(labels([rid], [0]))
-    assert joiner.expire().labels_dropped == 1
+        joiner.add_labels(labels([rid], [0]), event_time=float(i))
+    assert joiner.expire(None).labels_dropped == 1
     assert store.counters()[("labels", "unmatched")] == 1 and store.counters()[("labels", "dropped_over_cap")] == 1
     assert [j.request_id for j in joiner.add_predictions(predictions(["l0", "l1", "l2"]))[1]] == ["l1", "l2"]
     assert "max_pending" in caplog.text
@@ -124,20 +131,19 @@ def test_label_cap_drops_oldest_and_counts_them_unmatched(store, caplog):
 
 def test_state_persists_across_reopen_and_readonly_queries(tmp_path):
     store = StateStore.open(tmp_path)
-    joiner = LabelJoiner(store, IngestConfig(), clock=Clock())
+    joiner = LabelJoiner(store, IngestConfig())
     joiner.add_predictions(predictions(["a", "b", "c"], version="v1"))
     joiner.add_predictions(predictions(["d"], version="v2"))
     joiner.add_labels(labels(["zz"], [1]))
     store.commit()
-    joiner.add_labels(labels(["a"], [1]))  # not committed: lost
+    joiner.add_labels(labels(["a"], [1]))  # not committed: lost, and so is its join number
     store.close()
 
     store = StateStore.open(tmp_path)
-    clock = Clock()
-    joiner = LabelJoiner(store, IngestConfig(), clock=clock)
-    assert joiner.pending_counts() == (4, 1)
+    joiner = LabelJoiner(store, IngestConfig())
+    assert joiner.pending_counts() == (4, 1) and joiner.join_seq == 0
     joiner.add_labels(labels(["a"], [1], at=10.0))
-    clock.now += 100  # joins are counted by driftd's clock, not the producer's labeled_at
+    first = joiner.join_seq
     joiner.add_labels(labels(["b"], [0], at=20.0))
     joiner.add_labels(labels(["d"], [2], at=30.0))
     joiner.add_predictions(predictions(["zz"]))
@@ -147,6 +153,10 @@ def test_state_persists_across_reopen_and_readonly_queries(tmp_path):
     assert [r.request_id for r in labelled_rows(reader, limit=2)] == ["zz", "d"]
     assert [r.request_id for r in labelled_rows(reader, since=15.0, until=30.0)] == ["b"]
     assert [r.request_id for r in labelled_rows(reader, model_version="v2")] == ["d"]
-    assert count_labelled(reader, None) == 4 and count_labelled(reader, clock.now) == 3
+    assert [r.request_id for r in labelled_rows(reader, predicted_since=501.0)] == ["b"]  # prediction time
+    # "joined since" counts join numbers, whatever the producer's labeled_at says
+    assert count_labelled(reader) == 4 and count_labelled(reader, after_join=first) == 3
+    assert count_labelled(reader, after_join=first, model_version="v1") == 2
+    assert count_labelled(reader, predicted_since=501.0) == 1
     reader.close()
     store.close()

@@ -4,9 +4,15 @@ A prediction waits in ``pending_predictions`` until its label comes (or ``predic
 passes); a label that arrives before its prediction waits in ``pending_labels`` (up to
 ``label_ttl``). A match becomes a row of ``labelled``: the accuracy signal and the retraining
 data. All of it lives in the checkpoint database and joins its transaction, so joins are
-exactly-once with the cursors. Ages for the TTLs are measured from when driftd read the row
-(the injected clock), so replaying old logs does not expire everything at once; labelled rows
-are pruned by ``labeled_at``.
+exactly-once with the cursors.
+
+Every age here is event time: measured against the stream's watermark (the newest prediction
+timestamp accepted, passed in by the engine), never the wall clock, so a replay of logs stamped
+months ago joins, waits, expires and is retained exactly as the live traffic was. A prediction's
+age is ``watermark - timestamp``; an early label's is the watermark's advance since it arrived;
+a joined row is kept for retraining while ``watermark - timestamp < labelled_retention``. With no
+watermark yet (labels before any prediction) nothing ages. Joins are numbered (``join_seq``) so
+"rows joined since the last retrain" needs no clock either.
 """
 
 from __future__ import annotations
@@ -15,15 +21,13 @@ import itertools
 import json
 import logging
 import sqlite3
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
 from monitor.config import IngestConfig
 from monitor.ingest.records import InferenceBatch, JoinedLabel, LabelBatch
-from monitor.ingest.store import StateStore
+from monitor.ingest.store import JOIN_SEQ, StateStore
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +54,10 @@ class ExpiryCounts:
     labels_dropped: int = 0          # oldest pending labels dropped over max_pending_labels
     labelled_pruned: int = 0         # joined rows older than labelled_retention_seconds
 
+    @property
+    def any(self) -> bool:
+        return any(getattr(self, f) for f in self.__dataclass_fields__)
+
 
 def _id_list(values: np.ndarray) -> list[str]:
     """The ids as a list of str (the contract reads them as str already: no per-row conversion)."""
@@ -73,18 +81,22 @@ def _first_occurrence(ids: list[str]) -> np.ndarray:
 
 
 class LabelJoiner:
-    """Joins predictions and labels through the store's open transaction (commit is the caller's)."""
+    """Joins predictions and labels through the store's open transaction (commit is the caller's).
 
-    def __init__(self, store: StateStore, config: IngestConfig, *, clock: Callable[[], float] = time.time):
+    ``event_time`` arguments are the engine's watermark (None before the first prediction)."""
+
+    def __init__(self, store: StateStore, config: IngestConfig):
         self.store = store
         self.config = config
-        self.clock = clock
+        mark = store.get_mark(JOIN_SEQ)
+        self.join_seq = int(mark) if mark is not None else 0
 
     def _lookup(self, sql: str, ids: list[str]) -> list[tuple]:
         # json_each turns the whole batch into one indexed join instead of one query per row.
         return self.store.query(sql, (json.dumps(ids),))
 
-    def add_predictions(self, batch: InferenceBatch) -> tuple[np.ndarray, list[JoinedLabel]]:
+    def add_predictions(self, batch: InferenceBatch, event_time: float | None = None
+                        ) -> tuple[np.ndarray, list[JoinedLabel]]:
         """Store predictions to await labels; returns (duplicate mask, joins completed by early labels).
 
         A row is a duplicate when its request_id was seen before (pending or labelled) or earlier in
@@ -114,13 +126,14 @@ class LabelJoiner:
 
         confidence = batch.probs.max(axis=1).astype(np.float64) if batch.probs.shape[1] else np.zeros(n)
         uris = batch.input_uri if batch.input_uri is not None else np.full(n, None, dtype=object)
-        now = self.clock()
+        # arrived_at orders the pending buffer for its cap: event time, as everything here
+        arrived = np.full(n, event_time) if event_time is not None else batch.timestamp
         self.store.executemany(
             "INSERT INTO pending_predictions (request_id, timestamp, model_version, prediction, confidence, source, row,"
             " input_uri, arrived_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             zip([ids[i] for i in wait.tolist()], batch.timestamp[wait].tolist(), batch.model_version[wait].tolist(),
                 batch.prediction[wait].tolist(), confidence[wait].tolist(), itertools.repeat(batch.source),
-                (batch.first_row + wait).tolist(), uris[wait].tolist(), itertools.repeat(now)))
+                (batch.first_row + wait).tolist(), uris[wait].tolist(), arrived[wait].tolist()))
         joined = []
         for i in np.flatnonzero(joins).tolist():
             label, labeled_at = early.get(ids[i]) or (int(inline[i]), float(batch.timestamp[i]))
@@ -131,10 +144,10 @@ class LabelJoiner:
             self.store.executemany("DELETE FROM pending_labels WHERE request_id = ?",
                                    [(j.request_id,) for j in joined if j.request_id in early])
         if joined:
-            self._record(joined)
+            self._record(joined, event_time)
         return duplicate, joined
 
-    def add_labels(self, batch: LabelBatch) -> list[JoinedLabel]:
+    def add_labels(self, batch: LabelBatch, event_time: float | None = None) -> list[JoinedLabel]:
         """Join labels with pending predictions; unmatched ones wait. Returns the completed joins.
 
         A label for a request_id already labelled or already waiting counts ("labels", "duplicate")
@@ -157,12 +170,13 @@ class LabelJoiner:
             "FROM json_each(?) j JOIN pending_predictions p ON p.request_id = j.value", [ids[i] for i in keep])}
         label = batch.label.tolist()
         at = batch.labeled_at.tolist()
-        now = self.clock()
         waiting, joined = [], []
         for i in keep:
             p = preds.get(ids[i])
             if p is None:
-                waiting.append((ids[i], label[i], at[i], now))
+                # An early label's age counts from the watermark when it arrived (before any
+                # prediction: from its own labeled_at, the only time it has).
+                waiting.append((ids[i], label[i], at[i], at[i] if event_time is None else event_time))
             else:
                 joined.append(JoinedLabel(ids[i], p[0], float(p[1]), float(at[i]), int(p[2]), int(label[i]), float(p[3]),
                                           p[4], int(p[5]), p[6]))
@@ -171,28 +185,34 @@ class LabelJoiner:
         if joined:
             self.store.executemany("DELETE FROM pending_predictions WHERE request_id = ?",
                                    [(j.request_id,) for j in joined])
-            self._record(joined)
+            self._record(joined, event_time)
         return joined
 
-    def _record(self, joined: list[JoinedLabel]) -> None:
-        now = self.clock()
+    def _record(self, joined: list[JoinedLabel], event_time: float | None) -> None:
+        first = self.join_seq + 1
+        self.join_seq += len(joined)
         self.store.executemany(
-            f"INSERT INTO labelled ({_LABELLED_COLUMNS}, joined_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            f"INSERT INTO labelled ({_LABELLED_COLUMNS}, joined_at, join_seq) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             [(j.request_id, j.model_version, j.timestamp, j.labeled_at, j.prediction, j.label, j.confidence, j.source,
-              j.row, j.input_uri, now) for j in joined])
+              j.row, j.input_uri, j.timestamp if event_time is None else event_time, first + i)
+             for i, j in enumerate(joined)])
+        self.store.set_mark(JOIN_SEQ, self.join_seq)
         self.store.add_counter("labels", "joined", len(joined))
 
-    def expire(self) -> ExpiryCounts:
-        """Apply TTLs, pending caps (oldest dropped first) and labelled retention; counts each."""
-        now = self.clock()
+    def expire(self, event_time: float | None) -> ExpiryCounts:
+        """Apply TTLs and labelled retention against ``event_time`` (the watermark; None: only the
+        pending caps apply) and the pending caps (oldest dropped first); counts each."""
         cfg = self.config
+        aged = event_time is not None
         counts = ExpiryCounts(
-            labels_unmatched=self._delete("DELETE FROM pending_labels WHERE arrived_at < ?", now - cfg.label_ttl_seconds),
-            predictions_expired=self._delete("DELETE FROM pending_predictions WHERE arrived_at < ?",
-                                             now - cfg.prediction_ttl_seconds),
+            labels_unmatched=self._delete("DELETE FROM pending_labels WHERE arrived_at < ?",
+                                          event_time - cfg.label_ttl_seconds) if aged else 0,
+            predictions_expired=self._delete("DELETE FROM pending_predictions WHERE timestamp < ?",
+                                             event_time - cfg.prediction_ttl_seconds) if aged else 0,
             predictions_dropped=self._cap("pending_predictions", cfg.max_pending_predictions),
             labels_dropped=self._cap("pending_labels", cfg.max_pending_labels),
-            labelled_pruned=self._delete("DELETE FROM labelled WHERE labeled_at < ?", now - cfg.labelled_retention_seconds),
+            labelled_pruned=self._delete("DELETE FROM labelled WHERE timestamp < ?",
+                                         event_time - cfg.labelled_retention_seconds) if aged else 0,
         )
         # Labels dropped over the cap never matched either: they count as unmatched (plus a warning).
         for name, key, value in (("labels", "unmatched", counts.labels_unmatched + counts.labels_dropped),
@@ -226,11 +246,14 @@ class LabelJoiner:
 
 
 def labelled_rows(conn: sqlite3.Connection, *, since: float | None = None, until: float | None = None,
-                  model_version: str | None = None, limit: int | None = None) -> list[JoinedLabel]:
-    """Joined rows with ``since <= labeled_at < until``, oldest first; with ``limit``, the newest
-    ``limit`` rows, newest first. Works on a read-only connection (``store.connect_readonly``)."""
+                  model_version: str | None = None, limit: int | None = None,
+                  predicted_since: float | None = None) -> list[JoinedLabel]:
+    """Joined rows with ``since <= labeled_at < until`` and prediction ``timestamp >= predicted_since``
+    (event time: what lookbacks select on), oldest first; with ``limit``, the newest ``limit`` rows,
+    newest first. Works on a read-only connection (``store.connect_readonly``)."""
     where, params = [], []
-    for clause, value in (("labeled_at >= ?", since), ("labeled_at < ?", until), ("model_version = ?", model_version)):
+    for clause, value in (("labeled_at >= ?", since), ("labeled_at < ?", until), ("model_version = ?", model_version),
+                          ("timestamp >= ?", predicted_since)):
         if value is not None:
             where.append(clause)
             params.append(value)
@@ -246,11 +269,26 @@ def labelled_rows(conn: sqlite3.Connection, *, since: float | None = None, until
             for r in conn.execute(sql, params)]
 
 
-def count_labelled(conn: sqlite3.Connection, since: float | None = None) -> int:
-    """Number of rows joined (by driftd's clock) at or after ``since`` (all when None).
+def count_labelled(conn: sqlite3.Connection, *, after_join: int = 0, predicted_since: float | None = None,
+                   model_version: str | None = None) -> int:
+    """Joined rows still retained whose join came after join number ``after_join`` (0: all), whose
+    prediction ``timestamp >= predicted_since`` (event time) and of ``model_version`` when given.
 
-    The daemon compares with its own last-retrain time, so the count uses driftd's clock rather
-    than the producer's ``labeled_at``: late or backfilled labels still count as new."""
-    if since is None:
-        return int(conn.execute("SELECT COUNT(*) FROM labelled").fetchone()[0])
-    return int(conn.execute("SELECT COUNT(*) FROM labelled WHERE joined_at >= ?", (since,)).fetchone()[0])
+    The daemon counts "new labelled rows since the last retrain" by join number, so late or
+    backfilled labels count as new whatever their timestamps say, and no clock is involved."""
+    where, params = ["join_seq > ?"], [int(after_join)]
+    for clause, value in (("timestamp >= ?", predicted_since), ("model_version = ?", model_version)):
+        if value is not None:
+            where.append(clause)
+            params.append(value)
+    sql = "SELECT COUNT(*) FROM labelled WHERE " + " AND ".join(where)
+    return int(conn.execute(sql, params).fetchone()[0])
+
+
+def window_accuracy(conn: sqlite3.Connection, model_version: str, start: float, end: float) -> tuple[int, int]:
+    """(labelled rows, correct) among the joined predictions of ``model_version`` made in
+    ``[start, end]`` (event time): a window's own accuracy, once its labels have arrived."""
+    n, hits = conn.execute(
+        "SELECT COUNT(*), COALESCE(SUM(prediction = label), 0) FROM labelled "
+        "WHERE model_version = ? AND timestamp >= ? AND timestamp <= ?", (model_version, start, end)).fetchone()
+    return int(n), int(hits)

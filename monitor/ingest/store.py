@@ -24,7 +24,7 @@ from typing import IO, Any, Literal
 
 from monitor.errors import StateError
 
-SCHEMA_VERSION = 2  # 2: labelled.joined_at
+SCHEMA_VERSION = 3  # 2: labelled.joined_at; 3: marks, labelled.join_seq, event-time indexes
 DB_NAME = "state.db"
 LOCK_NAME = "state.lock"
 
@@ -60,10 +60,19 @@ CREATE TABLE IF NOT EXISTS labelled (
     request_id TEXT PRIMARY KEY, model_version TEXT NOT NULL, timestamp REAL NOT NULL,
     labeled_at REAL NOT NULL, prediction INTEGER NOT NULL, label INTEGER NOT NULL,
     confidence REAL NOT NULL, source TEXT NOT NULL, row INTEGER NOT NULL, input_uri TEXT,
-    joined_at REAL NOT NULL DEFAULT 0
+    joined_at REAL NOT NULL DEFAULT 0, join_seq INTEGER NOT NULL DEFAULT 0
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS labelled_labeled_at ON labelled (labeled_at);
+CREATE TABLE IF NOT EXISTS marks (name TEXT PRIMARY KEY, value REAL NOT NULL);
 """
+# Created after any migration: they name columns a version-1/2 table only has once migrated.
+_INDEXES = """
+CREATE INDEX IF NOT EXISTS labelled_timestamp ON labelled (timestamp);
+CREATE INDEX IF NOT EXISTS labelled_join_seq ON labelled (join_seq);
+CREATE INDEX IF NOT EXISTS pending_predictions_timestamp ON pending_predictions (timestamp);
+"""
+WATERMARK = "watermark"   # newest prediction timestamp accepted: the stream's own clock (epoch s)
+JOIN_SEQ = "join_seq"     # joins so far: labelled.join_seq counts up from 1, whatever any clock says
 
 
 @dataclass(frozen=True)
@@ -122,10 +131,8 @@ class StateStore:
             row = conn.execute("SELECT schema_version FROM meta").fetchone()
             if row is None:
                 conn.execute("INSERT INTO meta (schema_version) VALUES (?)", (SCHEMA_VERSION,))
-            elif row[0] == 1:
-                # joined_at (the driftd clock at the join): rows joined before it count as joined long ago.
-                conn.execute("ALTER TABLE labelled ADD COLUMN joined_at REAL NOT NULL DEFAULT 0")
-                conn.execute("UPDATE meta SET schema_version = ?", (SCHEMA_VERSION,))
+            elif row[0] < SCHEMA_VERSION:
+                _migrate(conn, row[0])
             elif row[0] > SCHEMA_VERSION:
                 conn.execute("ROLLBACK")
                 conn.close()
@@ -134,6 +141,9 @@ class StateStore:
                     f"{path}: checkpoint has schema version {row[0]} but this driftd understands up to "
                     f"{SCHEMA_VERSION}; it was written by a newer driftd: upgrade driftd or point state_dir elsewhere"
                 )
+            for statement in _INDEXES.split(";"):
+                if statement.strip():
+                    conn.execute(statement)
             conn.execute("COMMIT")
         except sqlite3.DatabaseError as exc:
             conn.close()
@@ -223,6 +233,43 @@ class StateStore:
     def get_blob(self, name: str) -> bytes | None:
         rows = self.query("SELECT data FROM blobs WHERE name = ?", (name,))
         return bytes(rows[0][0]) if rows else None
+
+    # ------------------------------------------------------------------ marks
+    def set_mark(self, name: str, value: float) -> None:
+        """A named number that moves with the checkpoint (the watermark, the join sequence)."""
+        self.execute("INSERT OR REPLACE INTO marks (name, value) VALUES (?, ?)", (name, float(value)))
+
+    def get_mark(self, name: str) -> float | None:
+        rows = self.query("SELECT value FROM marks WHERE name = ?", (name,))
+        return float(rows[0][0]) if rows else None
+
+
+def _migrate(conn: sqlite3.Connection, version: int) -> None:
+    """Bring an older checkpoint up to SCHEMA_VERSION inside the open transaction."""
+    if version < 2:
+        # joined_at (the clock at the join): rows joined before it count as joined long ago.
+        conn.execute("ALTER TABLE labelled ADD COLUMN joined_at REAL NOT NULL DEFAULT 0")
+    if version < 3:
+        # join_seq orders joins without any clock (a retrain counts the rows joined after its own);
+        # rows joined before it get 0, i.e. joined before every retrain this driftd will record.
+        conn.execute("ALTER TABLE labelled ADD COLUMN join_seq INTEGER NOT NULL DEFAULT 0")
+    conn.execute("UPDATE meta SET schema_version = ?", (SCHEMA_VERSION,))
+
+
+def read_mark(conn: sqlite3.Connection, name: str) -> float | None:
+    """A mark through any connection (e.g. :func:`connect_readonly`); None when never set."""
+    try:
+        row = conn.execute("SELECT value FROM marks WHERE name = ?", (name,)).fetchone()
+    except sqlite3.OperationalError:  # a checkpoint from before marks existed, not yet migrated
+        return None
+    return None if row is None else float(row[0])
+
+
+def read_watermark(conn: sqlite3.Connection) -> float | None:
+    """The stream's clock: the newest prediction timestamp the engine accepted (epoch s), as of
+    the last checkpoint. Ages (retention, lookback, TTLs) are measured against it, never the wall
+    clock, so a replay of old logs behaves as live traffic did."""
+    return read_mark(conn, WATERMARK)
 
 
 def _claim(state_dir: Path) -> IO[str]:
