@@ -87,7 +87,11 @@ class OnlineMmdConfig:
 @dataclass(frozen=True)
 class AccuracyConfig:
     last_n: int = 1000
-    last_seconds: float = 3600.0
+    last_seconds: float = 3600.0    # over predictions of the last T seconds of event time
+    # Accuracy is judged when labels arrive: at the end of every cycle that joined labels, and
+    # every this many labels within one (a backlog caught up in one cycle still gives a series
+    # for `consecutive`).
+    evaluate_every: int = 200
 
 
 @dataclass(frozen=True)
@@ -280,6 +284,7 @@ def _parse_monitor(root: Section, base: Path) -> MonitorConfig:
     accuracy = AccuracyConfig(
         last_n=acc.int("last_n", ac.last_n, minimum=1),
         last_seconds=acc.float("last_seconds", ac.last_seconds, minimum=1),
+        evaluate_every=acc.int("evaluate_every", ac.evaluate_every, minimum=1),
     )
     acc.finish()
     threads = sig.int("threads", SignalsConfig.threads, minimum=1)
@@ -303,7 +308,7 @@ def _parse_monitor(root: Section, base: Path) -> MonitorConfig:
 
 def parse_config(data: Any, *, source: str, base: Path) -> Config:
     """Validate a parsed document; raises ConfigError listing every bad key."""
-    from monitor.policy import parse_policy
+    from monitor.policy import parse_policy, unreachable_rules
     from monitor.service.config import parse_service
     from retrain.config import parse_retrain
 
@@ -314,6 +319,10 @@ def parse_config(data: Any, *, source: str, base: Path) -> Config:
     policy = parse_policy(root.section("policy"))
     retrain = parse_retrain(root.section("retrain"), base)
     root.finish()
+    # A rule that can never fire is a silent hole in the alerting: refuse it, naming both numbers.
+    for index, message in unreachable_rules(policy, permutations=monitor.signals.mmd.permutations):
+        key = "policy.rules" if index is None else f"policy.rules[{index}].threshold"
+        errors.append(f"{key}: {message}" + (" (a default rule: set policy.rules to change it)" if index is None else ""))
     if errors:
         raise ConfigError(f"{source}: invalid configuration:\n  " + "\n  ".join(errors))
     return Config(source=source, monitor=monitor, service=service, policy=policy, retrain=retrain)

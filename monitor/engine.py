@@ -5,6 +5,15 @@ the contract, joins labels, feeds each model_version's :class:`VersionMonitor`, 
 The ingest cursor, the label buffers and every signal's state live in one SQLite transaction
 (``monitor.ingest.store``): a crash or ``kill -9`` anywhere rolls back to the last commit, and
 the rows after it are read again exactly once, because the state they changed rolled back too.
+Long files are committed every couple of seconds mid-file, so progress is visible and a kill
+resumes at the last committed batch.
+
+Time: the engine keeps the stream's own clock, the *watermark* (the newest prediction timestamp
+accepted, persisted with the checkpoint). Label TTLs and retention are judged against it (see
+``monitor.ingest.labels``), windows span event time, and the retrain job's lookback reads it, so
+a replay of months-old logs behaves exactly as the live traffic did. The wall clock is used only
+for what is about this process: when a file settled, when traffic stopped arriving, how old the
+oldest unread file is, when to commit.
 """
 
 from __future__ import annotations
@@ -22,21 +31,24 @@ import torch
 
 from monitor.config import MonitorConfig
 from monitor.errors import ContractError, ReferenceMissingError, StateError
-from monitor.ingest.labels import LabelJoiner, count_labelled
+from monitor.ingest.labels import ExpiryCounts, LabelJoiner, count_labelled, window_accuracy
 from monitor.ingest.quarantine import Quarantine
 from monitor.ingest.records import InferenceBatch, JoinedLabel
-from monitor.ingest.store import FileProgress, StateStore, connect_readonly
+from monitor.ingest.store import WATERMARK, FileProgress, StateStore, connect_readonly
 from monitor.ingest.tail import Chunk, FileNotReady, Tailer
 from monitor.reference import Reference, load_references
-from monitor.signals.results import WindowSignals
+from monitor.signals.results import LabelEvaluation, WindowSignals
 from monitor.window import VersionMonitor
 
 log = logging.getLogger(__name__)
 
 STATE_BLOB = "engine"
-STATE_FORMAT = 2  # 2: unacknowledged windows
+STATE_FORMAT = 3  # 2: unacknowledged windows; 3: label evaluations, per-version event times
 _CHECKPOINT_EVERY_SECONDS = 2.0
 _MAX_UNACKED = 1000
+# A producer clock far ahead (a typo'd year) must not age every buffered row out at once: the
+# watermark never runs more than this ahead of this host's clock.
+MAX_CLOCK_AHEAD_SECONDS = 3600.0
 
 
 @dataclass(frozen=True)
@@ -49,6 +61,9 @@ class CycleReport:
     started_at: float
     finished_at: float
     stopped_early: bool             # should_stop() interrupted the cycle (state is still checkpointed)
+    evaluations: list[LabelEvaluation] = dataclasses.field(default_factory=list)  # label-time accuracy
+    expired: ExpiryCounts = ExpiryCounts()   # what the label buffers aged out or pruned this cycle
+    watermark: float | None = None           # the stream's clock after the cycle (epoch s)
 
 
 class Engine:
@@ -70,10 +85,15 @@ class Engine:
         self.store = StateStore.open(config.state_dir)
         try:
             self.quarantine = Quarantine(self.store, config.ingest.quarantine_dir, clock=clock)
-            self.joiner = LabelJoiner(self.store, config.ingest, clock=clock)
+            self.joiner = LabelJoiner(self.store, config.ingest)
+            self.watermark: float | None = self.store.get_mark(WATERMARK)
             self.monitors: dict[str, VersionMonitor] = {}
             self._latest: dict[str, WindowSignals] = {}
             self._unacked: list[WindowSignals] = []  # closed windows the consumer has not acknowledged
+            self._unacked_evaluations: list[LabelEvaluation] = []
+            # model_version -> [first, last] prediction time seen (event time), every version
+            self.version_times: dict[str, list[float]] = {}
+            self._warned_ahead = False
             self._warned_missing: set[str] = set()
             self._looked_up: set[str] = set()  # versions whose reference was looked for this cycle
             self._last_commit = clock()
@@ -85,26 +105,34 @@ class Engine:
 
     # -- public ---------------------------------------------------------------------------------
 
-    def run_cycle(self, should_stop: Callable[[], bool] = lambda: False) -> CycleReport:
+    def run_cycle(self, should_stop: Callable[[], bool] = lambda: False,
+                  on_checkpoint: Callable[[], None] = lambda: None) -> CycleReport:
         """Process what is new since the checkpoint, then checkpoint. Safe to call repeatedly.
+
+        ``on_checkpoint`` is called after every mid-cycle commit (a long file commits every
+        couple of seconds), e.g. so the daemon's metrics show the progress as it happens.
 
         If anything unexpected is raised half-way, the open transaction is rolled back and the
         in-memory state reloaded from the last checkpoint before the error propagates, so the
         next cycle reads the same rows again instead of finding them half-applied.
         """
         try:
-            return self._cycle(should_stop)
+            return self._cycle(should_stop, on_checkpoint)
         except BaseException:
             self.store.rollback()
             self.monitors.clear()
-            self._latest, self._unacked = {}, []
+            self._latest, self._unacked, self._unacked_evaluations = {}, [], []
+            self.version_times = {}
+            self.joiner = LabelJoiner(self.store, self.config.ingest)  # its join number rolled back too
+            self.watermark = self.store.get_mark(WATERMARK)
             self._restore()
             raise
 
-    def _cycle(self, should_stop: Callable[[], bool]) -> CycleReport:
+    def _cycle(self, should_stop: Callable[[], bool], on_checkpoint: Callable[[], None]) -> CycleReport:
         started = self.last_progress = self.clock()
         self._looked_up.clear()
         windows: list[WindowSignals] = []
+        evaluations: list[LabelEvaluation] = []
         joined: list[JoinedLabel] = []
         rows = files = 0
         stopped = False
@@ -112,7 +140,10 @@ class Engine:
             if tailer is None or stopped:
                 continue
             known = self.store.file_progress(tailer.kind)
-            for info in tailer.discover(known):
+            pending = tailer.discover(known)
+            for info in tailer.rewritten(known):
+                self._quarantine_rewritten(tailer.kind, info, known[info.path])
+            for info in pending:
                 if should_stop():
                     stopped = True
                     break
@@ -120,10 +151,11 @@ class Engine:
                 start = progress.rows_done if progress is not None else 0
                 try:
                     for chunk in tailer.read(info, start, self._expectations()):
-                        rows_in, new_windows, new_joined = self._apply(tailer.kind, chunk)
+                        rows_in, new_windows, new_joined, new_evaluations = self._apply(tailer.kind, chunk)
                         rows += rows_in
                         windows += new_windows
                         joined += new_joined
+                        evaluations += new_evaluations
                         status = "done" if chunk.end_of_file else "partial"
                         self.store.set_file_progress(
                             tailer.kind, FileProgress(info.path, status, chunk.next_row, info.size, info.mtime)
@@ -131,7 +163,8 @@ class Engine:
                         if chunk.end_of_file:
                             files += 1
                             self.store.add_counter("files", tailer.kind, 1)
-                        self._maybe_checkpoint()
+                        if self._maybe_checkpoint():
+                            on_checkpoint()
                         self.last_progress = self.clock()
                         if should_stop():
                             stopped = True
@@ -145,7 +178,17 @@ class Engine:
                     self._checkpoint()
                 if stopped:
                     break
-        self.joiner.expire()  # counts what it drops in the store's counters
+        expired = self.joiner.expire(self.watermark)  # counts what it drops in the store's counters
+        if expired.any:
+            log.info(
+                "label buffers at event time %s: %d joined rows pruned (older than ingest.labelled_retention_seconds), "
+                "%d predictions expired unlabelled, %d early labels never matched, %d predictions and %d labels "
+                "dropped over the caps", _iso(self.watermark), expired.labelled_pruned, expired.predictions_expired,
+                expired.labels_unmatched, expired.predictions_dropped, expired.labels_dropped)
+        for monitor in self.monitors.values():
+            flushed = monitor.flush_labels()
+            if flushed is not None:
+                evaluations += self._record_evaluations([flushed])
         now = self.clock()
         for monitor in self.monitors.values():
             idle = monitor.close_if_idle(now)
@@ -162,19 +205,28 @@ class Engine:
             started_at=started,
             finished_at=self.clock(),
             stopped_early=stopped,
+            evaluations=evaluations,
+            expired=expired,
+            watermark=self.watermark,
         )
 
     def catch_up(self) -> list[WindowSignals]:
         """Run cycles until one finds nothing new; returns (and acknowledges) the windows closed.
 
         For one-shot consumers (``driftd check``, reports) that act on the windows themselves."""
+        return self.catch_up_with_labels()[0]
+
+    def catch_up_with_labels(self) -> tuple[list[WindowSignals], list[LabelEvaluation]]:
+        """:meth:`catch_up`, plus the label evaluations made on the way (acknowledged too)."""
         windows: list[WindowSignals] = []
+        evaluations: list[LabelEvaluation] = []
         while True:
             report = self.run_cycle()
             windows += report.windows
-            self.acknowledge(report.windows)
+            evaluations += report.evaluations
+            self.acknowledge(report.windows, report.evaluations)
             if report.rows == 0 and report.files == 0:
-                return windows
+                return windows, evaluations
 
     def latest_windows(self) -> dict[str, WindowSignals]:
         return dict(self._latest)
@@ -185,17 +237,38 @@ class Engine:
         the ones it had already evaluated)."""
         return list(self._unacked)
 
-    def acknowledge(self, windows: list[WindowSignals]) -> None:
-        """The consumer has durably acted on ``windows``; persisted with the next checkpoint."""
+    def pending_evaluations(self) -> list[LabelEvaluation]:
+        """Label evaluations not yet acknowledged, oldest first (handed over again after a crash,
+        like :meth:`pending_windows`)."""
+        return list(self._unacked_evaluations)
+
+    def acknowledge(self, windows: list[WindowSignals], evaluations: list[LabelEvaluation] = ()) -> None:
+        """The consumer has durably acted on ``windows`` and ``evaluations``; persisted with the
+        next checkpoint."""
         done = {(w.model_version, w.reference_id, w.index) for w in windows}
         self._unacked = [w for w in self._unacked if (w.model_version, w.reference_id, w.index) not in done]
+        judged = {(e.model_version, e.reference_id, e.index) for e in evaluations}
+        self._unacked_evaluations = [e for e in self._unacked_evaluations
+                                     if (e.model_version, e.reference_id, e.index) not in judged]
 
     def counters(self) -> dict[tuple[str, str], float]:
         return self.store.counters()
 
     def reload_references(self) -> None:
-        """Pick up references added or rebuilt since start-up (e.g. after a promotion)."""
-        fresh = load_references(self.config.reference_dir)
+        """Pick up references added or rebuilt since start-up (e.g. after a promotion).
+
+        Raises ReferenceMissingError, keeping every reference already loaded, when the directory
+        is gone, holds none, or one cannot be read: dropping them would silently stop the
+        monitoring (and let a file of the wrong width through as if no reference expected one)."""
+        root = self.config.reference_dir
+        keeping = f"keeping the {len(self.references)} reference(s) already loaded"
+        if not root.is_dir():
+            raise ReferenceMissingError(f"{root}: reference directory is missing; {keeping}. Restore it, or "
+                                        f"rebuild with `driftd reference build --out {root}`")
+        fresh = load_references(root)  # a corrupt one raises, naming its file
+        if not fresh:
+            raise ReferenceMissingError(f"{root}: no reference found; {keeping}. Rebuild with "
+                                        f"`driftd reference build --out {root}`")
         for version, ref in fresh.items():
             old = self.references.get(version)
             if old is None or old.reference_id != ref.reference_id:
@@ -204,13 +277,29 @@ class Engine:
                 self._warned_missing.discard(version)
         self.references = fresh
 
-    def count_labelled_since(self, since: float | None) -> int:
-        """Labelled rows whose label arrived after ``since`` (any thread: own read-only connection)."""
+    def count_labelled(self, *, after_join: int = 0, predicted_since: float | None = None,
+                       model_version: str | None = None) -> int:
+        """Committed labelled rows joined after join number ``after_join``, predicted at or after
+        ``predicted_since`` (event time), of ``model_version`` (any thread: own read-only connection)."""
         conn = connect_readonly(self.config.state_dir)
         try:
-            return count_labelled(conn, since)
+            return count_labelled(conn, after_join=after_join, predicted_since=predicted_since,
+                                  model_version=model_version)
         finally:
             conn.close()
+
+    def pending_counts(self) -> tuple[int, int]:
+        """(predictions waiting for labels, labels waiting for predictions), in the open transaction."""
+        return self.joiner.pending_counts()
+
+    @property
+    def join_seq(self) -> int:
+        """Number of the last label join (counts up; a retrain records it to count what is new)."""
+        return self.joiner.join_seq
+
+    def window_accuracy(self, window: WindowSignals) -> tuple[int, int]:
+        """(labelled rows, correct) of the window's own predictions, from the labels joined so far."""
+        return window_accuracy(self.store.connection, window.model_version, window.start_time, window.end_time)
 
     def close(self) -> None:
         self.store.close()
@@ -220,31 +309,65 @@ class Engine:
     def _expectations(self) -> dict[str, tuple[int, int]]:
         return {v: (r.feature_dim, r.n_classes) for v, r in self.references.items()}
 
-    def _apply(self, kind: str, chunk: Chunk) -> tuple[int, list[WindowSignals], list[JoinedLabel]]:
+    def _apply(self, kind: str, chunk: Chunk
+               ) -> tuple[int, list[WindowSignals], list[JoinedLabel], list[LabelEvaluation]]:
         if chunk.rejections.total:
             self.quarantine.rows(kind, chunk.file, chunk.rejections)
         if kind == "labels":
-            joined = self.joiner.add_labels(chunk.batch)
-            self._feed_labels(joined)
-            return 0, [], joined
+            joined = self.joiner.add_labels(chunk.batch, self.watermark)
+            return 0, [], joined, self._feed_labels(joined)
         batch: InferenceBatch = chunk.batch
-        duplicate, joined = self.joiner.add_predictions(batch)
+        if len(batch):
+            self._advance_watermark(float(batch.timestamp.max()))
+        duplicate, joined = self.joiner.add_predictions(batch, self.watermark)
         if duplicate.any():
             self.store.add_counter("rejected_rows", "duplicate_request_id", float(duplicate.sum()))
             batch = batch.take(~duplicate)
-        self._feed_labels(joined)
+        evaluations = self._feed_labels(joined)
         windows: list[WindowSignals] = []
         now = self.clock()
         versions = _versions(batch.model_version)
         for version in versions:
             part = batch if versions.size == 1 else batch.take(batch.model_version == version)
             self.store.add_counter("rows", str(version), len(part))
+            self._note_version_time(str(version), part.timestamp)
             monitor = self._monitor(str(version))
             if monitor is None:
                 self.store.add_counter("rows_without_reference", str(version), len(part))
                 continue
             windows += self._record(monitor.add(part, now=now))
-        return len(batch), windows, joined
+        return len(batch), windows, joined, evaluations
+
+    def _advance_watermark(self, newest: float) -> None:
+        ceiling = self.clock() + MAX_CLOCK_AHEAD_SECONDS
+        if newest > ceiling:
+            if not self._warned_ahead:
+                self._warned_ahead = True
+                log.warning("prediction timestamps reach %s, more than %.0f s ahead of this host's clock: the "
+                            "event-time watermark is held at the host's clock + %.0f s (check the producer's clock)",
+                            _iso(newest), MAX_CLOCK_AHEAD_SECONDS, MAX_CLOCK_AHEAD_SECONDS)
+            newest = ceiling
+        if self.watermark is None or newest > self.watermark:
+            self.watermark = newest
+            self.store.set_mark(WATERMARK, newest)
+
+    def _note_version_time(self, version: str, timestamps: np.ndarray) -> None:
+        if not len(timestamps):
+            return
+        lo, hi = float(timestamps.min()), float(timestamps.max())
+        span = self.version_times.get(version)
+        self.version_times[version] = [lo, hi] if span is None else [min(span[0], lo), max(span[1], hi)]
+
+    def _quarantine_rewritten(self, kind: str, info, before: FileProgress) -> None:
+        """A file whose size or mtime changed after it was read: its rows were used as they were, so
+        it is neither skipped silently nor read again; recorded (and counted) as ``rewritten``."""
+        message = (f"{info.path}: rewritten in place after driftd read {before.rows_done} rows of it (size "
+                   f"{before.size} -> {info.size} bytes, mtime {before.mtime:.3f} -> {info.mtime:.3f}); its new "
+                   "content is NOT read. Producers must write new rows to new files; to re-read it, write it "
+                   "under a new name")
+        log.warning("%s", message)
+        self.quarantine.file(kind, info, ContractError(message, reason="rewritten", path=info.path), move=False)
+        self._checkpoint()
 
     def _record(self, windows: list[WindowSignals]) -> list[WindowSignals]:
         """Count closed windows in the same transaction as the state that closed them, and keep
@@ -259,17 +382,26 @@ class Engine:
             del self._unacked[:-_MAX_UNACKED]
         return windows
 
-    def _feed_labels(self, joined: list[JoinedLabel]) -> None:
+    def _feed_labels(self, joined: list[JoinedLabel]) -> list[LabelEvaluation]:
         by_version: dict[str, list[JoinedLabel]] = {}
         for j in joined:
             by_version.setdefault(j.model_version, []).append(j)
+        evaluations: list[LabelEvaluation] = []
         for version, items in by_version.items():
             monitor = self._monitor(version)
             if monitor is not None:
-                monitor.add_labels(items)
+                evaluations += self._record_evaluations(monitor.add_labels(items))
                 # Labels arrive after their window closed: keep the latest view's accuracy current.
                 if version in self._latest:
                     self._latest[version] = dataclasses.replace(self._latest[version], accuracy=monitor.accuracy.stats())
+        return evaluations
+
+    def _record_evaluations(self, evaluations: list[LabelEvaluation]) -> list[LabelEvaluation]:
+        """Keep label evaluations for the consumer until acknowledged (as :meth:`_record` windows)."""
+        self._unacked_evaluations += evaluations
+        if len(self._unacked_evaluations) > _MAX_UNACKED:
+            del self._unacked_evaluations[:-_MAX_UNACKED]
+        return evaluations
 
     def _monitor(self, version: str) -> VersionMonitor | None:
         monitor = self.monitors.get(version)
@@ -277,7 +409,10 @@ class Engine:
             return monitor
         if version not in self.references and version not in self._looked_up:
             self._looked_up.add(version)  # once a cycle: the disk is not re-read for every chunk
-            self.reload_references()  # a promotion may have just written it
+            try:
+                self.reload_references()  # a promotion may have just written it
+            except ReferenceMissingError as exc:
+                log.error("looking for the reference of model_version %s: %s", version, exc)
         ref = self.references.get(version)
         if ref is None:
             if version not in self._warned_missing:
@@ -292,9 +427,12 @@ class Engine:
         monitor = self.monitors[version] = VersionMonitor(ref, self.config)
         return monitor
 
-    def _maybe_checkpoint(self) -> None:
+    def _maybe_checkpoint(self) -> bool:
+        """Commit when the last commit is a couple of seconds old; True when it did."""
         if self.clock() - self._last_commit >= _CHECKPOINT_EVERY_SECONDS:
             self._checkpoint()
+            return True
+        return False
 
     def _checkpoint(self) -> None:
         self.store.put_blob(STATE_BLOB, self._serialize())
@@ -318,6 +456,8 @@ class Engine:
             "versions": versions,
             "latest": latest,
             "unacked": [dataclasses.asdict(w) for w in self._unacked],
+            "unacked_evaluations": [dataclasses.asdict(e) for e in self._unacked_evaluations],
+            "version_times": self.version_times,
         }
         arrays["header"] = np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)
         buf = io.BytesIO()
@@ -357,6 +497,9 @@ class Engine:
             self.monitors[version] = VersionMonitor(ref, self.config, state=(state, meta))
         self._latest = {v: _window_from_dict(d) for v, d in header["latest"].items()}
         self._unacked = [_window_from_dict(d) for d in header["unacked"]] if header["format"] >= 2 else []
+        if header["format"] >= 3:
+            self._unacked_evaluations = [_evaluation_from_dict(d) for d in header["unacked_evaluations"]]
+            self.version_times = {str(v): [float(a), float(b)] for v, (a, b) in header["version_times"].items()}
 
 
 def _window_from_dict(d: dict) -> WindowSignals:
@@ -367,8 +510,6 @@ def _window_from_dict(d: dict) -> WindowSignals:
     act["top_dims"] = tuple(r.DimShift(**x) for x in act["top_dims"])
     pred = dict(d["predictions"])
     pred["class_share"] = tuple(pred["class_share"])
-    acc = dict(d["accuracy"])
-    acc["per_class_recall"] = {int(k): v for k, v in acc["per_class_recall"].items()}
     return WindowSignals(
         model_version=d["model_version"],
         index=d["index"],
@@ -379,11 +520,29 @@ def _window_from_dict(d: dict) -> WindowSignals:
         predictions=r.PredictionStats(**pred),
         mmd=None if d["mmd"] is None else r.MmdResult(**d["mmd"]),
         online=r.OnlineMmdStatus(**d["online"]),
-        accuracy=r.AccuracyStats(**acc),
+        accuracy=_accuracy_from_dict(d["accuracy"]),
         estimate=None if d["estimate"] is None else r.EstimateStats(**d["estimate"]),
         reference_id=d.get("reference_id", ""),
         extra=d.get("extra", {}),
     )
+
+
+def _accuracy_from_dict(d: dict) -> "AccuracyStats":
+    from monitor.signals.results import AccuracyStats
+
+    acc = dict(d)
+    acc["per_class_recall"] = {int(k): v for k, v in acc["per_class_recall"].items()}
+    return AccuracyStats(**acc)
+
+
+def _evaluation_from_dict(d: dict) -> LabelEvaluation:
+    return LabelEvaluation(**{**d, "accuracy": _accuracy_from_dict(d["accuracy"])})
+
+
+def _iso(ts: float | None) -> str:
+    if ts is None:
+        return "(none yet)"
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
 
 
 def _versions(model_version: np.ndarray) -> np.ndarray:

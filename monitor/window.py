@@ -2,13 +2,18 @@
 
 A window closes after ``window.rows`` rows or once it spans ``window.seconds`` of event time,
 whichever comes first; a window left open because traffic stopped closes ``window.seconds``
-of wall time after its last row arrived. Everything here is plain numpy state with
-``state_dict``/``load_state_dict`` so the engine can checkpoint it with the ingest cursor.
+after its last row *arrived* (that is the one wall-clock rule: it is about arrivals, not ages).
+Joined labels are judged in label time: :meth:`VersionMonitor.add_labels` returns a
+:class:`LabelEvaluation` every ``signals.accuracy.evaluate_every`` labels and
+:meth:`VersionMonitor.flush_labels` one for the rest at the end of a cycle.
+Everything here is plain numpy state with ``state_dict``/``load_state_dict`` so the engine can
+checkpoint it with the ingest cursor.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,7 +26,7 @@ from monitor.signals.activations import activation_stats
 from monitor.signals.mmd import MmdReference, PermutationSchedule, mmd_test
 from monitor.signals.online_mmd import OnlineMmd
 from monitor.signals.predictions import normalised_entropy, prediction_stats
-from monitor.signals.results import EstimateStats, OnlineMmdStatus, WindowSignals
+from monitor.signals.results import EstimateStats, LabelEvaluation, OnlineMmdStatus, WindowSignals
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +117,9 @@ class VersionMonitor:
         self.accuracy = AccuracyTracker(last_n=sig.accuracy.last_n, last_seconds=sig.accuracy.last_seconds)
         self.rng = np.random.default_rng([sig.mmd.seed, 7])
         self.index = 0
+        self.evaluation_index = 0
+        self._unjudged_labels = 0          # joined since the last LabelEvaluation
+        self._unjudged_since = math.inf    # oldest prediction time among them
         self.window = _Window.empty(reference.feature_dim, reference.n_classes, self.projected_dim)
         if state is not None:
             self.load_state_dict(*state)
@@ -185,15 +193,40 @@ class VersionMonitor:
         if self.online is not None:
             self.online.update(projected[lo:hi])
 
-    def add_labels(self, joined: list[JoinedLabel]) -> None:
-        if not joined:
-            return
-        self.accuracy.add(
-            timestamp=np.array([j.timestamp for j in joined]),
-            delay=np.array([j.delay_seconds for j in joined]),
-            prediction=np.array([j.prediction for j in joined]),
-            label=np.array([j.label for j in joined]),
+    def add_labels(self, joined: list[JoinedLabel]) -> list[LabelEvaluation]:
+        """Feed joined labels in join order; returns an evaluation for every
+        ``signals.accuracy.evaluate_every`` of them (the rest wait for :meth:`flush_labels`)."""
+        every = self.config.signals.accuracy.evaluate_every
+        out: list[LabelEvaluation] = []
+        pos = 0
+        while pos < len(joined):
+            part = joined[pos : pos + every - self._unjudged_labels]
+            pos += len(part)
+            self.accuracy.add(
+                timestamp=np.array([j.timestamp for j in part]),
+                delay=np.array([j.delay_seconds for j in part]),
+                prediction=np.array([j.prediction for j in part]),
+                label=np.array([j.label for j in part]),
+            )
+            self._unjudged_labels += len(part)
+            self._unjudged_since = min(self._unjudged_since, min(j.timestamp for j in part))
+            if self._unjudged_labels >= every:
+                out.append(self._evaluate_labels())
+        return out
+
+    def flush_labels(self) -> LabelEvaluation | None:
+        """An evaluation of the labels joined since the last one (None when there are none)."""
+        return self._evaluate_labels() if self._unjudged_labels else None
+
+    def _evaluate_labels(self) -> LabelEvaluation:
+        evaluation = LabelEvaluation(
+            model_version=self.reference.model_version, index=self.evaluation_index,
+            start_time=self._unjudged_since, end_time=max(self.accuracy.newest_prediction_time, self._unjudged_since),
+            new_labels=self._unjudged_labels, accuracy=self.accuracy.stats(), reference_id=self.reference.reference_id,
         )
+        self.evaluation_index += 1
+        self._unjudged_labels, self._unjudged_since = 0, math.inf
+        return evaluation
 
     def close_if_idle(self, now: float) -> WindowSignals | None:
         """Close a window whose traffic stopped ``window.seconds`` of wall time ago."""
@@ -258,6 +291,9 @@ class VersionMonitor:
         meta = {
             "reference_id": self.reference.reference_id,
             "index": self.index,
+            "evaluation_index": self.evaluation_index,
+            "unjudged_labels": self._unjudged_labels,
+            "unjudged_since": self._unjudged_since if math.isfinite(self._unjudged_since) else None,
             "rng": self.rng.bit_generator.state,
             "window": {k: float(getattr(self.window, k)) for k in _WINDOW_SCALARS},
         }
@@ -279,6 +315,10 @@ class VersionMonitor:
                             self.reference.model_version, exc)
                 self.online = self._calibrate_online()
         self.index = int(meta["index"])
+        self.evaluation_index = int(meta.get("evaluation_index", 0))  # absent in checkpoints before label time
+        self._unjudged_labels = int(meta.get("unjudged_labels", 0))
+        since = meta.get("unjudged_since")
+        self._unjudged_since = math.inf if since is None else float(since)
         self.rng.bit_generator.state = meta["rng"]
 
 

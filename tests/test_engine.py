@@ -16,6 +16,7 @@ import pytest
 from engine_helpers import build_reference, config_doc, make_rows, write_inference, write_labels
 from monitor.config import parse_config
 from monitor.engine import Engine
+from monitor.ingest.store import connect_readonly
 from monitor.errors import ReferenceMissingError
 
 
@@ -142,10 +143,11 @@ _CRASHY = textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize("kill_at", [5, 24], ids=["early", "late"])
-def test_exactly_once_across_kill_9(tmp_path: Path, ref: Path, kill_at: int):
+@pytest.mark.parametrize(("kill_at", "per_file"), [(5, 100), (24, 100), (17, 2000)],
+                         ids=["early", "late", "mid-file"])
+def test_exactly_once_across_kill_9(tmp_path: Path, ref: Path, kill_at: int, per_file: int):
     rows = make_rows(2000, seed=50)
-    write_inference(tmp_path / "logs", rows, per_file=100, row_group_size=50)
+    write_inference(tmp_path / "logs", rows, per_file=per_file, row_group_size=50)
     write_labels(tmp_path / "labels", rows.slice(0, 1000))
     doc = config_doc(tmp_path, ref, **{"ingest.batch_rows": 50})
     script = _CRASHY.format(tests=str(Path(__file__).parent), doc=json.dumps(doc), tmp=str(tmp_path))
@@ -157,7 +159,7 @@ def test_exactly_once_across_kill_9(tmp_path: Path, ref: Path, kill_at: int):
 
     # An uninterrupted run over a copy of the same logs is the ground truth.
     clean_tmp = tmp_path / "clean"
-    write_inference(clean_tmp / "logs", rows, per_file=100, row_group_size=50)
+    write_inference(clean_tmp / "logs", rows, per_file=per_file, row_group_size=50)
     write_labels(clean_tmp / "labels", rows.slice(0, 1000))
     truth = parse_config(config_doc(clean_tmp, ref, **{"ingest.batch_rows": 50}), source="t", base=clean_tmp)
     engine = Engine(truth.monitor)
@@ -243,3 +245,22 @@ def test_windows_stay_pending_across_a_restart_until_acknowledged(tmp_path: Path
         assert engine.pending_windows() == []
     finally:
         engine.close()
+
+
+def test_a_large_file_commits_and_reports_progress_per_batch(tmp_path: Path, ref: Path):
+    """One big file is not one step: the engine commits every couple of seconds mid-file and says
+    so (the daemon refreshes /metrics then), and what it committed is what a restart resumes from."""
+    rows = make_rows(3000, seed=51)
+    write_inference(tmp_path / "logs", rows, per_file=3000, row_group_size=100)
+    tick = iter(range(10**9))
+    cfg = parse_config(config_doc(tmp_path, ref, **{"ingest.batch_rows": 100}), source="t", base=tmp_path)
+    engine = Engine(cfg.monitor, clock=lambda: 1_800_000_000.0 + next(tick))  # 1 s per reading
+    seen: list[tuple[float, float]] = []
+    engine.run_cycle(on_checkpoint=lambda: seen.append(
+        (engine.counters().get(("rows", "v1"), 0.0), engine.counters().get(("files", "inference"), 0.0))))
+    engine.close()
+    mid = [r for r, files in seen if files == 0]
+    assert len(mid) >= 5 and mid == sorted(mid) and 0 < mid[0] < mid[-1] < 3000
+    reader = connect_readonly(tmp_path / "state")
+    assert reader.execute("SELECT rows_done FROM file_progress").fetchone()[0] == 3000
+    reader.close()

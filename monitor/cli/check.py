@@ -1,4 +1,8 @@
-"""`driftd check`: process what is new since the cursor once and print each window's signals."""
+"""`driftd check`: process what is new since the cursor once and print each window's signals.
+
+Labels are joined first and windows scored after: every window's own predictions are scored
+against whatever labels the pass joined (``win_acc``/``win_lab``), whatever the order of the
+inference and label files; ``acc``/``acc_n`` are the last-N accuracy as the window closed."""
 
 from __future__ import annotations
 
@@ -37,6 +41,11 @@ _COLUMNS = (
     ("acc_n", lambda w: w.accuracy.labels_last_n),
     ("est_acc", lambda w: None if w.estimate is None else w.estimate.estimated_accuracy),
 )
+# (labels, correct) of each window's own predictions, scored after the pass
+_SCORED = (
+    ("win_acc", lambda n, hits: hits / n if n else None),
+    ("win_lab", lambda n, hits: n),
+)
 
 
 def _cell(value: object) -> str:
@@ -49,9 +58,12 @@ def _cell(value: object) -> str:
     return str(value)
 
 
-def format_table(windows: list[WindowSignals]) -> str:
-    rows = [[name for name, _ in _COLUMNS]] + [[_cell(get(w)) for _, get in _COLUMNS] for w in windows]
-    widths = [max(len(r[i]) for r in rows) for i in range(len(_COLUMNS))]
+def format_table(windows: list[WindowSignals], scored: list[tuple[int, int]] | None = None) -> str:
+    scored = scored if scored is not None else [(0, 0)] * len(windows)
+    rows = [[name for name, _ in _COLUMNS] + [name for name, _ in _SCORED]] + [
+        [_cell(get(w)) for _, get in _COLUMNS] + [_cell(get(*s)) for _, get in _SCORED]
+        for w, s in zip(windows, scored)]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.rjust(widths[i]) for i, c in enumerate(r)) for r in rows)
 
 
@@ -61,14 +73,19 @@ def run(args: argparse.Namespace) -> int:
     config = config_from_flags(args, _FLAGS)
     engine = Engine(config.monitor)
     try:
-        windows = engine.catch_up()
+        windows, evaluations = engine.catch_up_with_labels()
+        scored = [engine.window_accuracy(w) for w in windows]  # join first, then score
         counters = engine.counters()
+        watermark = engine.watermark
     finally:
         engine.close()
     if args.json:
         json.dump(
             {
-                "windows": [to_jsonable(w) for w in windows],
+                "windows": [{**to_jsonable(w), "labelled": {"labels": n, "accuracy": hits / n if n else None}}
+                            for w, (n, hits) in zip(windows, scored)],
+                "label_evaluations": [to_jsonable(e) for e in evaluations],
+                "event_time": watermark,
                 "counters": [{"name": n, "key": k, "value": v} for (n, k), v in sorted(counters.items())],
             },
             sys.stdout,
@@ -77,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
         sys.stdout.write("\n")
     else:
         if windows:
-            print(format_table(windows))
+            print(format_table(windows, scored))
         else:
             print("no window closed: no new rows since the last check (or fewer than window.rows)")
         summary = ", ".join(f"{n}[{k}]={v:g}" for (n, k), v in sorted(counters.items()))

@@ -50,7 +50,7 @@ from monitor.errors import ContractError
 from monitor.ingest.records import InferenceBatch, LabelBatch
 
 # Stable reason tokens (metric labels): pre-create them so dashboards show 0 before any defect.
-FILE_REASONS = ("unreadable", "schema", "feature_dim", "probs_length")
+FILE_REASONS = ("unreadable", "schema", "feature_dim", "probs_length", "rewritten")
 ROW_REASONS = ("null_field", "non_finite", "feature_dim", "probs_length", "probs_invalid", "prediction_invalid",
                "label_invalid", "duplicate_request_id")  # the last is the engine's, via the label joiner
 

@@ -162,6 +162,10 @@ def _natural_key(path: str) -> tuple[tuple[tuple[int, int, str], ...], ...]:
 IO_ATTEMPTS = 3
 
 
+def _changed(file: FileInfo, progress: FileProgress) -> bool:
+    return file.size != progress.size or file.mtime != progress.mtime
+
+
 class Tailer:
     """Discovers and reads one log location (``kind`` = "inference" or "labels")."""
 
@@ -226,10 +230,19 @@ class Tailer:
                              path=self.location)
 
     def discover(self, known: Mapping[str, FileProgress]) -> list[FileInfo]:
-        """Files not yet done or quarantined, in processing order, at most ``max_files_per_cycle``."""
+        """Files not yet done or quarantined, in processing order, at most ``max_files_per_cycle``
+        (a file rewritten since it was partly read is left to :meth:`rewritten`)."""
         self._listing = self._list()
-        pending = [f for f in self._listing if f.path not in known or known[f.path].status not in _FINISHED]
+        pending = [f for f in self._listing if f.path not in known
+                   or (known[f.path].status not in _FINISHED and not _changed(f, known[f.path]))]
         return pending[: self.config.max_files_per_cycle]
+
+    def rewritten(self, known: Mapping[str, FileProgress]) -> list[FileInfo]:
+        """Files of the last :meth:`discover` listing whose size or modification time changed after
+        driftd read (part of) them: Parquet files are never appended to, so the content changed
+        under rows already used. (On object stores a new upload changes the mtime.)"""
+        return [f for f in self._listing or () if f.path in known and known[f.path].status != "quarantined"
+                and _changed(f, known[f.path])]
 
     def lag_seconds(self, known: Mapping[str, FileProgress]) -> float:
         """Age (by clock, from mtime) of the oldest file not fully processed; 0 when caught up.

@@ -100,6 +100,21 @@ class WindowSignals:
     extra: dict[str, float] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class LabelEvaluation:
+    """Accuracy of one model_version judged when labels arrive (label time), not when a feature
+    window closes: labels come long after their window, often all at once when driftd catches up
+    on a backlog, and the accuracy rules must see them as they come."""
+
+    model_version: str
+    index: int                      # evaluation sequence number for this model_version
+    start_time: float               # event time of the oldest prediction among the labels it added
+    end_time: float                 # the version's newest prediction time when it was made
+    new_labels: int                 # labels joined since the previous evaluation
+    accuracy: AccuracyStats
+    reference_id: str = ""
+
+
 def to_jsonable(value: Any) -> Any:
     """Dataclasses -> plain JSON types; NaN/inf become None (JSON has no NaN)."""
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
@@ -147,6 +162,21 @@ def signal_values(window: WindowSignals) -> dict[str, float]:
         out["estimated_accuracy"] = window.estimate.estimated_accuracy
     return {k: float(v) for k, v in out.items() if v is not None and math.isfinite(float(v))}
 
+
+def label_signal_values(evaluation: LabelEvaluation) -> dict[str, float]:
+    """The label-time signals (``LABEL_SIGNALS``) of one evaluation, as :func:`signal_values` names them."""
+    acc = evaluation.accuracy
+    out: dict[str, float] = {}
+    if acc.accuracy_last_n is not None:
+        out["accuracy"] = acc.accuracy_last_n
+        out["accuracy_labels"] = float(acc.labels_last_n)
+    if acc.accuracy_last_seconds is not None:
+        out["accuracy_last_seconds"] = acc.accuracy_last_seconds
+    return {k: float(v) for k, v in out.items() if math.isfinite(float(v))}
+
+
+# Judged on label evaluations; every other signal is judged on feature windows.
+LABEL_SIGNALS: tuple[str, ...] = ("accuracy", "accuracy_labels", "accuracy_last_seconds")
 
 SIGNAL_NAMES: tuple[str, ...] = (
     "activation_max_abs_shift",
