@@ -1,42 +1,69 @@
-"""Trigger policy: rules over a window's signals -> alarms and retrain decisions, with reasons.
+"""Trigger policy: rules over a version's signals -> alarms and retrain decisions, with reasons.
 
-A rule compares one signal of ``monitor.signals.results.signal_values(window)`` with a fixed
-threshold, or (accuracy signals only) with the reference accuracy minus a drop. It fires after
-``consecutive`` breaching windows of one model_version and clears after as many windows back
-inside (hysteresis). A firing ``retrain`` rule queues a retrain unless the global cooldown is
-running or too few labelled rows exist since the last training; then it is *pending* and is
-retried every cycle while its alarm stays on.
+A rule compares one signal with a fixed threshold, or (accuracy signals only) with the reference
+accuracy minus a drop. Label-time signals (``accuracy``, ``accuracy_last_seconds``) are judged on
+each :class:`LabelEvaluation` (labels come long after their window, often all at once); every
+other signal on each closed feature window. A rule fires after ``consecutive`` breaching
+observations of one model_version and clears after as many back inside (hysteresis).
+
+A drop rule with ``confidence`` > 0 fires only when the value is *credibly* below the reference
+minus the drop: both the reference's accuracy (from its labelled rows) and the window's value
+(from its labels, or the estimate's interval) are samples, so the margin is
+``z(confidence) * sqrt(se_reference^2 + se_value^2)`` below ``reference - drop``. A 300-row
+reference has a standard error near 0.025: without it, clean traffic breaches by chance.
+
+Retraining, one job at a time: a firing ``retrain`` rule only *asks* for a retrain of its
+model_version. Once per cycle :meth:`Policy.resolve` turns every ask into at most one job whose
+reason lists every rule that asked; an ask made while a job is queued or running, or while the
+version's cooldown holds, is recorded as joined to that job and kept until it can run (or its
+alarm clears, or the version is retired). Cooldown and deferral apply per model_version. An ask
+only from label-free rules waits until ``retrain.min_labelled_rows`` labelled rows predicted after
+the breach's onset exist: training on the shifted regime needs its labels.
 
 Default rules (used when ``policy.rules`` is absent): drift alerts, accuracy retrains.
 
-==========================  ===================================================  =======
-name                        condition                                            action
-==========================  ===================================================  =======
-online_mmd_alarm            online_mmd_alarm above 0.5 (the detector alarmed)    alert
-mmd_p_value                 mmd_p_value below 0.01 for 3 windows                 alert
-accuracy_drop               accuracy < reference - 0.05, >= 200 labels, 2 windows retrain
-estimated_accuracy_drop     estimated_accuracy < reference - 0.05, 3 windows     retrain
-==========================  ===================================================  =======
+==========================  =========================================================  =======
+name                        condition                                                  action
+==========================  =========================================================  =======
+online_mmd_alarm            online_mmd_alarm above 0.5 (the detector alarmed)          alert
+mmd_p_value                 mmd_p_value below 0.01 for 3 windows                       alert
+accuracy_drop               accuracy credibly < reference - 0.05, >= 200 labels, 2x    retrain
+estimated_accuracy_drop     estimated_accuracy credibly < reference - 0.05, 3 windows  retrain
+==========================  =========================================================  =======
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import math
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from statistics import NormalDist
 from typing import Any
 
 from monitor.configutil import Section
 from monitor.errors import StateError
-from monitor.signals.results import SIGNAL_NAMES, WindowSignals, signal_values
+from monitor.signals.results import (
+    LABEL_SIGNALS,
+    SIGNAL_NAMES,
+    LabelEvaluation,
+    WindowSignals,
+    label_signal_values,
+    signal_values,
+)
 
-STATE_VERSION = 2  # 2: evaluated (last window evaluated per model_version)
+STATE_VERSION = 3  # 2: evaluated windows; 3: per-version retrain state, label evaluations, onsets
 ACTIONS = ("alert", "retrain")
 OPS = ("above", "below")
 # Signals a drop_from_reference rule may use; min_rows counts their labels rather than window rows.
 ACCURACY_SIGNALS = ("accuracy", "accuracy_last_seconds", "estimated_accuracy")
-_LABEL_COUNTED = ("accuracy", "accuracy_last_seconds")
+# Signals confined to [0, 1]: a rule whose threshold lies outside what its signal can take never fires.
+UNIT_SIGNALS = ("activation_share_significant", "entropy_mean", "entropy_p90", "max_prob_mean", "class_tvd",
+                "class_chi2_p_value", "online_mmd_alarm", "mmd_p_value", "accuracy", "accuracy_last_seconds",
+                "estimated_accuracy")
+
+# What happened to a rule's observation or to a version's retrain ask: one log line each.
+OUTCOMES = ("alert", "ask", "retrain", "joined", "deferred", "cooldown", "dropped", "cleared")
 
 
 @dataclass(frozen=True)
@@ -47,36 +74,29 @@ class Rule:
     threshold: float | None = None          # fixed threshold, or ...
     drop_from_reference: float | None = None  # ... fires when value < reference accuracy - drop
     min_rows: int = 0                       # window rows (labels for accuracy) needed to judge
-    consecutive: int = 1                    # breaching windows to fire, windows inside to clear
+    consecutive: int = 1                    # breaching observations to fire, observations inside to clear
     action: str = "alert"                   # "alert" | "retrain"
+    confidence: float = 0.0                 # drop rules: one-sided confidence of "below" (0 = point values)
 
-    def effective_threshold(self, reference_accuracy: float | None) -> float | None:
-        """The number the value is compared with; None when a drop rule has no reference accuracy."""
-        if self.threshold is not None:
-            return self.threshold
-        if reference_accuracy is None or self.drop_from_reference is None:
-            return None
-        return reference_accuracy - self.drop_from_reference
-
-    def describe(self) -> str:
-        if self.threshold is not None:
-            cond = f"{self.signal} {self.op} {self.threshold:g}"
-        else:
-            cond = f"{self.signal} below reference - {self.drop_from_reference:g}"
-        return f"{cond} for {self.consecutive} window(s) -> {self.action}"
+    @property
+    def label_time(self) -> bool:
+        """Judged on label evaluations (True) or on feature windows (False)."""
+        return self.signal in LABEL_SIGNALS
 
 
 DEFAULT_RULES: tuple[Rule, ...] = (
     Rule("online_mmd_alarm", "online_mmd_alarm", "above", threshold=0.5, action="alert"),
     Rule("mmd_p_value", "mmd_p_value", "below", threshold=0.01, consecutive=3, action="alert"),
-    Rule("accuracy_drop", "accuracy", "below", drop_from_reference=0.05, min_rows=200, consecutive=2, action="retrain"),
-    Rule("estimated_accuracy_drop", "estimated_accuracy", "below", drop_from_reference=0.05, consecutive=3, action="retrain"),
+    Rule("accuracy_drop", "accuracy", "below", drop_from_reference=0.05, min_rows=200, consecutive=2,
+         action="retrain", confidence=0.95),
+    Rule("estimated_accuracy_drop", "estimated_accuracy", "below", drop_from_reference=0.05, consecutive=3,
+         action="retrain", confidence=0.95),
 )
 
 
 @dataclass(frozen=True)
 class PolicyConfig:
-    cooldown_seconds: float = 3600.0        # no new retrain this long after one was queued
+    cooldown_seconds: float = 3600.0        # no new retrain of a version this long after one was queued
     rules: tuple[Rule, ...] = DEFAULT_RULES
     default_rules: bool = True              # True when policy.rules was absent
 
@@ -111,6 +131,7 @@ def _parse_rule(rs: Section) -> Rule | None:
     min_rows = rs.int("min_rows", 0, minimum=0)
     consecutive = rs.int("consecutive", 1, minimum=1)
     action = rs.choice("action", ACTIONS, "alert")
+    confidence = rs.float("confidence", 0.0, minimum=0.0, maximum=0.999)
     where = f"rule {name!r}" if isinstance(name, str) and name else "rule"
     ok = True
     if isinstance(signal, str) and signal and signal not in SIGNAL_NAMES:
@@ -126,26 +147,74 @@ def _parse_rule(rs: Section) -> Rule | None:
         if op != "below":
             rs.error("op", f"{where}: drop_from_reference rules fire below the reference; use op: below")
             ok = False
+    elif confidence:
+        rs.error("confidence", f"{where}: only for drop_from_reference rules (a fixed threshold has no reference "
+                               "sample to be uncertain about)")
+        ok = False
     if not ok or not name or not signal:
         return None
-    return Rule(name, signal, op, threshold, drop, min_rows, consecutive, action)
+    return Rule(name, signal, op, threshold, drop, min_rows, consecutive, action, confidence)
+
+
+def signal_floor(signal: str, *, permutations: int) -> float | None:
+    """The smallest value ``signal`` can take, when it is bounded below (None otherwise)."""
+    if signal == "mmd_p_value":
+        return 1.0 / (1 + permutations)  # (1 + k) / (1 + B) with k = 0
+    return 0.0 if signal in UNIT_SIGNALS else None
+
+
+def unreachable_rules(policy: PolicyConfig, *, permutations: int) -> list[tuple[int | None, str]]:
+    """Rules that cannot fire by construction, as (index in policy.rules or None for a default
+    rule, message naming both numbers): a "below" threshold at or under the smallest value its
+    signal can take (the permutation floor of a p-value), an "above" threshold at or over 1 for
+    a signal confined to [0, 1]."""
+    out: list[tuple[int | None, str]] = []
+    for i, rule in enumerate(policy.rules):
+        if rule.threshold is None:
+            continue
+        index = None if policy.default_rules else i
+        floor = signal_floor(rule.signal, permutations=permutations)
+        if rule.op == "below" and floor is not None and rule.threshold <= floor:
+            why = (f"the smallest p-value {permutations} permutations can give is 1/(1+{permutations}) = {floor:.4g}"
+                   if rule.signal == "mmd_p_value" else f"{rule.signal} is never below {floor:g}")
+            fix = (f"raise signals.mmd.permutations above {math.ceil(1 / rule.threshold) - 1} or the threshold"
+                   if rule.signal == "mmd_p_value" else "raise the threshold")
+            out.append((index, f"rule {rule.name!r}: threshold {rule.threshold:g} can never be crossed: {why}; {fix}"))
+        if rule.op == "above" and rule.signal in UNIT_SIGNALS and rule.threshold >= 1.0:
+            out.append((index, f"rule {rule.name!r}: threshold {rule.threshold:g} can never be crossed: "
+                               f"{rule.signal} is at most 1; lower the threshold"))
+    return out
 
 
 @dataclass(frozen=True)
-class RetrainBudget:
-    """What the policy needs to know to decide whether a retrain may start now."""
+class ReferenceFacts:
+    """What a drop rule compares with: the reference's accuracy and how many labelled rows back it."""
 
-    labelled_since: Callable[[float | None], int]  # labelled rows since an epoch time (None: ever)
+    accuracy: float | None
+    labelled_rows: int = 0          # 0: unknown, treated as exact
+
+
+@dataclass(frozen=True)
+class RetrainPreconditions:
+    """What :meth:`Policy.resolve` needs to decide whether a retrain may start now."""
+
+    # labelled rows joined after join number ``after_join``, predicted at/after ``since`` (event
+    # time), of ``model_version`` (None: any)
+    labelled: Callable[[int, float | None, str | None], int]
     min_labelled_rows: int
-    busy_job: str | None = None                     # id of a retrain already queued or running
+    join_seq: int = 0                     # the last join number now (recorded at each retrain)
+    active_job_id: str | None = None      # a retrain queued or running
+    lookback_start: float | None = None   # event time before which rows are too old to train on
+    served: Callable[[str], bool] = lambda version: True  # a retired version is never retrained
 
 
 @dataclass(frozen=True)
 class Decision:
-    """What happened on a rule's breach: one log line's worth.
+    """What happened on a rule's breach, or to a version's retrain ask: one log line's worth.
 
-    ``outcome``: "alert", "retrain" (queue one now), "deferred" (too few labels), "cooldown",
-    "busy" (a retrain is already queued), or "cleared" (the alarm went back to normal).
+    ``outcome``: "alert"; "ask" (a retrain rule fired; :meth:`Policy.resolve` decides); "retrain"
+    (queue one now); "joined" (recorded on the job already queued or running); "deferred" (too
+    few labelled rows); "cooldown"; "dropped" (the version is no longer served); "cleared".
     """
 
     rule: str
@@ -156,6 +225,7 @@ class Decision:
     threshold: float
     outcome: str
     detail: str = ""
+    onset: float | None = None      # event time the breach began (start of its first breaching observation)
 
     def summary(self) -> str:
         """Which rule, on what value vs threshold, for which model_version."""
@@ -163,13 +233,37 @@ class Decision:
                 f"for model_version {self.model_version}")
 
     def message(self, job_id: str | None = None) -> str:
-        """The one log line of a breach: :meth:`summary` and what happens next."""
+        """The one log line: :meth:`summary` and what happens next."""
         head = self.summary()
         if self.outcome == "cleared":
             return f"rule {self.rule}: alarm cleared for model_version {self.model_version} ({self.signal}={self.value:.4g})"
         if self.outcome == "retrain":
-            return f"{head}: retrain queued as job {job_id}"
+            return f"{head}: retrain queued as job {job_id}" + (f" ({self.detail})" if self.detail else "")
         return f"{head}: {self.detail}"
+
+    def with_outcome(self, outcome: str, detail: str) -> "Decision":
+        return Decision(self.rule, self.model_version, self.signal, self.op, self.value, self.threshold, outcome,
+                        detail, self.onset)
+
+
+@dataclass(frozen=True)
+class RetrainPlan:
+    """One job to queue for ``model_version``: every rule that asked, first the earliest."""
+
+    model_version: str
+    decisions: tuple[Decision, ...]
+    onset: float | None              # the earliest breach onset among the version's alarms
+
+    @property
+    def rules(self) -> tuple[str, ...]:
+        return tuple(d.rule for d in self.decisions)
+
+    @property
+    def label_free(self) -> bool:
+        return all(d.signal not in LABEL_SIGNALS for d in self.decisions)
+
+    def reason(self) -> str:
+        return "; ".join(d.summary() for d in self.decisions)
 
 
 @dataclass
@@ -179,13 +273,22 @@ class _RuleState:
     active: bool = False
     value: float = math.nan
     threshold: float = math.nan
+    onset: float | None = None      # start time of the first observation of the current breach
+
+
+@dataclass
+class _Ask:
+    """A version's pending retrain: the rules that asked, and the outcome last logged."""
+
+    decisions: dict[str, Decision] = field(default_factory=dict)
+    outcome: str = "ask"
+    detail: str = ""
+    job_id: str | None = None       # the job it is recorded as joined to
 
 
 class Policy:
-    """Evaluates rules window by window and keeps the small state that must survive a restart.
-
-    Not thread-safe: the daemon calls it from its cycle job only.
-    """
+    """Evaluates rules observation by observation and keeps the small state that must survive a
+    restart. Not thread-safe: the daemon calls it from its cycle job only (under its lock)."""
 
     def __init__(self, config: PolicyConfig):
         self.config = config
@@ -193,87 +296,154 @@ class Policy:
         self._state: dict[tuple[str, str], _RuleState] = {}
         self.breaches: dict[str, int] = {r.name: 0 for r in config.rules}
         self.deferred_total = 0
-        self.cooldown_until: float | None = None
-        self.last_retrain_at: float | None = None
-        self.pending: Decision | None = None  # a retrain decision waiting for labels or cooldown
-        # model_version -> (reference_id, index) of the last window evaluated: the engine hands
-        # windows over again after a crash, and each must move a streak exactly once.
+        self.cooldown_until: dict[str, float] = {}     # model_version -> wall time its cooldown ends
+        self.last_retrain_join: dict[str, int] = {}    # model_version -> join number at its last retrain
+        self.last_job: dict[str, str] = {}             # model_version -> its last retrain job
+        self.asks: dict[str, _Ask] = {}
+        # model_version -> (reference_id, index) of the last window / label evaluation judged: the
+        # engine hands them over again after a crash, and each must move a streak exactly once.
         self.evaluated: dict[str, tuple[str, int]] = {}
+        self.evaluated_labels: dict[str, tuple[str, int]] = {}
 
     # -- evaluation ----------------------------------------------------------------------
-    def evaluate(
-        self, window: WindowSignals, *, reference_accuracy: float | None, now: float, budget: RetrainBudget
-    ) -> list[Decision]:
-        """Apply every rule to one closed window; returns decisions for alarms that fired or cleared.
-
-        Callers that may see a window twice (the daemon after a crash) check :meth:`is_new` first."""
+    def evaluate(self, window: WindowSignals, *, reference: ReferenceFacts | None = None) -> list[Decision]:
+        """Apply the window-time rules to one closed window; returns the alarms that fired or
+        cleared and the retrain asks ("ask"). Callers that may see a window twice check :meth:`is_new`."""
         self.evaluated[window.model_version] = (window.reference_id, window.index)
-        values = signal_values(window)
+        return self._judge(window.model_version, signal_values(window), {"rows": window.rows}, window.start_time, reference,
+                           label_time=False, errors=_estimate_errors(window))
+
+    def evaluate_labels(self, evaluation: LabelEvaluation, *, reference: ReferenceFacts | None = None) -> list[Decision]:
+        """Apply the label-time rules to one label evaluation (see :meth:`evaluate`)."""
+        self.evaluated_labels[evaluation.model_version] = (evaluation.reference_id, evaluation.index)
+        acc = evaluation.accuracy
+        counts = {"accuracy": acc.labels_last_n, "accuracy_labels": acc.labels_last_n,
+                  "accuracy_last_seconds": acc.labels_last_seconds}
+        return self._judge(evaluation.model_version, label_signal_values(evaluation), counts, evaluation.start_time,
+                           reference, label_time=True, errors=_binomial_errors(evaluation))
+
+    def _judge(self, version: str, values: Mapping[str, float], counts: Mapping[str, int], start_time: float,
+               reference: ReferenceFacts | None, *, label_time: bool, errors: Mapping[str, float]) -> list[Decision]:
         out: list[Decision] = []
         for rule in self.config.rules:
+            if rule.label_time != label_time:
+                continue
             value = values.get(rule.signal)
-            threshold = rule.effective_threshold(reference_accuracy)
-            if value is None or threshold is None or _rows_for(rule, window) < rule.min_rows:
+            threshold = _threshold(rule, reference, errors.get(rule.signal, 0.0))
+            rows = counts.get(rule.signal, counts.get("rows", 0))  # labels for accuracy, else window rows
+            if value is None or threshold is None or rows < rule.min_rows:
                 continue  # not measured: neither a breach nor evidence of recovery
-            st = self._state.setdefault((rule.name, window.model_version), _RuleState())
+            st = self._state.setdefault((rule.name, version), _RuleState())
             st.value, st.threshold = value, threshold
             breach = value > threshold if rule.op == "above" else value < threshold
             if breach:
                 self.breaches[rule.name] = self.breaches.get(rule.name, 0) + 1
+                if not st.active and st.breach_streak == 0:
+                    st.onset = start_time
                 st.breach_streak, st.ok_streak = st.breach_streak + 1, 0
                 if not st.active and st.breach_streak >= rule.consecutive:
                     st.active = True
-                    base = Decision(rule.name, window.model_version, rule.signal, rule.op, value, threshold, "alert", "alert only")
-                    out.append(self._decide(rule, base, now, budget))
+                    d = Decision(rule.name, version, rule.signal, rule.op, value, threshold, "alert", "alert only",
+                                 st.onset)
+                    if rule.action == "retrain":
+                        d = d.with_outcome("ask", "retrain asked")
+                        self.asks.setdefault(version, _Ask()).decisions[rule.name] = d
+                    out.append(d)
             else:
                 st.ok_streak, st.breach_streak = st.ok_streak + 1, 0
-                if st.active and st.ok_streak >= rule.consecutive:
-                    st.active = False
-                    out.append(Decision(rule.name, window.model_version, rule.signal, rule.op, value, threshold, "cleared"))
-                    if self.pending is not None and (self.pending.rule, self.pending.model_version) == (rule.name, window.model_version):
-                        self.pending = None
+                if not st.active:
+                    st.onset = None
+                elif st.ok_streak >= rule.consecutive:
+                    st.active, st.onset = False, None
+                    out.append(Decision(rule.name, version, rule.signal, rule.op, value, threshold, "cleared"))
+                    ask = self.asks.get(version)
+                    if ask is not None:
+                        ask.decisions.pop(rule.name, None)
+                        if not ask.decisions:
+                            del self.asks[version]
         return out
 
-    def retry_pending(self, *, now: float, budget: RetrainBudget) -> Decision | None:
-        """Re-decide a deferred / cooling-down retrain; returns the decision when its outcome changed."""
-        if self.pending is None:
-            return None
-        before = self.pending
-        decision = self._decide(self._rules[before.rule], before, now, budget, retry=True)
-        if decision.outcome == before.outcome:
-            return None
-        return decision
-
-    def _decide(self, rule: Rule, base: Decision, now: float, budget: RetrainBudget, retry: bool = False) -> Decision:
-        if rule.action != "retrain":
-            return base
-
-        def with_(outcome: str, detail: str) -> Decision:
-            return Decision(base.rule, base.model_version, base.signal, base.op, base.value, base.threshold, outcome, detail)
-
-        if self.cooldown_until is not None and now < self.cooldown_until:
-            d = with_("cooldown", f"in cooldown until {_iso(self.cooldown_until)}; retrain retried then if the alarm holds")
-            self.pending = d
-            return d
-        if budget.busy_job is not None:
-            d = with_("busy", f"retrain already queued as job {budget.busy_job}; not queueing another")
-            self.pending = None
-            return d
-        have = budget.labelled_since(self.last_retrain_at)
-        if have < budget.min_labelled_rows:
-            d = with_("deferred", f"retrain deferred until {budget.min_labelled_rows} labelled rows (have {have})")
-            if not retry or self.pending is None or self.pending.outcome != "deferred":
+    # -- retraining: one job at a time ------------------------------------------------------
+    def resolve(self, *, now: float, pre: RetrainPreconditions) -> tuple[list[Decision], RetrainPlan | None]:
+        """Turn the pending asks into at most one job. Returns the decisions whose outcome changed
+        (one log line each, every rule of the version) and the plan to queue, if any. The caller
+        queues it and calls :meth:`note_retrain`."""
+        changed: list[Decision] = []
+        plan: RetrainPlan | None = None
+        for version in sorted(self.asks):
+            ask = self.asks[version]
+            decisions = sorted(ask.decisions.values(), key=lambda d: (d.onset is None, d.onset or 0.0, d.rule))
+            onset = self._onset(version)
+            if not pre.served(version):
+                changed += [d.with_outcome("dropped", f"model_version {version} is no longer served: retrain not queued")
+                            for d in decisions]
+                del self.asks[version]
+                continue
+            busy = pre.active_job_id if plan is None else "(the job queued in this cycle)"
+            if busy is not None:
+                outcome, detail, job = "joined", f"joined retrain job {busy}, already queued or running", busy
+            elif (until := self.cooldown_until.get(version)) is not None and now < until:
+                last = self.last_job.get(version)
+                outcome, job = "cooldown", last
+                detail = (f"joined retrain job {last}; " if last else "") + (
+                    f"model_version {version} in cooldown until {_iso(until)}; retried then if the alarm holds")
+            else:
+                need = pre.min_labelled_rows
+                label_free = all(d.signal not in LABEL_SIGNALS for d in decisions)
+                if label_free and onset is not None:
+                    since = onset if pre.lookback_start is None else max(onset, pre.lookback_start)
+                    have = pre.labelled(0, since, version)
+                    what = f"labelled rows predicted after the onset at {_iso(onset)}"
+                else:
+                    have = pre.labelled(self.last_retrain_join.get(version, 0), pre.lookback_start, None)
+                    what = "labelled rows joined since the last retrain"
+                job = None
+                if have < need:
+                    outcome, detail = "deferred", f"retrain deferred until {need} {what} (have {have})"
+                else:
+                    outcome, detail = "retrain", (f"with rules {', '.join(d.rule for d in decisions)}"
+                                                  if len(decisions) > 1 else "")
+            if outcome == "retrain":
+                plan = RetrainPlan(version, tuple(decisions), onset)
+                changed += [d.with_outcome("retrain" if i == 0 else "joined",
+                                           detail if i == 0 else "joined the retrain queued for rule "
+                                           f"{decisions[0].rule}") for i, d in enumerate(decisions)]
+                del self.asks[version]
+                continue
+            # One line per rule when the version's outcome changes; otherwise only for rules that just asked.
+            moved = outcome != ask.outcome or detail.split(" (have ")[0] != ask.detail.split(" (have ")[0]
+            if outcome == "deferred" and ask.outcome != "deferred":
                 self.deferred_total += 1
-            self.pending = d
-            return d
-        self.pending = None
-        return with_("retrain", "retrain queued")
+            changed += [d.with_outcome(outcome, detail) for d in decisions if moved or d.outcome == "ask"]
+            ask.outcome, ask.detail, ask.job_id = outcome, detail, job
+            ask.decisions = {d.rule: d.with_outcome(outcome, detail) for d in decisions}
+        return changed, plan
 
-    def note_retrain(self, now: float) -> None:
-        """A retrain was queued (by a rule or by hand): start the global cooldown."""
-        self.last_retrain_at = now
-        self.cooldown_until = now + self.config.cooldown_seconds
-        self.pending = None
+    def note_retrain(self, version: str, *, now: float, join_seq: int, job_id: str) -> None:
+        """A retrain of ``version`` was queued (by a rule or by hand): start its cooldown."""
+        self.last_retrain_join[version] = join_seq
+        self.cooldown_until[version] = now + self.config.cooldown_seconds
+        self.last_job[version] = job_id
+        self.asks.pop(version, None)
+
+    def _onset(self, version: str) -> float | None:
+        """The earliest onset among the version's alarms on (drift alarms usually fire first)."""
+        onsets = [st.onset for (_, mv), st in self._state.items() if mv == version and st.active and st.onset is not None]
+        return min(onsets) if onsets else None
+
+    # -- version lifecycle ----------------------------------------------------------------------
+    def retire(self, version: str) -> list[str]:
+        """Forget ``version``'s alarms, streaks and pending retrain (it is no longer served);
+        returns the rules that were on or pending, for the caller's log line."""
+        was = sorted({name for (name, mv), st in self._state.items() if mv == version and st.active}
+                     | set(self.asks.get(version, _Ask()).decisions))
+        self._state = {k: v for k, v in self._state.items() if k[1] != version}
+        self.asks.pop(version, None)
+        return was
+
+    def versions(self) -> set[str]:
+        """Versions with any rule state or pending ask."""
+        return {mv for (_, mv) in self._state} | set(self.asks)
 
     # -- views -----------------------------------------------------------------------------
     def alarms(self) -> dict[str, bool]:
@@ -284,47 +454,67 @@ class Policy:
                 out[name] = True
         return out
 
+    def alarm_states(self, versions: Iterable[str]) -> dict[tuple[str, str], bool]:
+        """(rule, model_version) -> alarm on, for every rule and each of ``versions``."""
+        return {(r.name, mv): bool(self._state.get((r.name, mv), _RuleState()).active)
+                for r in self.config.rules for mv in versions}
+
     def active(self) -> list[dict[str, Any]]:
         """Alarms currently on, one entry per (rule, model_version)."""
         return [
-            {"rule": name, "model_version": mv, "value": st.value, "threshold": st.threshold}
+            {"rule": name, "model_version": mv, "value": st.value, "threshold": st.threshold, "onset": st.onset}
             for (name, mv), st in sorted(self._state.items())
             if st.active and name in self._rules
         ]
 
-    def thresholds(self, reference_accuracy: Mapping[str, float | None], model_version: str | None) -> dict[str, float]:
-        """rule -> threshold in force for ``model_version`` (NaN for a drop rule without a reference)."""
-        ref = reference_accuracy.get(model_version) if model_version is not None else None
-        out: dict[str, float] = {}
-        for r in self.config.rules:
-            t = r.effective_threshold(ref)
-            out[r.name] = math.nan if t is None else t
+    def pending(self) -> list[dict[str, Any]]:
+        """Pending retrain asks, one entry per model_version (rules, outcome, what it waits for)."""
+        return [{"model_version": mv, "rules": sorted(a.decisions), "outcome": a.outcome, "detail": a.detail,
+                 "joined_job": a.job_id, "onset": self._onset(mv),
+                 "decisions": [asdict(d) for d in sorted(a.decisions.values(), key=lambda d: d.rule)]}
+                for mv, a in sorted(self.asks.items())]
+
+    def thresholds(self, references: Mapping[str, ReferenceFacts], versions: Iterable[str]) -> dict[tuple[str, str], float]:
+        """(rule, model_version) -> threshold in force (the last judged one when a margin depends on
+        the observation; NaN for a drop rule without a reference)."""
+        out: dict[tuple[str, str], float] = {}
+        for mv in versions:
+            for r in self.config.rules:
+                st = self._state.get((r.name, mv))
+                t = st.threshold if st is not None and math.isfinite(st.threshold) else _threshold(r, references.get(mv), 0.0)
+                out[(r.name, mv)] = math.nan if t is None else t
         return out
 
     # -- persistence -------------------------------------------------------------------------
     def is_new(self, window: WindowSignals) -> bool:
         """False for a window at or before the last one evaluated for its model_version and reference."""
-        last = self.evaluated.get(window.model_version)
-        return last is None or last[0] != window.reference_id or window.index > last[1]
+        return _is_new(self.evaluated, window.model_version, window.reference_id, window.index)
+
+    def is_new_evaluation(self, evaluation: LabelEvaluation) -> bool:
+        return _is_new(self.evaluated_labels, evaluation.model_version, evaluation.reference_id, evaluation.index)
 
     def state_dict(self) -> dict[str, Any]:
         return {
-            "evaluated": {mv: [ref, idx] for mv, (ref, idx) in sorted(self.evaluated.items())},
             "version": STATE_VERSION,
+            "evaluated": {mv: [ref, idx] for mv, (ref, idx) in sorted(self.evaluated.items())},
+            "evaluated_labels": {mv: [ref, idx] for mv, (ref, idx) in sorted(self.evaluated_labels.items())},
             "rules": [
                 {"rule": n, "model_version": mv, "breach_streak": s.breach_streak, "ok_streak": s.ok_streak,
-                 "active": s.active, "value": _num(s.value), "threshold": _num(s.threshold)}
+                 "active": s.active, "value": _num(s.value), "threshold": _num(s.threshold), "onset": s.onset}
                 for (n, mv), s in sorted(self._state.items())
             ],
             "breaches": dict(self.breaches),
             "deferred_total": self.deferred_total,
-            "cooldown_until": self.cooldown_until,
-            "last_retrain_at": self.last_retrain_at,
-            "pending": None if self.pending is None else vars(self.pending).copy(),
+            "cooldown_until": dict(self.cooldown_until),
+            "last_retrain_join": dict(self.last_retrain_join),
+            "last_job": dict(self.last_job),
+            "asks": {mv: {"outcome": a.outcome, "detail": a.detail, "job_id": a.job_id,
+                          "decisions": [asdict(d) for d in a.decisions.values()]} for mv, a in sorted(self.asks.items())},
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore from :meth:`state_dict`; rules no longer configured are dropped.
+        """Restore from :meth:`state_dict`; rules no longer configured are dropped. A state from
+        before per-version retrains (version 2) keeps its alarms and starts the retrain state afresh.
 
         Raises StateError for a state written by a newer driftd or not in this format.
         """
@@ -338,29 +528,74 @@ class Policy:
             self._state = {
                 (e["rule"], e["model_version"]): _RuleState(
                     int(e["breach_streak"]), int(e["ok_streak"]), bool(e["active"]),
-                    _float(e["value"]), _float(e["threshold"]),
+                    _float(e["value"]), _float(e["threshold"]), e.get("onset"),
                 )
                 for e in state["rules"]
                 if e["rule"] in self._rules
             }
             self.breaches = {r: int(state["breaches"].get(r, 0)) for r in self._rules}
             self.deferred_total = int(state["deferred_total"])
-            self.cooldown_until = state["cooldown_until"]
-            self.last_retrain_at = state["last_retrain_at"]
-            p = state["pending"]
-            self.pending = Decision(**p) if p is not None and p["rule"] in self._rules else None
             evaluated = state["evaluated"] if version >= 2 else {}
             self.evaluated = {str(mv): (str(ref), int(idx)) for mv, (ref, idx) in evaluated.items()}
+            if version >= 3:
+                self.evaluated_labels = {str(mv): (str(ref), int(idx))
+                                         for mv, (ref, idx) in state["evaluated_labels"].items()}
+                self.cooldown_until = {str(k): float(v) for k, v in state["cooldown_until"].items()}
+                self.last_retrain_join = {str(k): int(v) for k, v in state["last_retrain_join"].items()}
+                self.last_job = {str(k): str(v) for k, v in state["last_job"].items()}
+                self.asks = {}
+                for mv, a in state["asks"].items():
+                    decisions = {d["rule"]: Decision(**d) for d in a["decisions"] if d["rule"] in self._rules}
+                    if decisions:
+                        self.asks[str(mv)] = _Ask(decisions, str(a["outcome"]), str(a["detail"]), a["job_id"])
         except (KeyError, TypeError, ValueError) as exc:
             raise StateError(f"policy state is malformed ({exc!r}); delete policy.json in the state directory to reset alarms") from None
 
 
-def _rows_for(rule: Rule, window: WindowSignals) -> float:
-    if rule.signal == "accuracy":
-        return window.accuracy.labels_last_n
-    if rule.signal == "accuracy_last_seconds":
-        return window.accuracy.labels_last_seconds
-    return window.rows
+def _threshold(rule: Rule, reference: ReferenceFacts | None, value_error: float) -> float | None:
+    """The number the value is compared with; None when a drop rule has no reference accuracy."""
+    if rule.threshold is not None:
+        return rule.threshold
+    if reference is None or reference.accuracy is None or rule.drop_from_reference is None:
+        return None
+    threshold = reference.accuracy - rule.drop_from_reference
+    if rule.confidence > 0:
+        ref_error = _binomial_se(reference.accuracy, reference.labelled_rows)
+        threshold -= NormalDist().inv_cdf(rule.confidence) * math.hypot(ref_error, value_error)
+    return threshold
+
+
+def _binomial_se(p: float, n: int) -> float:
+    """Standard error of an accuracy from ``n`` rows (0 for unknown n); shrunk toward 1/2 so a
+    perfect small sample is not taken as exact."""
+    if n <= 0:
+        return 0.0
+    q = (p * n + 1.0) / (n + 2.0)
+    return math.sqrt(q * (1.0 - q) / n)
+
+
+def _binomial_errors(evaluation: LabelEvaluation) -> dict[str, float]:
+    acc = evaluation.accuracy
+    out = {}
+    if acc.accuracy_last_n is not None:
+        out["accuracy"] = _binomial_se(acc.accuracy_last_n, acc.labels_last_n)
+    if acc.accuracy_last_seconds is not None:
+        out["accuracy_last_seconds"] = _binomial_se(acc.accuracy_last_seconds, acc.labels_last_seconds)
+    return out
+
+
+def _estimate_errors(window: WindowSignals) -> dict[str, float]:
+    """Standard error of the label-free estimate, from its interval when it carries one."""
+    est = window.estimate
+    lower, upper = getattr(est, "lower", None), getattr(est, "upper", None)
+    if est is None or lower is None or upper is None:
+        return {}
+    return {"estimated_accuracy": max(0.0, float(upper) - float(lower)) / (2 * NormalDist().inv_cdf(0.975))}
+
+
+def _is_new(seen: Mapping[str, tuple[str, int]], version: str, reference_id: str, index: int) -> bool:
+    last = seen.get(version)
+    return last is None or last[0] != reference_id or index > last[1]
 
 
 def _num(x: float) -> float | None:

@@ -22,6 +22,7 @@ from monitor.signals.results import (
     ActivationStats,
     DimShift,
     EstimateStats,
+    LabelEvaluation,
     MmdResult,
     OnlineMmdStatus,
     PredictionStats,
@@ -67,6 +68,19 @@ def make_window(
             labels_last_seconds=labels, per_class_recall={}, label_delay_p50_seconds=None, label_delay_p90_seconds=None,
         ),
         estimate=None if estimated_accuracy is None else EstimateStats(estimated_accuracy, 0.9),
+    )
+
+
+def make_evaluation(model_version: str = "v1", *, index: int = 0, accuracy: float | None = 0.9, labels: int = 500,
+                    start_time: float | None = None) -> LabelEvaluation:
+    """A label-time accuracy evaluation over ``labels`` labels (the accuracy rules judge these)."""
+    start = 1_700_000_000.0 + 60 * index if start_time is None else start_time
+    return LabelEvaluation(
+        model_version=model_version, index=index, start_time=start, end_time=start + 59.0, new_labels=labels,
+        accuracy=AccuracyStats(
+            accuracy_last_n=accuracy, labels_last_n=labels, accuracy_last_seconds=accuracy, labels_last_seconds=labels,
+            per_class_recall={}, label_delay_p50_seconds=None, label_delay_p90_seconds=None,
+        ),
     )
 
 
