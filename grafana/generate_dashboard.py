@@ -43,7 +43,7 @@ def _per_version(metric: str, legend: str) -> Query:
 
 
 def _threshold(rule: str) -> Query:
-    return Query(f'driftd_rule_threshold{{{M}, rule="{rule}"}}', f"threshold ({rule})")
+    return Query(f'driftd_rule_threshold{{{MV}, rule="{rule}"}}', f"threshold ({rule}) {{{{model_version}}}}")
 
 
 def _quantiles(metric: str, by: str = "") -> tuple[Query, ...]:
@@ -59,7 +59,8 @@ ROWS: tuple[tuple[str, tuple[Panel, ...]], ...] = (
     ("Overview", (
         Panel("Current model version", (Query(f"driftd_model_info{{{M}}} == 1", "{{model_version}}", instant=True),),
               kind="stat", width=6, description="Version serving now (driftd_model_info)."),
-        Panel("Alarms raised", (Query(f"sum(driftd_alarm{{{M}}})", "alarms"),), kind="stat", width=6),
+        Panel("Alarms raised", (Query(f"sum(driftd_alarm{{{MV}}})", "alarms"),), kind="stat", width=6,
+              description="Rules whose alarm is on for the selected versions (a retired version's alarms are cleared)."),
         Panel("Since last successful cycle", (Query(f"time() - driftd_last_successful_cycle_timestamp_seconds{{{M}}}", "age"),),
               unit="s", kind="stat", width=6),
         Panel("Retraining in progress", (Query(f"driftd_retrain_in_progress{{{M}}}", "running"),), kind="stat", width=6),
@@ -119,7 +120,7 @@ ROWS: tuple[tuple[str, tuple[Panel, ...]], ...] = (
             _per_version("driftd_predicted_class_chi2_p_value", "chi² p-value"),
         )),
         Panel("Policy alarms", (
-            Query(f"driftd_alarm{{{M}}}", "{{rule}}"),
+            Query(f"driftd_alarm{{{MV}}}", "{{rule}} {{model_version}}"),
             Query(f"increase(driftd_threshold_breaches_total{{{M}}}[{RATE}])", "breaches {{rule}}"),
         ), width=12),
         Panel("Top shifted dimensions", (

@@ -30,7 +30,7 @@ def _config(tmp: Path) -> Path:
         "ingest": {"settle_seconds": 0},
         "window": {"rows": 200, "min_rows": 20},
         "signals": {
-            "mmd": {"permutations": 50, "projection_dims": 8},
+            "mmd": {"permutations": 100, "projection_dims": 8},
             "online_mmd": {"window_rows": 20, "stride_rows": 5, "ert_rows": 1000, "bootstraps": 600, "max_reference_rows": 300},
         },
     }))
@@ -112,7 +112,7 @@ def test_toml_config_works_the_same(logs: Path, capsys):
     cfg.write_text(
         'model = "digits"\nstate_dir = "state"\nreference_dir = "ref"\n'
         '[logs]\ninference = "logs"\n[ingest]\nsettle_seconds = 0\n[window]\nrows = 400\nseconds = 100000\nmin_rows = 20\n'
-        '[signals.mmd]\npermutations = 20\nprojection_dims = 8\n'
+        '[signals.mmd]\npermutations = 100\nprojection_dims = 8\n'
     )
     assert main(["reference", "build", "--logs", str(logs / "val"), "--config", str(cfg)]) == 0
     capsys.readouterr()

@@ -20,15 +20,16 @@ from monitor.service.notify import Notifier
 def _snapshot() -> MetricsSnapshot:
     return MetricsSnapshot(
         model="digits",
-        counters={("rows", "v1"): 1200.0, ("files", "inference"): 3.0, ("rejected_rows", "nan_features"): 4.0,
+        counters={("rows", "v1"): 1200.0, ("labelled", "pruned"): 9.0, ("files", "inference"): 3.0, ("rejected_rows", "non_finite"): 4.0,
                   ("labels", "joined"): 50.0, ("windows", "v1"): 2.0, ("rows_without_reference", "v9"): 7.0},
-        model_versions=("v1", "v2"),
+        model_versions=("v1", "v2", "v9"),  # v9: rows but no reference
         reference_accuracy={"v1": 0.93, "v2": None},
         windows={"v1": make_window("v1", accuracy=0.8, labels=300, online_alarm=True, estimated_accuracy=0.85)},
         lag_seconds=2.5,
         last_success=1_800_000_000.0,
-        alarms={"accuracy_drop": True, "mmd_p_value": False},
-        thresholds={"accuracy_drop": 0.88, "mmd_p_value": 0.01},
+        alarms={("accuracy_drop", "v1"): True, ("mmd_p_value", "v1"): False, ("accuracy_drop", "v2"): False},
+        thresholds={("accuracy_drop", "v1"): 0.88, ("mmd_p_value", "v1"): 0.01},
+        watermark=1_799_999_990.0, pending_predictions=120.0, pending_labels=3.0,
         breaches={"accuracy_drop": 3.0},
         retrain_runs={"promoted": 1.0},
         retrain_in_progress=True,
@@ -51,7 +52,7 @@ def test_values_users_see() -> None:
     assert v("driftd_ingest_rows_total", {**m, "model_version": "v1"}) == 1200
     assert v("driftd_ingest_rows_total", {**m, "model_version": "v2"}) == 0  # exists from the start
     assert v("driftd_ingest_files_total", {**m, "kind": "labels"}) == 0
-    assert v("driftd_ingest_rejected_rows_total", {**m, "reason": "nan_features"}) == 4
+    assert v("driftd_ingest_rejected_rows_total", {**m, "reason": "non_finite"}) == 4
     assert v("driftd_labels_joined_total", m) == 50 and v("driftd_labels_duplicate_total", m) == 0
     assert v("driftd_rows_without_reference_total", {**m, "model_version": "v9"}) == 7
     assert v("driftd_job_errors_total", {**m, "job": "cycle"}) == 0
@@ -60,8 +61,12 @@ def test_values_users_see() -> None:
     assert v("driftd_online_mmd_alarms_total", {**m, "model_version": "v1"}) == 1
     assert v("driftd_top_shifted_dimension", {**m, "model_version": "v1", "rank": "1"}) == 7
     assert v("driftd_reference_accuracy", {**m, "model_version": "v1"}) == pytest.approx(0.93)
-    assert v("driftd_alarm", {**m, "rule": "accuracy_drop"}) == 1
-    assert v("driftd_rule_threshold", {**m, "rule": "accuracy_drop"}) == pytest.approx(0.88)
+    assert v("driftd_alarm", {**m, "model_version": "v1", "rule": "accuracy_drop"}) == 1
+    assert v("driftd_alarm", {**m, "model_version": "v2", "rule": "accuracy_drop"}) == 0  # per version
+    assert v("driftd_rule_threshold", {**m, "model_version": "v1", "rule": "accuracy_drop"}) == pytest.approx(0.88)
+    assert v("driftd_labelled_rows_pruned_total", m) == 9 and v("driftd_predictions_expired_total", m) == 0
+    assert v("driftd_pending_predictions", m) == 120 and v("driftd_pending_labels", m) == 3
+    assert v("driftd_event_time_seconds", m) == 1_799_999_990.0
     assert v("driftd_threshold_breaches_total", {**m, "rule": "mmd_p_value"}) == 0
     assert v("driftd_retrain_runs_total", {**m, "outcome": "deferred"}) == 0
     assert v("driftd_retrain_runs_total", {**m, "outcome": "promoted"}) == 1

@@ -45,8 +45,9 @@ class ExternalFakeJob(FakeJob):
 
 
 class Harness:
-    def __init__(self, tmp: Path, outcome: str = "promoted", external: bool = False):
+    def __init__(self, tmp: Path, outcome: str = "promoted", external: bool = False, current: str | None = None):
         self.tmp = tmp
+        self.current = current  # the registry's CURRENT as the queue sees it
         self.release = threading.Event()
         self.stop = threading.Event()
         self.launched: list[tuple[str, int]] = []
@@ -75,7 +76,7 @@ class Harness:
 
         self.queue = RetrainQueue(tmp / "retrain", launcher=launcher, poll_seconds=0.02, grace_seconds=0.1,
                                   stop=self.stop, on_finish=lambda rec, d: self.finished.append(rec.job_id),
-                                  on_error=on_error, attach=attach)
+                                  on_error=on_error, attach=attach, current_version=lambda: self.current)
         self.scheduler = DaemonScheduler(
             jobstores={JOBSTORE: SQLAlchemyJobStore(url=f"sqlite:///{tmp / 'scheduler.db'}")},
             executors={EXECUTOR: RetrainExecutor(self.queue.run)}, timezone=dt.timezone.utc)
@@ -122,10 +123,29 @@ def test_job_runs_once_and_reports_progress_and_outcome(tmp_path: Path) -> None:
         h.until(lambda: h.finished == [job_id])
         info = h.queue.get(job_id)
         assert (info["state"], info["outcome"], info["attempts"], info["resumed"]) == ("finished", "promoted", 1, False)
-        assert h.queue.outcome_counts() == {"promoted": 1.0, "rejected": 0.0, "failed": 0.0}
+        assert h.queue.outcome_counts() == {"promoted": 1.0, "rejected": 0.0, "failed": 0.0, "dropped": 0.0}
         assert h.queue.busy_job() is None and h.launched == [(job_id, 1)]
     finally:
         h.close()
+
+
+def test_a_job_for_a_version_no_longer_current_is_dropped_unrun(tmp_path: Path) -> None:
+    h = Harness(tmp_path, current="v2").start()
+    try:
+        job_id = h.queue.submit("accuracy fell", source="rule:accuracy_drop", model_version="v1",
+                                monitor={"rules": ["accuracy_drop"], "onset": 1.0})
+        h.queue.note_joined(job_id, [{"rule": "estimated_accuracy_drop", "outcome": "joined"}])
+        h.until(lambda: h.finished == [job_id])
+        info = h.queue.get(job_id)
+        assert info["outcome"] == "dropped" and h.launched == []
+        assert "asked for model_version v1, but CURRENT is now v2" in info["result"]["reason"]
+        assert info["monitor"]["rules"] == ["accuracy_drop"] and info["joined"][0]["rule"] == "estimated_accuracy_drop"
+        assert h.queue.outcome_counts()["dropped"] == 1
+    finally:
+        h.close()
+    # what was recorded on the request survives a restart
+    again = Harness(tmp_path)
+    assert again.queue.get(job_id)["joined"][0]["rule"] == "estimated_accuracy_drop"
 
 
 def test_launcher_failure_is_a_failed_result_and_counted(tmp_path: Path) -> None:

@@ -163,8 +163,8 @@ def test_prometheus_scrapes_driftd_and_the_drift_alert_fires(tmp_path: Path) -> 
         _wait(lambda: value('up{job="driftd"}') == 1, "Prometheus to scrape driftd", procs)
         _wait(lambda: (value(f'driftd_windows_total{{model="{MODEL}"}}') or 0) >= 3, "3 clean windows", procs)
         _wait(lambda: value(f'driftd_mmd_p_value{{model="{MODEL}",model_version="v1"}}') is not None, "MMD p-value", procs)
-        assert value(f'driftd_alarm{{model="{MODEL}",rule="mmd_p_value"}}') == 0
-        assert value(f'driftd_rule_threshold{{model="{MODEL}",rule="mmd_p_value"}}') == pytest.approx(0.01)
+        assert value(f'driftd_alarm{{model="{MODEL}",model_version="v1",rule="mmd_p_value"}}') == 0
+        assert value(f'driftd_rule_threshold{{model="{MODEL}",model_version="v1",rule="mmd_p_value"}}') == pytest.approx(0.01)
         assert alert_state() == "inactive"
         assert alert_state("DriftdFilesQuarantined") == "inactive"
 
@@ -181,8 +181,8 @@ def test_prometheus_scrapes_driftd_and_the_drift_alert_fires(tmp_path: Path) -> 
         assert first["state"] in ("pending", "firing")
         firing = _wait(lambda: (a := drift_alerts().get("mmd_p_value")) and a["state"] == "firing" and a,
                        "the mmd_p_value drift alert to fire", procs)
-        assert firing["labels"] == {"alertname": "DriftdDriftDetected", "model": MODEL, "rule": "mmd_p_value",
-                                    "severity": "warning"}
+        assert firing["labels"] == {"alertname": "DriftdDriftDetected", "model": MODEL, "model_version": "v1",
+                                    "rule": "mmd_p_value", "severity": "warning"}
         assert value(f'driftd_mmd_p_value{{model="{MODEL}",model_version="v1"}}') < 0.01
 
         _wait(lambda: alert_state("DriftdFilesQuarantined") == "firing", "the quarantine alert to fire", procs)

@@ -33,8 +33,8 @@ from apscheduler.jobstores.sqlalchemy import SQLAlchemyJobStore
 from prometheus_client import CollectorRegistry
 
 from monitor.config import Config, load_config
-from monitor.errors import ConfigError, DriftdError
-from monitor.policy import Decision, Policy, RetrainBudget
+from monitor.errors import ConfigError, DriftdError, ReferenceMissingError
+from monitor.policy import Decision, Policy, ReferenceFacts, RetrainPlan, RetrainPreconditions
 from monitor.service.api import ApiServer
 from monitor.service.config import load_token
 from monitor.service.metrics import Metrics, MetricsSnapshot, RetrainProgress
@@ -50,7 +50,7 @@ from monitor.service.retrain_queue import (
     read_json,
     write_json_atomic,
 )
-from monitor.signals.results import WindowSignals, signal_values, to_jsonable
+from monitor.signals.results import LabelEvaluation, WindowSignals, signal_values, to_jsonable
 
 log = logging.getLogger("driftd")
 
@@ -151,11 +151,12 @@ class Daemon:
         self._last_cycle: dict[str, Any] | None = None
         self._refs: dict[str, dict[str, Any]] = {}
         self._current_version: str | None = None
+        self._served: set[str] = set()      # versions the rules judge (see _served_versions)
+        self._shown: tuple[str, ...] = ()   # versions status and metrics show
         self.started_at = clock()
         self.policy = Policy(config.policy)
         self._load_policy_state()
-        self._snap = MetricsSnapshot(model=config.monitor.model, build_version=build_version(),
-                                     alarms=self.policy.alarms(), thresholds=self.policy.thresholds({}, None))
+        self._snap = MetricsSnapshot(model=config.monitor.model, build_version=build_version())
         self.metrics = Metrics(config.monitor.model, self.registry, self.metrics_snapshot)
         self.engine: Any = None
         self.scheduler: DaemonScheduler | None = None
@@ -183,6 +184,7 @@ class Daemon:
             state_dir / "retrain", launcher=self._launcher, poll_seconds=cfg.service.scheduler.retrain_poll_seconds,
             grace_seconds=max(0.1, grace / 2), stop=self._stop, on_finish=self._retrain_finished,
             on_error=lambda: self.count_error("retrain"), attach=attach_external, clock=self.clock,
+            current_version=self._read_current_version,
         )
         self.scheduler = DaemonScheduler(
             jobstores={"default": MemoryJobStore(), JOBSTORE: SQLAlchemyJobStore(url=f"sqlite:///{state_dir / 'scheduler.db'}")},
@@ -301,32 +303,35 @@ class Daemon:
         engine = self.engine
         if self._reload_refs.is_set():
             self._reload_refs.clear()
-            engine.reload_references()
-            self._current_version = self._read_current_version()
-        report = engine.run_cycle(should_stop=self._stop.is_set)
+            try:
+                engine.reload_references()
+            except ReferenceMissingError as exc:
+                log.error("references not reloaded: %s", exc)
+        report = engine.run_cycle(should_stop=self._stop.is_set, on_checkpoint=self._on_checkpoint)
         self.metrics.observe_cycle(report.finished_at - report.started_at, (j.delay_seconds for j in report.joined))
         now = self.clock()
-        # Every closed window the policy has not acted on: this cycle's, and any committed by a
-        # previous run that stopped before its policy state was saved.
+        # Every closed window and label evaluation the policy has not acted on: this cycle's, and
+        # any committed by a previous run that stopped before its policy state was saved.
         windows = engine.pending_windows()
+        evaluations = engine.pending_evaluations()
         with self._lock:
+            self._follow_versions()
             for window in windows:
-                if not self.policy.is_new(window):
-                    continue  # evaluated before a restart; its policy state was saved
-                ref = self._reference_accuracy(window)
-                for decision in self.policy.evaluate(window, reference_accuracy=ref, now=now, budget=self._budget()):
-                    self._act(decision, now)
-            retry = self.policy.retry_pending(now=now, budget=self._budget())
-            if retry is not None:
-                self._act(retry, now)
+                if self.policy.is_new(window):
+                    self._judge(window)
+            for evaluation in evaluations:
+                if self.policy.is_new_evaluation(evaluation):
+                    self._judge(evaluation)
+            self._resolve_retrains(now)
             self._save_policy_state()
             self._last_cycle = {
                 "started_at": report.started_at, "finished_at": report.finished_at, "rows": report.rows,
-                "files": report.files, "windows": len(report.windows), "lag_seconds": report.lag_seconds,
-                "stopped_early": report.stopped_early,
+                "files": report.files, "windows": len(report.windows), "label_evaluations": len(report.evaluations),
+                "lag_seconds": report.lag_seconds, "stopped_early": report.stopped_early,
+                "event_time": report.watermark,
             }
             self._refresh_snapshot(report)
-        engine.acknowledge(windows)  # durable with the next checkpoint; the policy state already is
+        engine.acknowledge(windows, evaluations)  # durable with the next checkpoint; the policy state already is
         status = f"last cycle: {report.rows} rows, {len(report.windows)} windows, lag {report.lag_seconds:.0f}s"
         with self._lock:  # shutdown() sets the stop flag and sends STOPPING=1 under this lock
             if self._stop.is_set():
@@ -338,24 +343,125 @@ class Daemon:
             else:
                 self.notifier.status(status)
 
-    def _budget(self) -> RetrainBudget:
-        return RetrainBudget(self.engine.count_labelled_since, self.config.retrain.min_labelled_rows, self.queue.busy_job())
+    def _on_checkpoint(self) -> None:
+        """Mid-cycle commit (a long file): let /metrics show the rows counted so far."""
+        counters = self.engine.counters()
+        with self._lock:
+            self._snap = dataclasses.replace(self._snap, counters=counters)
 
-    def _act(self, d: Decision, now: float) -> None:
-        if d.outcome == "retrain":
-            job_id = self.queue.submit(d.summary(), source=f"rule:{d.rule}")
-            self.policy.note_retrain(now)
-            log.warning(d.message(job_id))
-        elif d.outcome == "cleared":
+    # -- versions -----------------------------------------------------------------------------------
+    def _follow_versions(self) -> None:
+        """Which versions the rules judge, and retire the rest (cycle thread, under the lock).
+
+        With a registry, the served version is CURRENT: when it changes (promotion, rollback,
+        `driftd models promote`) every other version is retired at once, even while its last
+        rows still arrive, so a replaced model never pages. Without one, a version is retired
+        when another one's rows started after its last row (the traffic moved over) or when it
+        has had no rows for window.seconds of event time. Retiring clears its alarms, streaks and
+        pending retrain, with one log line."""
+        current = self._read_current_version()
+        if current != self._current_version and self._current_version is not None:
+            log.info("CURRENT changed from %s to %s", self._current_version, current)
+        self._current_version = current
+        self._served = self._served_versions()
+        for version in sorted(self.policy.versions() - self._served):
+            was = self.policy.retire(version)
+            if was:
+                log.info("model_version %s is no longer served (%s): cleared its alarms and pending retrain (%s)",
+                         version, f"CURRENT is {current}" if current is not None else "its traffic moved on or stopped",
+                         ", ".join(was))
+
+    def _served_versions(self) -> set[str]:
+        if self._current_version is not None:
+            return {self._current_version}
+        times, mark = self.engine.version_times, self.engine.watermark
+        idle = self.config.monitor.window.seconds
+        return {v for v, (_, last) in times.items()
+                if not any(first > last for w, (first, _) in times.items() if w != v)
+                and (mark is None or mark - last <= idle)}
+
+    def _shown_versions(self) -> tuple[str, ...]:
+        """Versions status and metrics show: served ones, ones with rows within window.seconds of
+        event time, and references not seen in the logs yet. A retired version drops out once its
+        rows have stopped for window.seconds."""
+        engine = self.engine
+        times, mark = engine.version_times, engine.watermark
+        recent = {v for v, (_, last) in times.items() if mark is None or mark - last <= self.config.monitor.window.seconds}
+        unseen = {v for v in engine.references if v not in times}
+        current = {self._current_version} if self._current_version is not None else set()
+        return tuple(sorted(self._served | recent | unseen | current))
+
+    # -- judging ------------------------------------------------------------------------------------
+    def _judge(self, item: WindowSignals | LabelEvaluation) -> None:
+        if item.model_version not in self._served:
+            log.debug("not judging %s of model_version %s: it is not served", type(item).__name__, item.model_version)
+            return
+        facts = self._reference_facts(item.model_version, item)
+        if isinstance(item, WindowSignals):
+            decisions = self.policy.evaluate(item, reference=facts)
+        else:
+            decisions = self.policy.evaluate_labels(item, reference=facts)
+        for decision in decisions:
+            if decision.outcome != "ask":  # asks are logged once resolved, with what happens next
+                self._log_decision(decision)
+
+    def _resolve_retrains(self, now: float) -> None:
+        engine, rc = self.engine, self.config.retrain
+        mark = engine.watermark
+        pre = RetrainPreconditions(
+            labelled=lambda after, since, version: engine.count_labelled(after_join=after, predicted_since=since,
+                                                                         model_version=version),
+            min_labelled_rows=rc.min_labelled_rows, join_seq=engine.join_seq, active_job_id=self.queue.busy_job(),
+            lookback_start=None if mark is None else mark - rc.lookback_seconds,
+            served=lambda version: version in self._served,
+        )
+        decisions, plan = self.policy.resolve(now=now, pre=pre)
+        job_id = None
+        if plan is not None:
+            job_id = self._submit(plan, now, pre.join_seq)
+        joined: dict[str, list[dict[str, Any]]] = {}
+        for d in decisions:
+            self._log_decision(d, job_id)
+            # record on the job it joined: the one queued now, the one already running, or the
+            # one whose cooldown holds it back
+            if d.outcome == "joined":
+                target = job_id if plan is not None and d.model_version == plan.model_version else pre.active_job_id
+            elif d.outcome == "cooldown":
+                target = self.policy.last_job.get(d.model_version)
+            else:
+                target = None
+            if target is not None:
+                joined.setdefault(target, []).append({**dataclasses.asdict(d), "at": now})
+        for target, items in joined.items():
+            self.queue.note_joined(target, items)
+
+    def _submit(self, plan: RetrainPlan, now: float, join_seq: int) -> str:
+        window = self.engine.latest_windows().get(plan.model_version)
+        monitor = {
+            "rules": list(plan.rules), "onset": plan.onset, "label_free": plan.label_free,
+            # the monitor's own measure of the shift, for the job's strategy (share of dims shifted)
+            "domain_gap": None if window is None else window.activations.share_significant,
+            "mmd2": None if window is None or window.mmd is None else window.mmd.mmd2,
+            "event_time": self.engine.watermark,
+        }
+        job_id = self.queue.submit(plan.reason(), source=f"rule:{plan.rules[0]}", model_version=plan.model_version,
+                                   monitor=monitor)
+        self.policy.note_retrain(plan.model_version, now=now, join_seq=join_seq, job_id=job_id)
+        return job_id
+
+    def _log_decision(self, d: Decision, job_id: str | None = None) -> None:
+        if d.outcome == "cleared":
             log.info(d.message())
         else:
-            log.warning(d.message())
+            log.warning(d.message(job_id))
 
-    def _reference_accuracy(self, window: WindowSignals) -> float | None:
-        ref = self.engine.references.get(window.model_version)
+    def _reference_facts(self, version: str, item: WindowSignals | LabelEvaluation) -> ReferenceFacts | None:
+        ref = self.engine.references.get(version)
         if ref is not None and ref.accuracy is not None:
-            return float(ref.accuracy)
-        return None if window.estimate is None else window.estimate.reference_accuracy
+            return ReferenceFacts(float(ref.accuracy), int(ref.labelled_rows))
+        if isinstance(item, WindowSignals) and item.estimate is not None:
+            return ReferenceFacts(item.estimate.reference_accuracy)
+        return None
 
     # -- state --------------------------------------------------------------------------------------
     def _policy_path(self) -> Path:
@@ -388,41 +494,43 @@ class Daemon:
         return None if current is None else current.version
 
     def _retrain_finished(self, rec: JobRecord, duration: float) -> None:
-        self.metrics.retrain_duration.observe(max(0.0, duration))
-        if rec.result is not None and rec.result.get("outcome") == "promoted":
+        outcome = None if rec.result is None else rec.result.get("outcome")
+        if outcome != "dropped":  # a dropped job never ran
+            self.metrics.retrain_duration.observe(max(0.0, duration))
+        if outcome == "promoted":
             self._reload_refs.set()  # the job writes the new version's reference; the cycle loads it
 
     def count_error(self, job: str) -> None:
         with self._lock:
             self._job_errors[job] += 1
 
-    def _thresholds_version(self) -> str | None:
-        refs = self.engine.references
-        if self._current_version in refs:
-            return self._current_version
-        latest = self.engine.latest_windows()
-        if latest:
-            return max(latest.values(), key=lambda w: w.end_time).model_version
-        return next(iter(sorted(refs)), None)
-
     def _refresh_snapshot(self, report: Any) -> None:
         """Cycle thread only: copy what scrapes and status need out of the engine."""
         engine = self.engine
+        shown = self._shown_versions() if report is not None else tuple(sorted(engine.references))
+        self._shown = shown
         ref_acc = {mv: (None if r.accuracy is None else float(r.accuracy)) for mv, r in engine.references.items()}
-        self._refs = {mv: {"reference_id": r.reference_id, "accuracy": ref_acc[mv], "created_at": r.created_at,
-                           "feature_dim": r.feature_dim, "n_classes": r.n_classes} for mv, r in engine.references.items()}
+        facts = {mv: ReferenceFacts(float(r.accuracy), int(r.labelled_rows)) for mv, r in engine.references.items()
+                 if r.accuracy is not None}
+        self._refs = {mv: {"reference_id": r.reference_id, "accuracy": ref_acc[mv], "labelled_rows": r.labelled_rows,
+                           "created_at": r.created_at, "feature_dim": r.feature_dim, "n_classes": r.n_classes}
+                      for mv, r in engine.references.items()}
+        pending_predictions, pending_labels = engine.pending_counts()
         self._snap = dataclasses.replace(
             self._snap,
             counters=engine.counters(),
-            model_versions=tuple(sorted(engine.references)),
-            reference_accuracy=ref_acc,
-            windows=engine.latest_windows(),
+            model_versions=shown,
+            reference_accuracy={mv: ref_acc.get(mv) for mv in shown},
+            windows={mv: w for mv, w in engine.latest_windows().items() if mv in shown},
             lag_seconds=math.nan if report is None else report.lag_seconds,
             last_success=self._snap.last_success if report is None else report.finished_at,
-            alarms=self.policy.alarms(),
-            thresholds=self.policy.thresholds(ref_acc, self._thresholds_version()),
+            alarms=self.policy.alarm_states(shown),
+            thresholds=self.policy.thresholds(facts, shown),
             breaches={k: float(v) for k, v in self.policy.breaches.items()},
             top_k=self.config.monitor.signals.activations.top_k,
+            watermark=math.nan if engine.watermark is None else engine.watermark,
+            pending_predictions=float(pending_predictions),
+            pending_labels=float(pending_labels),
         )
 
     # -- views (HTTP threads) -------------------------------------------------------------------------
@@ -459,37 +567,45 @@ class Daemon:
         """The JSON of ``GET /api/v1/status``: one view derived from the typed objects."""
         with self._lock:
             snap, policy, last_cycle, refs = self._snap, self.policy, self._last_cycle, dict(self._refs)
-            alarms = policy.active()
+            shown = set(self._shown)
+            alarms = [a for a in policy.active() if a["model_version"] in shown]
             rules = [dataclasses.asdict(r) for r in policy.config.rules]
-            pending = None if policy.pending is None else dataclasses.asdict(policy.pending)
-            cooldown_until, deferred = policy.cooldown_until, policy.deferred_total
+            pending = policy.pending()
+            cooldown_until, deferred = dict(policy.cooldown_until), policy.deferred_total
             job_errors = dict(self._job_errors)
         versions: dict[str, Any] = {}
-        for mv in sorted(set(refs) | set(snap.windows)):
+        for mv in sorted(shown):
             window = snap.windows.get(mv)
-            thresholds = policy.thresholds(snap.reference_accuracy, mv)
             active = {a["rule"] for a in alarms if a["model_version"] == mv}
             signals: dict[str, Any] = {}
             if window is not None:
                 for name, value in signal_values(window).items():
                     signals[name] = {"value": value, "rules": [
-                        {"rule": r.name, "op": r.op, "threshold": thresholds[r.name], "action": r.action, "alarm": r.name in active}
+                        {"rule": r.name, "op": r.op, "threshold": snap.thresholds.get((r.name, mv), math.nan),
+                         "action": r.action, "alarm": r.name in active}
                         for r in policy.config.rules if r.signal == name
                     ]}
-            versions[mv] = {"reference": refs.get(mv), "signals": signals, "window": window}
+            versions[mv] = {"reference": refs.get(mv), "signals": signals, "window": window,
+                            "served": mv in self._served}
         queue = self.queue
+        first = pending[0] if pending else None
         return to_jsonable({
             "model": self.config.monitor.model,
             "current_version": self._current_version,
             "build_version": snap.build_version,
             "ready": self._ready,
             "started_at": self.started_at,
+            "event_time": snap.watermark,
             "last_cycle": last_cycle,
             "versions": versions,
             "alarms": alarms,
             "rules": rules,
             "policy": {"cooldown_seconds": policy.config.cooldown_seconds, "cooldown_until": cooldown_until,
-                       "pending": pending, "deferred_total": deferred, "default_rules": policy.config.default_rules},
+                       # "pending": the first version's ask, one line (kept for older clients)
+                       "pending": None if first is None else {"rule": ", ".join(first["rules"]), **first},
+                       "pending_retrains": pending, "deferred_total": deferred,
+                       "default_rules": policy.config.default_rules},
+            "labels": {"pending_predictions": snap.pending_predictions, "pending_labels": snap.pending_labels},
             "retrain": None if queue is None else {**queue.summary(), "counts": queue.outcome_counts()},
             "job_errors": job_errors,
         })
@@ -497,9 +613,15 @@ class Daemon:
     def request_retrain(self, reason: str) -> str:
         if self.queue is None:
             raise DriftdError("driftd is still starting; retry in a few seconds")
-        job_id = self.queue.submit(reason, source="api")
         with self._lock:
-            self.policy.note_retrain(self.clock())
+            served = sorted(self._served)
+            version = self._current_version or (served[-1] if len(served) == 1 else None)
+            join_seq = self.engine.join_seq
+        job_id = self.queue.submit(reason, source="api", model_version=version,
+                                   monitor={"event_time": self.engine.watermark})
+        with self._lock:
+            if version is not None:
+                self.policy.note_retrain(version, now=self.clock(), join_seq=join_seq, job_id=job_id)
             self._save_policy_state()
         return job_id
 

@@ -22,7 +22,7 @@ from monitor.signals.results import WindowSignals
 # Enums that label series from the start, so alerts on rate() see a 0 first.
 FILE_KINDS = ("inference", "labels")
 JOB_NAMES = ("cycle", "retrain", "http")  # each has one catch point that counts here
-RETRAIN_OUTCOMES = ("promoted", "rejected", "failed", "deferred")
+RETRAIN_OUTCOMES = ("promoted", "rejected", "failed", "dropped", "deferred")
 LABEL_OUTCOMES = ("joined", "unmatched", "duplicate")
 CYCLE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 LABEL_DELAY_BUCKETS = (1, 10, 60, 300, 900, 3600, 4 * 3600, 12 * 3600, 86400, 3 * 86400, 7 * 86400, 14 * 86400)
@@ -48,9 +48,9 @@ class MetricsSnapshot:
     lag_seconds: float = math.nan
     last_success: float = math.nan                     # epoch seconds of the last successful cycle
     job_errors: Mapping[str, float] = field(default_factory=dict)
-    alarms: Mapping[str, bool] = field(default_factory=dict)      # rule -> on
-    thresholds: Mapping[str, float] = field(default_factory=dict)  # rule -> threshold in force
-    breaches: Mapping[str, float] = field(default_factory=dict)    # rule -> windows in breach
+    alarms: Mapping[tuple[str, str], bool] = field(default_factory=dict)      # (rule, model_version) -> on
+    thresholds: Mapping[tuple[str, str], float] = field(default_factory=dict)  # (rule, model_version) -> in force
+    breaches: Mapping[str, float] = field(default_factory=dict)    # rule -> observations in breach
     retrain_runs: Mapping[str, float] = field(default_factory=dict)  # outcome -> count
     retrain_in_progress: bool = False
     last_promotion: float = math.nan
@@ -58,6 +58,9 @@ class MetricsSnapshot:
     progress: RetrainProgress = field(default_factory=RetrainProgress)
     build_version: str = "unknown"
     top_k: int = 10
+    watermark: float = math.nan                         # the stream's clock: newest prediction time
+    pending_predictions: float = math.nan               # predictions waiting for their labels
+    pending_labels: float = math.nan                    # labels waiting for their predictions
 
 
 def _enum_counter(counters: Mapping[tuple[str, str], float], kind: str) -> dict[str, float]:
@@ -82,7 +85,9 @@ class SnapshotCollector(Collector):
 
     def _ingest(self, s: MetricsSnapshot) -> Iterable[Metric]:
         m, c = s.model, s.counters
-        versions = sorted(set(s.model_versions) | set(s.windows) | {mv for (k, mv) in c if k in ("rows", "windows")})
+        # Only the versions shown (served, recent or not yet seen): a retired one drops out once its
+        # rows have stopped for window.seconds of event time.
+        versions = sorted(set(s.model_versions) | set(s.windows))
 
         def per_version(name: str, doc: str, kind: str, source: Iterable[str]) -> CounterMetricFamily:
             fam = CounterMetricFamily(name, doc, labels=["model", "model_version"])
@@ -110,9 +115,22 @@ class SnapshotCollector(Collector):
             yield fam
         yield per_version(
             "driftd_rows_without_reference", "Rows of a model_version with no reference (not evaluated)",
-            "rows_without_reference", [mv for (k, mv) in c if k == "rows_without_reference"],
+            "rows_without_reference", [mv for (k, mv) in c if k == "rows_without_reference" and mv in versions],
         )
         yield per_version("driftd_windows", "Windows closed and evaluated", "windows", versions)
+        for name, doc, kind, key in (
+                ("driftd_labelled_rows_pruned", "Joined rows pruned past ingest.labelled_retention_seconds (event time)",
+                 "labelled", "pruned"),
+                ("driftd_predictions_expired", "Predictions that waited ingest.prediction_ttl_seconds (event time) "
+                 "without a label", "predictions", "expired")):
+            fam = CounterMetricFamily(name, doc, labels=["model"])
+            fam.add_metric([m], c.get((kind, key), 0.0))
+            yield fam
+        yield _gauge("driftd_pending_predictions", "Predictions waiting for their labels", m, s.pending_predictions)
+        yield _gauge("driftd_pending_labels", "Labels waiting for their predictions (unknown request ids so far)", m,
+                     s.pending_labels)
+        yield _gauge("driftd_event_time_seconds", "The stream's clock: newest prediction timestamp ingested (epoch s)",
+                     m, s.watermark)
         yield _gauge("driftd_ingest_lag_seconds", "Age of the oldest log file not yet fully ingested (0 when caught up)", m, s.lag_seconds)
         yield _gauge("driftd_last_successful_cycle_timestamp_seconds", "End of the last successful cycle (epoch s)", m, s.last_success)
         errors = CounterMetricFamily("driftd_job_errors", "Scheduled job runs that failed, by job", labels=["model", "job"])
@@ -168,12 +186,16 @@ class SnapshotCollector(Collector):
 
     def _policy(self, s: MetricsSnapshot) -> Iterable[Metric]:
         m = s.model
-        alarm = GaugeMetricFamily("driftd_alarm", "1 while a rule's alarm is on for any model_version", labels=["model", "rule"])
-        threshold = GaugeMetricFamily("driftd_rule_threshold", "Threshold in force for a rule (current model_version)", labels=["model", "rule"])
-        breaches = CounterMetricFamily("driftd_threshold_breaches", "Windows in which a rule's threshold was breached", labels=["model", "rule"])
-        for rule in sorted(set(s.alarms) | set(s.thresholds)):
-            alarm.add_metric([m, rule], 1.0 if s.alarms.get(rule) else 0.0)
-            threshold.add_metric([m, rule], _value(s.thresholds.get(rule)))
+        alarm = GaugeMetricFamily("driftd_alarm", "1 while a rule's alarm is on for this model_version",
+                                  labels=["model", "model_version", "rule"])
+        threshold = GaugeMetricFamily("driftd_rule_threshold", "Threshold in force for a rule and model_version",
+                                      labels=["model", "model_version", "rule"])
+        breaches = CounterMetricFamily("driftd_threshold_breaches", "Observations (windows or label evaluations) "
+                                       "in which a rule's threshold was breached", labels=["model", "rule"])
+        for rule, mv in sorted(set(s.alarms) | set(s.thresholds)):
+            alarm.add_metric([m, mv, rule], 1.0 if s.alarms.get((rule, mv)) else 0.0)
+            threshold.add_metric([m, mv, rule], _value(s.thresholds.get((rule, mv))))
+        for rule in sorted(set(s.breaches) | {r for r, _ in s.alarms} | {r for r, _ in s.thresholds}):
             breaches.add_metric([m, rule], s.breaches.get(rule, 0.0))
         yield alarm
         yield threshold

@@ -12,10 +12,12 @@ shutdown and re-attached at the next start instead.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import secrets
+import tempfile
 import threading
 import time
 import traceback
@@ -34,7 +36,7 @@ log = logging.getLogger(__name__)
 
 JOBSTORE = "retrain"
 EXECUTOR = "retrain"
-OUTCOMES = ("promoted", "rejected", "failed")
+OUTCOMES = ("promoted", "rejected", "failed", "dropped")  # dropped: its model_version was no longer CURRENT
 MAX_ATTEMPTS = 3  # a job interrupted this often is recorded as failed rather than re-run forever
 
 
@@ -123,24 +125,39 @@ class JobRecord:
     external: dict[str, Any] | None = None  # external_ref of a job that outlives the daemon
     result: dict[str, Any] | None = None
     progress: dict[str, Any] = field(default_factory=dict)  # last progress line of the job
+    model_version: str | None = None  # the served version it retrains (None: whatever is CURRENT)
+    monitor: dict[str, Any] = field(default_factory=dict)  # the monitor's evidence: rules, onset, domain gap
+    joined: list[dict[str, Any]] = field(default_factory=list)  # rule decisions recorded on it after it was queued
 
     def view(self) -> dict[str, Any]:
         return {
             "job_id": self.job_id, "reason": self.reason, "source": self.source, "state": self.state,
             "requested_at": self.requested_at, "started_at": self.started_at, "attempts": self.attempts,
             "resumed": self.resumed, "external": self.external, "outcome": None if self.result is None else self.result.get("outcome"),
-            "result": self.result, "progress": self.progress,
+            "result": self.result, "progress": self.progress, "model_version": self.model_version,
+            "monitor": self.monitor, "joined": self.joined,
         }
 
 
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    """Temp file, fsync, rename: readers see the old or the new file, never half of one."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(data, fh, indent=1)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    """Temp file (a name of its own: two writers never share one), fsync, rename, fsync the
+    directory: readers see the old or the new file, never half of one, and it survives a crash."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(data, fh, indent=1)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
 
 
 def read_json(path: Path) -> dict[str, Any] | None:
@@ -183,6 +200,7 @@ class RetrainQueue:
         on_error: Callable[[], None],
         attach: Attacher | None = None,
         clock: Callable[[], float] = time.time,
+        current_version: Callable[[], str | None] = lambda: None,
     ):
         self.root = root
         self.launcher = launcher
@@ -193,8 +211,10 @@ class RetrainQueue:
         self.on_error = on_error
         self.attach = attach
         self.clock = clock
+        self.current_version = current_version  # the registry's CURRENT when a job starts
         self.scheduler: BaseScheduler | None = None
         self._lock = threading.Lock()
+        self._save_lock = threading.Lock()  # the cycle (joined rules) and the executor both save requests
         self._jobs: dict[str, JobRecord] = {}
         root.mkdir(parents=True, exist_ok=True)
         for job_dir in sorted(p for p in root.iterdir() if p.is_dir()):
@@ -208,7 +228,10 @@ class RetrainQueue:
             return None
         try:
             rec = JobRecord(str(req["job_id"]), str(req["reason"]), str(req["source"]), float(req["requested_at"]),
-                            int(req["attempts"]), started_at=req.get("started_at"), external=req.get("external"))
+                            int(req["attempts"]), started_at=req.get("started_at"), external=req.get("external"),
+                            # absent in requests written before versions were tracked
+                            model_version=req.get("model_version"), monitor=dict(req.get("monitor") or {}),
+                            joined=list(req.get("joined") or []))
         except (KeyError, TypeError, ValueError):
             log.warning("ignoring retrain job dir %s: request.json is malformed", job_dir)
             return None
@@ -218,10 +241,14 @@ class RetrainQueue:
         return rec
 
     def _save_request(self, rec: JobRecord) -> None:
+        with self._save_lock:
+            self._write_request(rec)
+
+    def _write_request(self, rec: JobRecord) -> None:
         write_json_atomic(self.root / rec.job_id / "request.json", {
             "job_id": rec.job_id, "reason": rec.reason, "source": rec.source,
             "requested_at": rec.requested_at, "attempts": rec.attempts, "started_at": rec.started_at,
-            "external": rec.external,
+            "external": rec.external, "model_version": rec.model_version, "monitor": rec.monitor, "joined": rec.joined,
         })
 
     def _schedule(self, rec: JobRecord) -> None:
@@ -234,10 +261,12 @@ class RetrainQueue:
         )
 
     # -- public -----------------------------------------------------------------------------
-    def submit(self, reason: str, source: str) -> str:
-        """Queue a retrain; returns its job id. The request is on disk before this returns."""
+    def submit(self, reason: str, source: str, *, model_version: str | None = None,
+               monitor: dict[str, Any] | None = None) -> str:
+        """Queue a retrain of ``model_version``; returns its job id. The request (with the
+        monitor's evidence: rules, onset, domain gap) is on disk before this returns."""
         job_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(self.clock())) + "-" + secrets.token_hex(3)
-        rec = JobRecord(job_id, reason, source, self.clock())
+        rec = JobRecord(job_id, reason, source, self.clock(), model_version=model_version, monitor=dict(monitor or {}))
         (self.root / job_id).mkdir(parents=True)
         self._save_request(rec)
         with self._lock:
@@ -276,6 +305,15 @@ class RetrainQueue:
             self._schedule(rec)
             resumed.append(rec.job_id)
         return resumed
+
+    def note_joined(self, job_id: str, decisions: list[dict[str, Any]]) -> None:
+        """Record rule decisions that asked for a retrain while ``job_id`` was queued or running."""
+        with self._lock:
+            rec = self._jobs.get(job_id)
+            if rec is None:
+                return
+            rec.joined = rec.joined + decisions
+        self._save_request(rec)
 
     def get(self, job_id: str) -> dict[str, Any] | None:
         with self._lock:
@@ -332,6 +370,17 @@ class RetrainQueue:
             return  # stays queued on disk; recover() re-runs it at the next start
         job_dir = self.root / job_id
         reattach = rec.external is not None and self.attach is not None
+        current = None if reattach or rec.model_version is None else self.current_version()
+        if current is not None and current != rec.model_version:
+            # asked for a version a promotion or rollback has since replaced: its evidence is stale
+            why = (f"not run: it was asked for model_version {rec.model_version}, but CURRENT is now {current}; "
+                   "the monitor judges the new version afresh")
+            log.warning("retrain job %s %s", job_id, why)
+            result = {"job_id": job_id, "outcome": "dropped", "reason": why, "candidate_version": None,
+                      "current_version": current, "gate": {}, "started_at": None, "finished_at": self.clock()}
+            write_json_atomic(job_dir / "result.json", result)
+            self._finish(rec, result)
+            return
         if not reattach:
             rec.attempts += 1
             rec.started_at = self.clock()
