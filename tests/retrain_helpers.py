@@ -27,6 +27,9 @@ from retrain.registry import Registry, import_safetensors
 SIZE = 16
 SHIFT = ("contrast", 0.6)   # a real input-level shift that the source model fails on
 NOW = 1_800_000_000.0
+# The digits worlds hold ~150-210 held-out replay rows; a forgetting test at the default margin
+# (0.01) needs 268 distinct rows even for an unchanged model, so the test worlds judge at 0.05.
+TEST_GATE = {"max_forgetting": 0.05}
 FAST_HYPER = HyperConfig(epochs_head=6, epochs_finetune=5, batch_size=32, lr_backbone=2e-3, patience=2)
 
 
@@ -142,13 +145,15 @@ def build_world(root: Path, checkpoint: Path, d: Digits, *, retrain: dict | None
     store.commit()
     store.close()
     hyper = {k: v for k, v in dataclasses.asdict(FAST_HYPER).items() if v is not None}
+    retrain = dict(retrain or {})
+    gate = {**TEST_GATE, **retrain.pop("gate", {})}
     config = {
         "model": "digits",
         "logs": {"inference": "inference", "labels": "labels"},
         "state_dir": "state",
         "reference_dir": "reference",
         "retrain": {"registry_dir": "registry", "input_root": "inputs", "replay_logs": "replay",
-                    "min_labelled_rows": 100, "hyper": hyper, **(retrain or {})},
+                    "min_labelled_rows": 100, "hyper": hyper, "gate": gate, **retrain},
     }
     config_path = root / "driftd.yaml"
     config_path.write_text(yaml.safe_dump(config))

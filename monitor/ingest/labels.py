@@ -254,3 +254,30 @@ def count_labelled(conn: sqlite3.Connection, since: float | None = None) -> int:
     if since is None:
         return int(conn.execute("SELECT COUNT(*) FROM labelled").fetchone()[0])
     return int(conn.execute("SELECT COUNT(*) FROM labelled WHERE joined_at >= ?", (since,)).fetchone()[0])
+
+
+def prediction_watermark(conn: sqlite3.Connection) -> float | None:
+    """The newest prediction timestamp the store holds (joined or still waiting for its label),
+    or None when it holds none: the stream's own clock, as far as the state store can tell."""
+    row = conn.execute(
+        "SELECT MAX(t) FROM (SELECT MAX(timestamp) AS t FROM labelled UNION ALL "
+        "SELECT MAX(timestamp) FROM pending_predictions)").fetchone()
+    return None if row is None or row[0] is None else float(row[0])
+
+
+def labelled_rows_by_prediction_time(conn: sqlite3.Connection, *, since: float, until: float | None = None,
+                                     limit: int | None = None) -> list[JoinedLabel]:
+    """Joined rows predicted in ``since <= timestamp <= until``, newest prediction first (at most
+    ``limit``). Selecting on prediction time, not on the producer's ``labeled_at``, keeps a replay
+    of old logs or a late label batch inside the window its predictions belong to."""
+    sql = f"SELECT {_LABELLED_COLUMNS} FROM labelled WHERE timestamp >= ?"
+    params: list[float | int] = [since]
+    if until is not None:
+        sql += " AND timestamp <= ?"
+        params.append(until)
+    sql += " ORDER BY timestamp DESC, request_id DESC"
+    if limit is not None:
+        sql += " LIMIT ?"
+        params.append(int(limit))
+    return [JoinedLabel(r[0], r[1], float(r[2]), float(r[3]), int(r[4]), int(r[5]), float(r[6]), r[7], int(r[8]), r[9])
+            for r in conn.execute(sql, params)]
