@@ -56,6 +56,8 @@ class RetrainData:
     training: TrainingSet
     production_gate: Split      # newest production rows, one per input, none trained on: the gate's "new data"
     reference_gate: Split       # held-out source rows, one per input: the gate's forgetting slice
+    monitor_rows: Split         # one row per distinct production input, held-out ones first (newest first)
+    monitor_heldout: int        # how many of monitor_rows were never trained on
     mode: str                   # "images" | "features"
     labelled_rows: int          # production rows selected (after the onset, when one was given)
     summary: DataSummary        # rows, slices, onset, event-time window: recorded in the result and meta.json
@@ -234,8 +236,8 @@ def load_training_data(config: Config, data_config: dict[str, Any], *, num_class
     images = rc.mode == "images" or (rc.mode == "auto" and _inputs_available(uris, rc.input_root))
     if not images and model_version is not None:
         rows = [r for r in rows if r.model_version == model_version]
-    window = (f"predicted in the {rc.lookback_seconds / 86400:.3g} days of event time up to "
-              f"{'the first prediction' if until is None else _iso(until)}"
+    window = ("(no prediction in the state store yet)" if until is None else
+              f"predicted in the {rc.lookback_seconds / 86400:.3g} days of event time up to {_iso(until)}"
               f"{'' if images else f' by model_version {model_version}'}")
     rows, before, head_only = _select(rows, onset, min_rows=rc.min_labelled_rows, window=window)
     bad = next((r for r in rows if not 0 <= r.label < num_classes), None)
@@ -292,5 +294,6 @@ def load_training_data(config: Config, data_config: dict[str, Any], *, num_class
         training=TrainingSet(train, take(prod, idx.validation), replay_train, take(ref, idx.replay_validation),
                              features_only=not images),
         production_gate=take(prod, idx.gate), reference_gate=take(ref, idx.replay_gate),
-        mode=summary.mode, labelled_rows=len(rows), summary=summary,
+        monitor_rows=take(prod, idx.distinct), monitor_heldout=idx.distinct_heldout, mode=summary.mode,
+        labelled_rows=len(rows), summary=summary,
     )

@@ -91,21 +91,20 @@ def _save_reference(config: Config, model: torch.nn.Module, version: str, data: 
                     device: torch.device) -> ReferenceSummary:
     """The monitor's reference for the new version: what it will see, as it will see it.
 
-    Its own features and probabilities on the newest production inputs, held-out ones (gate and
-    validation slices: never trained on) first, topped up to MIN_REFERENCE_ROWS with the newest
-    training rows; accuracy and the estimator's calibration from the held-out labelled rows only.
-    Replay (source) rows stay out: a reference that mixes in another distribution than the
-    stream it watches makes the MMD tests alarm on unchanged traffic.
+    Its own features and probabilities on the newest production inputs, one row per distinct
+    input: held-out ones (gate and validation slices, never trained on) first, topped up to
+    MIN_REFERENCE_ROWS with the newest training inputs; accuracy and the estimator's calibration
+    from the held-out labelled rows only. Replay (source) rows stay out: a reference that mixes in
+    another distribution than the stream it watches makes the MMD tests alarm on unchanged
+    traffic, and so does one that counts an input twice (it looks tighter than fresh traffic).
     """
     from monitor.reference import build_reference, save_reference
 
-    held = [data.production_gate, data.training.val]
-    x = torch.cat([s.x for s in held])
-    labels = torch.cat([s.y for s in held])
-    top_up = max(0, min(MIN_REFERENCE_ROWS - len(labels), len(data.training.train)))
-    if top_up:
-        x = torch.cat([x, data.training.train.x[-top_up:]])  # train rows are oldest first
-        labels = torch.cat([labels, torch.full((top_up,), -1, dtype=labels.dtype)])  # -1: not in accuracy
+    rows = data.monitor_rows
+    total = max(data.monitor_heldout, min(MIN_REFERENCE_ROWS, len(rows)))
+    x, labels = rows.x[:total], rows.y[:total].clone()
+    top_up = total - data.monitor_heldout
+    labels[data.monitor_heldout:] = -1  # trained on: kept out of accuracy and calibration
     if data.mode == "features":
         with torch.no_grad():
             feats = x.numpy()
@@ -113,7 +112,7 @@ def _save_reference(config: Config, model: torch.nn.Module, version: str, data: 
     else:
         feats, probs = predict(model, x, device=device)
     mmd = config.monitor.signals.mmd  # the projection the monitor's config asks for
-    heldout = len(labels) - top_up
+    heldout = data.monitor_heldout
     ref = build_reference(model_version=version, features=feats.astype(np.float32), probs=probs.astype(np.float32),
                           labels=labels.numpy(), seed=config.retrain.hyper.seed,
                           source=f"retrain: {version} on {heldout} held-out + {top_up} training production rows",

@@ -96,6 +96,8 @@ class SplitIndex:
     replay_copies_dropped: int      # replay rows left out of training for the same reason
     gate_copies_merged: int         # rows of the recent window folded into one row per content
     replay_gate_copies_merged: int
+    distinct: np.ndarray            # one production row per content: gate, then validation, then training newest first
+    distinct_heldout: int           # how many of ``distinct`` were never trained on (gate + validation)
 
 
 def _first_per_content(order: np.ndarray, content: Sequence[str]) -> np.ndarray:
@@ -139,9 +141,13 @@ def split_rows(
     # every row of the recent window has its content in the gate: only older rows can train
     train, validation, dropped = rest(content, order[: n - len(recent)])
     replay_train, replay_validation, replay_dropped = rest(replay_content, np.flatnonzero(~in_replay_gate))
+    # a sample that counts one input twice looks tighter than traffic: one row per content
+    heldout = np.concatenate([gate[::-1], _first_per_content(validation[::-1], content)])
+    distinct = np.concatenate([heldout, _first_per_content(train[::-1], content)])
     return SplitIndex(
         train=train, validation=validation, gate=gate,
         replay_train=replay_train, replay_validation=replay_validation, replay_gate=replay_gate,
         production_copies_dropped=dropped, replay_copies_dropped=replay_dropped,
         gate_copies_merged=len(recent) - len(gate), replay_gate_copies_merged=int(in_replay_gate.sum()) - len(replay_gate),
+        distinct=distinct.astype(np.int64), distinct_heldout=len(heldout),
     )
