@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
+import pytest
+
+from monitor.config import parse_config
+from monitor.errors import ConfigError
 from retrain.config import GateConfig
 from retrain.gate import decide, too_small
 from retrain.paired import PairedCounts
@@ -65,3 +70,15 @@ def test_a_negative_min_gain_tests_non_inferiority_on_production_too() -> None:
     result = decide(gate, production=slice_of(1000, 800, 10, 12), reference=slice_of(1000, 900, 3, 3))
     assert result.production.margin == 0.02 and result.production.test.startswith("Tango")
     assert result.promote, result.reason
+
+
+def test_gate_keys_are_validated_by_name() -> None:
+    def parse(gate: dict) -> GateConfig:
+        return parse_config({"logs": {"inference": "logs"}, "retrain": {"gate": gate}}, source="driftd.yaml",
+                            base=Path("/srv")).retrain.gate
+
+    assert parse({}) == GateConfig() and (GateConfig().alpha, GateConfig().min_rows) == (0.05, 50)
+    assert parse({"alpha": 0.1, "min_rows": 200}) == GateConfig(alpha=0.1, min_rows=200)
+    with pytest.raises(ConfigError) as err:
+        parse({"alpha": 0.0, "min_rows": 3})
+    assert "retrain.gate.alpha:" in str(err.value) and "retrain.gate.min_rows:" in str(err.value)
