@@ -25,11 +25,14 @@ _TOLERATION_EFFECTS = ("NoSchedule", "PreferNoSchedule", "NoExecute")
 
 @dataclass(frozen=True)
 class GateConfig:
-    """Promotion rule: candidate must gain on production data and not forget the reference."""
+    """Promotion rule: candidate must gain on production data and not forget the reference,
+    both shown by paired tests on held-out rows (retrain.gate, retrain.paired)."""
 
     min_gain: float = 0.02          # production accuracy gain required (absolute, 0..1)
     max_forgetting: float = 0.01    # largest allowed drop in reference accuracy (absolute, 0..1)
-    gate_fraction: float = 0.25     # share of labelled rows (and reference rows) held out for the gate
+    gate_fraction: float = 0.25     # share of labelled rows (the newest) and of replay rows held out for the gate
+    alpha: float = 0.05             # one-sided level of both paired tests
+    min_rows: int = 50              # smallest gate slice judged at all (distinct inputs)
 
 
 @dataclass(frozen=True)
@@ -112,6 +115,8 @@ def _parse_gate(s: Section) -> GateConfig:
         min_gain=s.float("min_gain", d.min_gain, minimum=-1.0, maximum=1.0),
         max_forgetting=s.float("max_forgetting", d.max_forgetting, minimum=0.0, maximum=1.0),
         gate_fraction=s.float("gate_fraction", d.gate_fraction, minimum=0.01, maximum=0.9),
+        alpha=s.float("alpha", d.alpha, minimum=1e-6, maximum=0.5),
+        min_rows=s.int("min_rows", d.min_rows, minimum=10),
     )
     s.finish()
     return gate

@@ -1,6 +1,12 @@
 """Training data for one retrain: recent labelled production rows plus a class-balanced replay
-buffer of the source data, split deterministically (hash of request_id) into train / validation /
-gate slices.
+buffer of the source data, split into train / validation / gate slices by time and by input
+content (retrain.split), so that no input the candidate trained on is ever used to judge it.
+
+"Recent" is event time: ``retrain.lookback_seconds`` back from the stream's newest prediction
+timestamp, selected on the prediction timestamp (never the wall clock, never the producer's
+``labeled_at``), so a replay of months-old logs retrains like live traffic. Given the breach
+onset, only rows predicted after it train and judge; below ``min_labelled_rows`` of those, the
+job trains the head only and says so.
 
 Inputs come back from ``input_uri`` (relative to ``retrain.input_root``, ``file://`` or absolute
 inside it; anything resolving outside is refused) through the model's own transform. When the
@@ -9,11 +15,12 @@ inputs were not retained, "features" mode trains the head alone on the logged po
 
 from __future__ import annotations
 
-import hashlib
+import datetime
+import io
 import urllib.parse
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,11 +32,13 @@ import torch
 
 from monitor.config import Config
 from monitor.errors import DriftdError
-from monitor.ingest.labels import labelled_rows
+from monitor.ingest.labels import labelled_rows_by_prediction_time, prediction_watermark
 from monitor.ingest.records import JoinedLabel
 from monitor.ingest.store import connect_readonly
 from retrain.batches import Split, TrainingSet
 from retrain.model import build_transform
+from retrain.progress import DataSummary
+from retrain.split import bytes_content, features_content, split_rows
 
 VALIDATION_FRACTION = 0.15   # of the non-gate rows, for early stopping
 
@@ -45,18 +54,32 @@ class NotEnoughData(DriftdError):
 @dataclass(frozen=True)
 class RetrainData:
     training: TrainingSet
-    production_gate: Split      # held-out production rows: the gate's "new data" slice
-    reference_gate: Split       # held-out source rows: the gate's forgetting slice
-    reference_all: Split        # every replay row (inputs for the new version's monitor reference)
+    production_gate: Split      # newest production rows, one per input, none trained on: the gate's "new data"
+    reference_gate: Split       # held-out source rows, one per input: the gate's forgetting slice
+    monitor_rows: Split         # one row per distinct production input, held-out ones first (newest first)
+    monitor_heldout: int        # how many of monitor_rows were never trained on
     mode: str                   # "images" | "features"
-    labelled_rows: int          # production rows used (train + val + gate)
-    window: dict[str, Any]      # since / until / rows / model_versions, recorded in meta.json
+    labelled_rows: int          # production rows selected (after the onset, when one was given)
+    summary: DataSummary        # rows, slices, onset, event-time window: recorded in the result and meta.json
+
+    @property
+    def window(self) -> dict[str, Any]:
+        """The registry's ``data_window`` for the candidate."""
+        return asdict(self.summary)
+
+    @property
+    def head_only_reason(self) -> str | None:
+        return self.summary.head_only_reason
 
 
-def hash_fraction(key: str, salt: str = "") -> float:
-    """A stable number in [0, 1) for ``key``: the same row lands in the same slice on every run."""
-    digest = hashlib.sha256(f"{salt}:{key}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2.0**64
+def stream_clock(conn: Any) -> float | None:
+    """The stream's own clock: the engine's persisted watermark, the newest prediction timestamp
+    accepted (None before any row; see monitor.ingest.labels.prediction_watermark)."""
+    return prediction_watermark(conn)
+
+
+def _iso(t: float) -> str:
+    return datetime.datetime.fromtimestamp(t, datetime.timezone.utc).isoformat(timespec="seconds")
 
 
 def resolve_input(uri: str, input_root: Path) -> Path:
@@ -79,26 +102,23 @@ def resolve_input(uri: str, input_root: Path) -> Path:
     return full
 
 
-def _split_keys(keys: Sequence[str], fraction: float, salt: str) -> tuple[np.ndarray, np.ndarray]:
-    """Boolean masks (rest, held_out) with ``held_out`` ~ ``fraction`` of keys by hash."""
-    held = np.array([hash_fraction(k, salt) < fraction for k in keys], dtype=bool)
-    return ~held, held
-
-
-def _load_images(uris: Sequence[str], input_root: Path, data_config: dict[str, Any]) -> torch.Tensor:
+def _load_images(uris: Sequence[str], input_root: Path, data_config: dict[str, Any]) -> tuple[torch.Tensor, list[str]]:
+    """The inputs through the model's transform, and a content key (hash of the file's bytes) each."""
     from PIL import Image, UnidentifiedImageError
 
     transform = build_transform(data_config)
-    tensors = []
+    tensors, content = [], []
     for uri in uris:
         path = resolve_input(uri, input_root)
         try:
-            with Image.open(path) as img:
+            data = path.read_bytes()
+            with Image.open(io.BytesIO(data)) as img:
                 tensors.append(transform(img.convert("RGB")))
         except (OSError, UnidentifiedImageError) as exc:
             raise DataError(f"input_uri {uri!r} ({path}): cannot read image: {exc}") from None
+        content.append(bytes_content(data))
     c, h, w = data_config["input_size"]
-    return torch.stack(tensors) if tensors else torch.zeros((0, c, h, w))
+    return (torch.stack(tensors) if tensors else torch.zeros((0, c, h, w))), content
 
 
 def _inputs_available(uris: Sequence[str | None], input_root: Path | None) -> bool:
@@ -169,44 +189,55 @@ def read_replay(replay_logs: str, *, max_rows: int, num_classes: int, seed: int,
     return out
 
 
-def _three_way(x: torch.Tensor, y: torch.Tensor, keys: Sequence[str], gate_fraction: float, salt: str
-               ) -> tuple[Split, Split, Split]:
-    rest, gate = _split_keys(keys, gate_fraction, f"{salt}-gate")
-    train, val = _split_keys(keys, VALIDATION_FRACTION, f"{salt}-val")
-    split = Split(x, y)
-    return (split.take(torch.from_numpy(rest & train)), split.take(torch.from_numpy(rest & val)),
-            split.take(torch.from_numpy(gate)))
+def _select(rows: list[JoinedLabel], onset: float | None, *, min_rows: int, window: str
+            ) -> tuple[list[JoinedLabel], int, str | None]:
+    """(rows to use, rows before the onset, head-only reason). Raises NotEnoughData."""
+    if onset is None:
+        if len(rows) < min_rows:
+            raise NotEnoughData(f"{len(rows)} labelled rows {window}, fewer than retrain.min_labelled_rows ({min_rows})")
+        return rows, 0, None
+    after = [r for r in rows if r.timestamp >= onset]
+    before = len(rows) - len(after)
+    if not after:
+        raise NotEnoughData(f"0 labelled rows predicted after the breach onset {_iso(onset)} ({before} before it, "
+                            f"{window}): nothing of the shifted regime to train or judge on yet")
+    head_only = None if len(after) >= min_rows else (
+        f"only {len(after)} labelled rows after the breach onset {_iso(onset)}, fewer than "
+        f"retrain.min_labelled_rows ({min_rows}): training the head only")
+    return after, before, head_only
 
 
-def load_training_data(config: Config, data_config: dict[str, Any], *, num_classes: int, now: float,
-                       model_version: str | None = None) -> RetrainData:
+def load_training_data(config: Config, data_config: dict[str, Any], *, num_classes: int,
+                       model_version: str | None = None, onset: float | None = None) -> RetrainData:
     """Everything one retrain trains and gates on.
 
     ``model_version``: in features mode only rows logged by this version are usable (features
-    belong to the backbone that produced them). Raises NotEnoughData below ``min_labelled_rows``,
-    DataError for unreadable/escaping inputs or missing replay logs.
+    belong to the backbone that produced them). ``onset``: event time the breach began; only rows
+    predicted at or after it are used. Raises NotEnoughData (the job rejects) below
+    ``min_labelled_rows`` (without an onset), with no row after the onset, or when no row is left
+    to train on; DataError for unreadable/escaping inputs or missing replay logs.
     """
     rc = config.retrain
     if rc.replay_logs is None:
         raise DataError("retrain.replay_logs is not set: without source data the gate cannot measure forgetting")
-    since = now - rc.lookback_seconds
-    conn = connect_readonly(config.monitor.state_dir)
-    try:
-        rows = labelled_rows(conn, since=since, limit=rc.max_rows)
-    finally:
-        conn.close()
-    uris = [r.input_uri for r in rows]
     if rc.mode == "images" and rc.input_root is None:
         raise DataError("retrain.mode is 'images' but retrain.input_root is not set")
+    conn = connect_readonly(config.monitor.state_dir)
+    try:
+        until = stream_clock(conn)
+        rows = ([] if until is None else
+                labelled_rows_by_prediction_time(conn, since=until - rc.lookback_seconds, until=until, limit=rc.max_rows))
+    finally:
+        conn.close()
+    since = (until or 0.0) - rc.lookback_seconds
+    uris = [r.input_uri for r in rows]
     images = rc.mode == "images" or (rc.mode == "auto" and _inputs_available(uris, rc.input_root))
     if not images and model_version is not None:
         rows = [r for r in rows if r.model_version == model_version]
-    if len(rows) < rc.min_labelled_rows:
-        raise NotEnoughData(
-            f"{len(rows)} labelled rows in the last {rc.lookback_seconds / 86400:.3g} days"
-            f"{'' if images else f' from model_version {model_version}'}, fewer than "
-            f"retrain.min_labelled_rows ({rc.min_labelled_rows})"
-        )
+    window = ("(no prediction in the state store yet)" if until is None else
+              f"predicted in the {rc.lookback_seconds / 86400:.3g} days of event time up to {_iso(until)}"
+              f"{'' if images else f' by model_version {model_version}'}")
+    rows, before, head_only = _select(rows, onset, min_rows=rc.min_labelled_rows, window=window)
     bad = next((r for r in rows if not 0 <= r.label < num_classes), None)
     if bad is not None:
         raise DataError(f"labelled row {bad.request_id}: label {bad.label} outside the model's [0, {num_classes})")
@@ -218,8 +249,8 @@ def load_training_data(config: Config, data_config: dict[str, Any], *, num_class
         missing = next((r for r in rows if r.input_uri is None), None)
         if missing is not None:
             raise DataError(f"labelled row {missing.request_id} has no input_uri; use retrain.mode 'features' or 'auto'")
-        x_prod = _load_images([str(r.input_uri) for r in rows], rc.input_root, data_config)
-        x_ref = _load_images([str(u) for u in replay["input_uri"]], rc.input_root, data_config)
+        x_prod, prod_content = _load_images([str(r.input_uri) for r in rows], rc.input_root, data_config)
+        x_ref, ref_content = _load_images([str(u) for u in replay["input_uri"]], rc.input_root, data_config)
     else:
         if "features" not in replay:
             raise DataError(f"{rc.replay_logs}: replay logs have no features column; features mode needs it")
@@ -227,21 +258,40 @@ def load_training_data(config: Config, data_config: dict[str, Any], *, num_class
         x_ref = torch.from_numpy(replay["features"])
         if x_prod.shape[1] != x_ref.shape[1]:
             raise DataError(f"feature width differs: production {x_prod.shape[1]}, replay logs {x_ref.shape[1]}")
+        # one grouping over both sides: a replay row can repeat a production input
+        content = features_content(np.concatenate([x_prod.numpy(), x_ref.numpy()]))
+        prod_content, ref_content = content[: len(x_prod)], content[len(x_prod):]
     y_prod = torch.tensor([r.label for r in rows], dtype=torch.int64)
     y_ref = torch.from_numpy(replay["label"])
-    gate_fraction = rc.gate.gate_fraction
-    train, val, prod_gate = _three_way(x_prod, y_prod, [r.request_id for r in rows], gate_fraction, "prod")
-    replay_train, replay_val, ref_gate = _three_way(x_ref, y_ref, list(replay["key"]), gate_fraction, "replay")
-    if min(len(train), len(prod_gate), len(replay_train), len(ref_gate)) == 0:
-        raise DataError(
-            f"too few rows to split (train {len(train)}, production gate {len(prod_gate)}, replay {len(replay_train)}, "
-            f"reference gate {len(ref_gate)}); raise min_labelled_rows or add replay data"
-        )
-    window = {"since": since, "until": now, "rows": len(rows),
-              "first_labeled_at": min(r.labeled_at for r in rows), "last_labeled_at": max(r.labeled_at for r in rows),
-              "model_versions": sorted({r.model_version for r in rows}), "replay_rows": len(y_ref)}
+    idx = split_rows(times=np.array([r.timestamp for r in rows]), keys=[r.request_id for r in rows],
+                     content=prod_content, replay_content=ref_content, gate_fraction=rc.gate.gate_fraction,
+                     validation_fraction=VALIDATION_FRACTION)
+    prod, ref = Split(x_prod, y_prod), Split(x_ref, y_ref)
+
+    def take(split: Split, index: np.ndarray) -> Split:
+        return split.take(torch.from_numpy(index))
+
+    train, replay_train = take(prod, idx.train), take(ref, idx.replay_train)
+    if len(train) == 0 or len(replay_train) == 0:
+        raise NotEnoughData(
+            f"no rows left to train on: {len(train)} production rows (of {len(rows)}; {idx.production_copies_dropped} "
+            f"repeat an input held out for the gate) and {len(replay_train)} replay rows; wait for more labelled rows "
+            "or add replay data")
+    used = len(idx.train) + len(idx.validation) + len(idx.gate)
+    summary = DataSummary(
+        since=since, until=until if until is not None else since, rows=len(rows),
+        model_versions=sorted({r.model_version for r in rows}), mode="images" if images else "features",
+        onset=onset, rows_before_onset=before, rows_after_onset=len(rows), rows_used_before_onset=0,
+        rows_used_after_onset=used, train_rows=len(idx.train), validation_rows=len(idx.validation),
+        production_gate_rows=len(idx.gate), replay_rows=len(y_ref), replay_train_rows=len(idx.replay_train),
+        replay_validation_rows=len(idx.replay_validation), reference_gate_rows=len(idx.replay_gate),
+        production_copies_dropped=idx.production_copies_dropped, replay_copies_dropped=idx.replay_copies_dropped,
+        gate_copies_merged=idx.gate_copies_merged, head_only_reason=head_only,
+    )
     return RetrainData(
-        training=TrainingSet(train, val, replay_train, replay_val, features_only=not images),
-        production_gate=prod_gate, reference_gate=ref_gate, reference_all=Split(x_ref, y_ref),
-        mode="images" if images else "features", labelled_rows=len(rows), window=window,
+        training=TrainingSet(train, take(prod, idx.validation), replay_train, take(ref, idx.replay_validation),
+                             features_only=not images),
+        production_gate=take(prod, idx.gate), reference_gate=take(ref, idx.replay_gate),
+        monitor_rows=take(prod, idx.distinct), monitor_heldout=idx.distinct_heldout, mode=summary.mode,
+        labelled_rows=len(rows), summary=summary,
     )

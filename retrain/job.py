@@ -1,7 +1,9 @@
 """One retrain, end to end: data -> strategy -> guarded recipe -> gate -> registry -> reference.
 
-``python -m retrain.job --config CONFIG --job-dir DIR [--reason TEXT] [--domain-gap X]``
-appends events to ``DIR/progress.jsonl`` and writes ``DIR/result.json`` (see retrain.progress).
+``python -m retrain.job --config CONFIG --job-dir DIR [--reason TEXT] [--onset SECONDS]
+[--domain-gap X] [--mmd X]`` appends events to ``DIR/progress.jsonl`` and writes
+``DIR/result.json`` (see retrain.progress). The daemon passes what it knows about the breach:
+its onset (event time of the start of the first breaching window) and its own shift measurement.
 Exit 0 when it finished with "promoted" or "rejected", 1 on "failed", 2 on a bad config.
 Under torchrun (``WORLD_SIZE`` > 1) every rank trains; rank 0 alone gates and writes.
 """
@@ -25,9 +27,10 @@ import torch.distributed as dist
 from monitor.config import Config, load_config
 from monitor.errors import ConfigError
 from retrain.data import NotEnoughData, RetrainData, load_training_data
-from retrain.gate import GateResult, choose_wise_alpha, evaluate_gate
+from retrain.gate import GateResult, choose_wise_alpha, evaluate_gate, too_small
 from retrain.model import predict
-from retrain.progress import JobResult, ProgressLog, read_progress, read_result, write_result
+from retrain.progress import (JobResult, ProgressLog, ReferenceSummary, ShiftSummary, read_progress, read_result,
+                              write_result)
 from retrain.recipe import fine_tune, resolve_device, snapshot
 from retrain.registry import ModelMeta, ModelVersion, Registry
 from retrain.strategy import StrategyPlan, choose_strategy, domain_gap
@@ -37,31 +40,71 @@ __all__ = ["run_job", "read_progress", "read_result", "JobResult", "main"]
 log = logging.getLogger(__name__)
 
 
+# A monitor reference from fewer rows makes its own drift tests noisy; below this many held-out
+# production rows the newest training rows top it up (their features sit a little tighter).
+MIN_REFERENCE_ROWS = 200
+# Rows per side for the job's domain gap: a share of dims with |mean difference| > 0.5 sd is
+# stable well before 1000 rows, and a forward pass over every row would cost as much as an epoch.
+GAP_ROWS = 1000
+
+
+def _spread(x: torch.Tensor, k: int) -> torch.Tensor:
+    """At most ``k`` rows of ``x``, evenly spaced (deterministic, keeps the time spread)."""
+    return x if len(x) <= k else x[torch.linspace(0, len(x) - 1, k).long()]
+
+
+def _measure_gap(data: RetrainData, model: torch.nn.Module, device: torch.device) -> tuple[float, int]:
+    """The job's own domain gap: the rows it trains on (after the onset, when given) against the
+    replay rows, through the current model's backbone. Returns (gap, production rows measured)."""
+    t = data.training
+    ref, prod = _spread(t.replay.x, GAP_ROWS), _spread(t.train.x, GAP_ROWS)
+    if t.features_only:
+        return domain_gap(ref.numpy(), prod.numpy()), len(prod)
+    return domain_gap(predict(model, ref, device=device)[0], predict(model, prod, device=device)[0]), len(prod)
+
+
 def _plan(config: Config, data: RetrainData, model: torch.nn.Module, device: torch.device,
-          gap: float | None) -> tuple[StrategyPlan, float]:
+          monitor_gap: float | None, monitor_mmd: float | None) -> tuple[StrategyPlan, ShiftSummary]:
     hyper = config.retrain.hyper
-    if gap is None:
-        # Measured here when the caller has no monitor signal: how far production features moved.
-        t = data.training
-        if t.features_only:
-            ref, prod = t.replay.x.numpy(), t.train.x.numpy()
-        else:
-            ref, prod = predict(model, t.replay.x, device=device)[0], predict(model, t.train.x, device=device)[0]
-        gap = domain_gap(ref, prod)
-    if data.mode == "features":
+    job_gap, gap_rows = _measure_gap(data, model, device)
+    # The monitor's share of shifted dimensions, when the daemon passes it, is the signal the
+    # strategy thresholds stand for; the job's measurement is the stand-in otherwise.
+    gap, source = (monitor_gap, "monitor") if monitor_gap is not None else (job_gap, "job")
+    shift = ShiftSummary(monitor_domain_gap=monitor_gap, monitor_mmd=monitor_mmd, job_domain_gap=job_gap,
+                         job_domain_gap_rows=gap_rows, strategy_domain_gap=gap, strategy_domain_gap_from=source)
+    others = ([f"job {job_gap:.2f} on {gap_rows} training rows"] if source == "monitor" else
+              [f"measured by the job on {gap_rows} training rows"])
+    if monitor_mmd is not None:
+        others.append(f"monitor MMD^2 {monitor_mmd:.3g}")
+    gap_text = f"gap from the {source} ({'; '.join(others)})"
+    head_only = ("features mode (inputs not retained): only the head can train" if data.mode == "features"
+                 else data.head_only_reason)
+    if head_only is not None:
         plan = choose_strategy(data.labelled_rows, gap, requested="head", layer_decay=hyper.layer_decay)
-        return dataclasses.replace(
-            plan, reason="features mode (inputs not retained): only the head can train; " + plan.reason), gap
-    return choose_strategy(data.labelled_rows, gap, requested=config.retrain.strategy,
-                           layer_decay=hyper.layer_decay), gap
+        reason = f"{head_only}; {data.labelled_rows} labelled rows, domain gap {gap:.2f}, {gap_text}"
+        return dataclasses.replace(plan, reason=reason), shift
+    plan = choose_strategy(data.labelled_rows, gap, requested=config.retrain.strategy, layer_decay=hyper.layer_decay)
+    return dataclasses.replace(plan, reason=f"{plan.reason}, {gap_text}"), shift
 
 
 def _save_reference(config: Config, model: torch.nn.Module, version: str, data: RetrainData,
-                    device: torch.device) -> Path:
-    """The monitor's reference for the new version: its own features/probs on the source inputs."""
+                    device: torch.device) -> ReferenceSummary:
+    """The monitor's reference for the new version: what it will see, as it will see it.
+
+    Its own features and probabilities on the newest production inputs, one row per distinct
+    input: held-out ones (gate and validation slices, never trained on) first, topped up to
+    MIN_REFERENCE_ROWS with the newest training inputs; accuracy and the estimator's calibration
+    from the held-out labelled rows only. Replay (source) rows stay out: a reference that mixes in
+    another distribution than the stream it watches makes the MMD tests alarm on unchanged
+    traffic, and so does one that counts an input twice (it looks tighter than fresh traffic).
+    """
     from monitor.reference import build_reference, save_reference
 
-    x = data.reference_all.x
+    rows = data.monitor_rows
+    total = max(data.monitor_heldout, min(MIN_REFERENCE_ROWS, len(rows)))
+    x, labels = rows.x[:total], rows.y[:total].clone()
+    top_up = total - data.monitor_heldout
+    labels[data.monitor_heldout:] = -1  # trained on: kept out of accuracy and calibration
     if data.mode == "features":
         with torch.no_grad():
             feats = x.numpy()
@@ -69,11 +112,14 @@ def _save_reference(config: Config, model: torch.nn.Module, version: str, data: 
     else:
         feats, probs = predict(model, x, device=device)
     mmd = config.monitor.signals.mmd  # the projection the monitor's config asks for
+    heldout = data.monitor_heldout
     ref = build_reference(model_version=version, features=feats.astype(np.float32), probs=probs.astype(np.float32),
-                          labels=data.reference_all.y.numpy(), seed=config.retrain.hyper.seed,
-                          source=f"retrain {config.retrain.replay_logs}", projection=mmd.projection,
-                          projection_dims=mmd.projection_dims)
-    return save_reference(ref, config.monitor.reference_dir)
+                          labels=labels.numpy(), seed=config.retrain.hyper.seed,
+                          source=f"retrain: {version} on {heldout} held-out + {top_up} training production rows",
+                          projection=mmd.projection, projection_dims=mmd.projection_dims)
+    path = save_reference(ref, config.monitor.reference_dir)
+    return ReferenceSummary(model_version=version, heldout_rows=heldout, training_rows=top_up,
+                            labelled_rows=ref.labelled_rows, accuracy=ref.accuracy, path=str(path))
 
 
 def _distributed(device_name: str) -> tuple[int, int, torch.device]:
@@ -91,11 +137,15 @@ def _distributed(device_name: str) -> tuple[int, int, torch.device]:
 
 
 def run_job(config: Config, job_dir: Path, *, reason: str, progress: Callable[[dict], None] | None = None,
-            domain_gap_value: float | None = None, clock: Callable[[], float] = time.time) -> JobResult:
+            domain_gap_value: float | None = None, onset: float | None = None, mmd_value: float | None = None,
+            clock: Callable[[], float] = time.time) -> JobResult:
     """Run one retrain in this process; never raises for job failures (outcome "failed" instead).
 
-    Rank 0 writes progress.jsonl, result.json, the registry and the reference; other DDP ranks
-    only train and return their (unwritten) result.
+    ``onset``: event time (epoch s) the breach began: only rows predicted after it train and
+    judge. ``domain_gap_value`` / ``mmd_value``: the monitor's share of shifted feature dimensions
+    and batch MMD^2 on the breaching window (recorded; the share chooses the strategy). Rank 0
+    writes progress.jsonl, result.json, the registry and the reference; other DDP ranks only train
+    and return their (unwritten) result.
     """
     job_dir = Path(job_dir)
     rc = config.retrain
@@ -104,12 +154,14 @@ def run_job(config: Config, job_dir: Path, *, reason: str, progress: Callable[[d
     emit = ProgressLog(job_dir, callback=progress, clock=clock) if rank == 0 else (lambda event: None)
     emit({"event": "started", "reason": reason, "job_id": job_dir.name, "world_size": world, "device": str(device)})
     registry = Registry(rc.registry_dir, clock=clock)
-    state: dict = {"current": None, "candidate": None, "gate": None, "strategy": None, "rows": 0}
+    state: dict = {"current": None, "candidate": None, "gate": None, "strategy": None, "rows": 0, "data": None,
+                   "shift": None, "reference": None}
 
     def finish(outcome: str, why: str) -> JobResult:
         result = JobResult(job_id=job_dir.name, outcome=outcome, reason=why, candidate_version=state["candidate"],
                            current_version=state["current"], gate=state["gate"], strategy=state["strategy"],
-                           started_at=started, finished_at=clock(), labelled_rows=state["rows"])
+                           started_at=started, finished_at=clock(), labelled_rows=state["rows"], data=state["data"],
+                           shift=state["shift"], reference=state["reference"])
         if rank == 0:
             emit({"event": outcome, "message": why, "candidate_version": state["candidate"]})
             write_result(job_dir, result)
@@ -120,12 +172,22 @@ def run_job(config: Config, job_dir: Path, *, reason: str, progress: Callable[[d
         state["current"] = current.version
         try:
             data = load_training_data(config, current.meta.data_config, num_classes=current.meta.num_classes,
-                                      now=clock(), model_version=current.version)
+                                      model_version=current.version, onset=onset)
         except NotEnoughData as exc:
             return finish("rejected", str(exc))
-        state["rows"] = data.labelled_rows
-        plan, gap = _plan(config, data, current_model, device, domain_gap_value)
-        state["strategy"] = {**dataclasses.asdict(plan), "domain_gap": gap, "mode": data.mode}
+        state["rows"], state["data"] = data.labelled_rows, data.summary
+        # Slices the gate could never judge: say so now rather than after the training.
+        unjudgeable = too_small(rc.gate, production_rows=len(data.production_gate),
+                                reference_rows=len(data.reference_gate))
+        if unjudgeable:
+            return finish("rejected", "; ".join(unjudgeable))
+        plan, shift = _plan(config, data, current_model, device, domain_gap_value, mmd_value)
+        state["shift"] = shift
+        state["strategy"] = {**dataclasses.asdict(plan), "domain_gap": shift.strategy_domain_gap, "mode": data.mode,
+                             "onset": onset, "rows_before_onset": data.summary.rows_before_onset,
+                             "rows_after_onset": data.summary.rows_after_onset,
+                             "job_domain_gap": shift.job_domain_gap, "monitor_domain_gap": domain_gap_value,
+                             "monitor_mmd": mmd_value, "head_only": data.head_only_reason}
         emit({"event": "phase", "phase": "plan", "message": f"strategy {plan.name}: {plan.reason}"})
         candidate = copy.deepcopy(current_model)
         start = snapshot(candidate)
@@ -141,7 +203,7 @@ def run_job(config: Config, job_dir: Path, *, reason: str, progress: Callable[[d
         if not gate.promote:
             return finish("rejected", gate.reason)
         # reference first: the monitor must never find a CURRENT version it has no reference for
-        _save_reference(config, candidate, state["candidate"], data, device)
+        state["reference"] = _save_reference(config, candidate, state["candidate"], data, device)
         registry.promote(state["candidate"])
         return finish("promoted", gate.reason)
     except Exception as exc:  # one catch point per job: the daemon must get a result, not a traceback
@@ -173,6 +235,37 @@ def _meta(config: Config, parent: ModelVersion, plan: StrategyPlan, data: Retrai
     )
 
 
+def _finite(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not np.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def _event_time(text: str) -> float:
+    value = _finite(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected epoch seconds (> 0), got {text!r}")
+    return value
+
+
+def _share(text: str) -> float:
+    value = _finite(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a share in [0, 1], got {text!r}")
+    return value
+
+
+def _non_negative(text: str) -> float:
+    value = _finite(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a value >= 0, got {text!r}")
+    return value
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m retrain.job", description="Run one guarded retrain and record the outcome.",
@@ -181,8 +274,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--config", required=True, help="driftd config file (YAML or TOML)")
     parser.add_argument("--job-dir", required=True, type=Path, help="where progress.jsonl and result.json go")
     parser.add_argument("--reason", default="manual", help="why this retrain runs (recorded)")
-    parser.add_argument("--domain-gap", type=float, default=None,
-                        help="the monitor's shift measure in [0, 1] (default: measured by the job)")
+    parser.add_argument("--onset", type=_event_time, default=None, metavar="SECONDS",
+                        help="event time (epoch seconds) the breach began: train and judge on rows predicted after it")
+    parser.add_argument("--domain-gap", type=_share, default=None,
+                        help="the monitor's share of shifted feature dimensions in [0, 1]; chooses the strategy "
+                             "(default: measured by the job on the rows it trains on)")
+    parser.add_argument("--mmd", type=_non_negative, default=None,
+                        help="the monitor's batch MMD^2 on the breaching window (recorded in the result)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -190,7 +288,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"retrain.job: error: {exc}", file=sys.stderr)
         return 2
-    result = run_job(config, args.job_dir, reason=args.reason, domain_gap_value=args.domain_gap)
+    result = run_job(config, args.job_dir, reason=args.reason, domain_gap_value=args.domain_gap, onset=args.onset,
+                     mmd_value=args.mmd)
     return 0 if result.outcome in ("promoted", "rejected") else 1
 
 

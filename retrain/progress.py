@@ -22,6 +22,62 @@ EVENTS = ("started", "phase", "epoch", "guard", "gate", "promoted", "rejected", 
 
 
 @dataclass(frozen=True)
+class DataSummary:
+    """Which labelled rows the job used and where each went (also the registry's ``data_window``).
+
+    Times are event time: prediction timestamps, epoch seconds, up to the stream's newest."""
+
+    since: float                    # oldest prediction time considered (until - lookback_seconds)
+    until: float                    # the stream's clock: newest prediction timestamp
+    rows: int                       # production rows selected (after the onset when one was given)
+    model_versions: list[str]       # model versions that served those rows
+    mode: str                       # "images" | "features"
+    onset: float | None             # breach onset (event time) the daemon passed, if any
+    rows_before_onset: int          # labelled rows in the lookback predicted before the onset
+    rows_after_onset: int           # ... and at or after it (all rows when no onset was given)
+    rows_used_before_onset: int     # of those, rows used to train, validate or gate
+    rows_used_after_onset: int
+    train_rows: int
+    validation_rows: int
+    production_gate_rows: int       # distinct inputs among the most recent rows
+    replay_rows: int
+    replay_train_rows: int
+    replay_validation_rows: int
+    reference_gate_rows: int        # distinct replay inputs held out for the forgetting test
+    production_copies_dropped: int  # older rows left out: the same input is in a gate slice
+    replay_copies_dropped: int
+    gate_copies_merged: int         # repeated inputs among the most recent rows, counted once
+    head_only_reason: str | None    # why the job trains the head only (too few post-onset rows)
+
+
+@dataclass(frozen=True)
+class ShiftSummary:
+    """How far the inputs moved, by the monitor's measurement and by the job's own."""
+
+    monitor_domain_gap: float | None   # share of feature dims shifted, as the daemon passed it
+    monitor_mmd: float | None          # the monitor's batch MMD^2 on the breaching window
+    job_domain_gap: float              # measured by the job on the rows it trains on vs the replay rows
+    job_domain_gap_rows: int
+    strategy_domain_gap: float         # the gap that chose the strategy
+    strategy_domain_gap_from: str      # "monitor" | "job"
+
+
+@dataclass(frozen=True)
+class ReferenceSummary:
+    """What the promoted version's monitor reference was built from."""
+
+    model_version: str
+    heldout_rows: int               # production rows it was not trained on (gate + validation)
+    training_rows: int              # production training rows added to reach the minimum size
+    labelled_rows: int              # rows behind its accuracy and calibration (held-out only)
+    accuracy: float | None
+    path: str
+
+
+_TYPED = {"data": DataSummary, "shift": ShiftSummary, "reference": ReferenceSummary}
+
+
+@dataclass(frozen=True)
 class JobResult:
     job_id: str
     outcome: str                    # "promoted" | "rejected" | "failed"
@@ -29,17 +85,27 @@ class JobResult:
     candidate_version: str | None
     current_version: str | None
     gate: dict[str, Any] | None     # GateResult.to_json() when the gate ran
-    strategy: dict[str, Any] | None  # {"name", "reason", "layer_decay"}
+    strategy: dict[str, Any] | None  # {"name", "reason", "layer_decay", "domain_gap", "onset", ...}
     started_at: float
     finished_at: float
     labelled_rows: int
+    # Added later: result.json files written before them read back as None.
+    data: DataSummary | None = None
+    shift: ShiftSummary | None = None
+    reference: ReferenceSummary | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "JobResult":
-        return cls(**{f.name: data.get(f.name) for f in fields(cls)})
+        values = {f.name: data.get(f.name) for f in fields(cls)}
+        for name, kind in _TYPED.items():
+            if isinstance(values[name], dict):
+                known = {f.name for f in fields(kind)}
+                raw = values[name]
+                values[name] = kind(**{k: raw.get(k) for k in known})
+        return cls(**values)
 
 
 class ProgressLog:

@@ -16,10 +16,10 @@ import yaml
 from monitor.config import IngestConfig
 from monitor.ingest.labels import LabelJoiner
 from monitor.ingest.records import InferenceBatch, LabelBatch
-from monitor.ingest.store import StateStore
+from monitor.ingest.store import WATERMARK, StateStore
 from monitor.ingest.writer import LogWriter
 from retrain.batches import Split, TrainingSet
-from retrain.config import HyperConfig
+from retrain.config import GateConfig, HyperConfig
 from retrain.digits import corrupt, load_digits_images, train_digits_model, write_images
 from retrain.model import images_to_tensor, predict
 from retrain.registry import Registry, import_safetensors
@@ -27,6 +27,10 @@ from retrain.registry import Registry, import_safetensors
 SIZE = 16
 SHIFT = ("contrast", 0.6)   # a real input-level shift that the source model fails on
 NOW = 1_800_000_000.0
+# The digits worlds hold ~150-210 held-out replay rows; a forgetting test at the default margin
+# (0.01) needs 268 distinct rows even for an unchanged model, so the test worlds judge at 0.05.
+TEST_GATE = {"max_forgetting": 0.05}
+TEST_GATE_CONFIG = GateConfig(**TEST_GATE)
 FAST_HYPER = HyperConfig(epochs_head=6, epochs_finetune=5, batch_size=32, lr_backbone=2e-3, patience=2)
 
 
@@ -111,27 +115,39 @@ def _batch_from_file(path: Path) -> InferenceBatch:
 
 
 def build_world(root: Path, checkpoint: Path, d: Digits, *, retrain: dict | None = None,
-                n_production: int | None = None) -> World:
+                n_production: int | None = None, rows: np.ndarray | None = None, timestamps: np.ndarray | None = None,
+                clean_rows: int = 0, labeled_at: float = NOW - 60.0) -> World:
     """Images on disk, replay + production Parquet logs, labelled rows in the SQLite state,
-    v1 = the source model in the registry, and a config file pointing at all of it."""
+    v1 = the source model in the registry, and a config file pointing at all of it.
+
+    ``rows``: the image (index into ``d.images``) of every production row, in log order (default
+    ``d.production[:n_production]``); a repeated index is the same input logged again, as its own
+    file with identical bytes. ``timestamps``: their prediction times (default 0.1 s apart, an hour
+    before NOW). ``clean_rows``: the first rows are served without the shift (the breach onset is
+    at row ``clean_rows``). ``labeled_at``: when the producer says the labels were given."""
     registry = Registry(root / "registry", clock=lambda: NOW)
     import_safetensors(registry, "test_resnet", 10, checkpoint, input_size=SIZE)
     model, _ = registry.load_model()
-    prod_idx = d.production[:n_production]
+    prod_idx = d.production[:n_production] if rows is None else np.asarray(rows)
+    repeats = len(set(prod_idx.tolist())) < len(prod_idx)
     replay_ids = [f"src-{i}" for i in d.replay]
-    prod_ids = [f"prod-{i}" for i in prod_idx]
-    shifted = corrupt(d.images[prod_idx], *SHIFT, seed=1)
+    prod_ids = [f"prod-{k}-{i}" if repeats else f"prod-{i}" for k, i in enumerate(prod_idx)]
+    served = corrupt(d.images[prod_idx], *SHIFT, seed=1)
+    served[:clean_rows] = d.images[prod_idx[:clean_rows]]
+    times = NOW - 3600 + np.arange(len(prod_ids)) * 0.1 if timestamps is None else np.asarray(timestamps, float)
     replay_uris = [f"source/{n}" for n in write_images(root / "inputs" / "source", d.images[d.replay], replay_ids)]
-    prod_uris = [f"production/{n}" for n in write_images(root / "inputs" / "production", shifted, prod_ids)]
+    prod_uris = [f"production/{n}" for n in write_images(root / "inputs" / "production", served, prod_ids)]
 
-    def log(location: Path, ids: list[str], images: np.ndarray, uris: list[str], labels: np.ndarray | None) -> None:
+    def log(location: Path, ids: list[str], images: np.ndarray, uris: list[str], labels: np.ndarray | None,
+            stamps: np.ndarray) -> None:
         feats, probs = predict(model, tensors(model, images))
         with LogWriter(location, roll_rows=100_000, clock=lambda: NOW) as writer:
-            writer.write_batch(ids, NOW - 3600 + np.arange(len(ids)) * 0.1, "v1", feats, probs=probs,
+            writer.write_batch(ids, stamps, "v1", feats, probs=probs,
                                input_uri=uris, label=None if labels is None else labels.tolist())
 
-    log(root / "replay", replay_ids, d.images[d.replay], replay_uris, d.labels[d.replay])
-    log(root / "inference", prod_ids, shifted, prod_uris, None)
+    log(root / "replay", replay_ids, d.images[d.replay], replay_uris, d.labels[d.replay],
+        NOW - 3600 + np.arange(len(replay_ids)) * 0.1)
+    log(root / "inference", prod_ids, served, prod_uris, None, times)
     store = StateStore.open(root / "state")
     joiner = LabelJoiner(store, IngestConfig())
     for path in sorted((root / "inference").glob("*.parquet")):
@@ -139,17 +155,20 @@ def build_world(root: Path, checkpoint: Path, d: Digits, *, retrain: dict | None
         joiner.add_predictions(batch, float(batch.timestamp.max()))
     joiner.add_labels(LabelBatch(source="labels.parquet", request_id=np.asarray(prod_ids, dtype=object),
                                  label=d.labels[prod_idx].astype(np.int64),
-                                 labeled_at=np.full(len(prod_ids), NOW - 60.0)), NOW - 3600 + len(prod_ids) * 0.1)
+                                 labeled_at=np.full(len(prod_ids), labeled_at)), float(times.max()))
+    store.set_mark(WATERMARK, float(times.max()))  # as the engine keeps it
     store.commit()
     store.close()
     hyper = {k: v for k, v in dataclasses.asdict(FAST_HYPER).items() if v is not None}
+    retrain = dict(retrain or {})
+    gate = {**TEST_GATE, **retrain.pop("gate", {})}
     config = {
         "model": "digits",
         "logs": {"inference": "inference", "labels": "labels"},
         "state_dir": "state",
         "reference_dir": "reference",
         "retrain": {"registry_dir": "registry", "input_root": "inputs", "replay_logs": "replay",
-                    "min_labelled_rows": 100, "hyper": hyper, **(retrain or {})},
+                    "min_labelled_rows": 100, "hyper": hyper, "gate": gate, **retrain},
     }
     config_path = root / "driftd.yaml"
     config_path.write_text(yaml.safe_dump(config))

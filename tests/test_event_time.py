@@ -179,3 +179,12 @@ def test_sighup_with_the_reference_directory_gone_keeps_the_references(tmp_path:
         assert counters[("quarantined_files", "feature_dim")] == 1 and ("rows", "v1") not in counters
     finally:
         engine.close()
+
+
+def test_the_monitors_evidence_becomes_the_jobs_arguments() -> None:
+    from monitor.service.daemon import breach_of
+
+    breach = breach_of({"monitor": {"onset": 1_790_000_123.25, "domain_gap": 0.43, "mmd2": 0.12, "rules": ["a"]}})
+    assert breach.argv() == ["--onset", "1790000123.25", "--domain-gap", "0.43", "--mmd", "0.12"]
+    assert breach_of({"monitor": {"event_time": 1.0}}) is None  # a manual request: the job measures itself
+    assert breach_of({"monitor": {"onset": -5.0}}) is None       # unusable evidence is not passed on

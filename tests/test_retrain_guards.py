@@ -1,4 +1,4 @@
-"""Guards, anchor penalties and gate rules in isolation (fast, no training loop)."""
+"""Guards, anchor penalties and WiSE-FT in isolation (fast, no training loop); the gate rule: test_retrain_gate."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 
 from retrain.batches import Split
 from retrain.config import GateConfig
-from retrain.gate import choose_wise_alpha, decide, interpolate
+from retrain.gate import choose_wise_alpha, interpolate
 from retrain.guards import Anchor, AnchorWeights, GuardTripped, SpikeDetector
 
 
@@ -42,15 +42,6 @@ def test_anchor_penalties_and_drift() -> None:
     assert anchor.drift() == pytest.approx(0.1 * moved**0.5, rel=1e-4)
     l2sp_only = 0.5 * 2.0 * moved * 0.01
     assert float(anchor.penalty().detach()) > l2sp_only  # the EWC term adds to L2-SP
-
-
-def test_gate_names_every_failed_condition() -> None:
-    gate = GateConfig(min_gain=0.02, max_forgetting=0.01)
-    ok = decide(gate, candidate=(0.80, 0.95), current=(0.50, 0.955), production_rows=100, reference_rows=200)
-    assert ok.promote and ok.reason.startswith("promote:")
-    bad = decide(gate, candidate=(0.51, 0.90), current=(0.50, 0.95), production_rows=100, reference_rows=200)
-    assert not bad.promote
-    assert "gain +0.010 < min_gain 0.02" in bad.reason and "dropped 0.050 > max_forgetting 0.01" in bad.reason
 
 
 def test_wise_ft_interpolates_and_keeps_the_chosen_mix() -> None:

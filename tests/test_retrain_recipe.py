@@ -9,11 +9,10 @@ import pytest
 import torch
 
 from retrain.baselines import naive_fine_tune
-from retrain.config import GateConfig
 from retrain.gate import evaluate_gate
 from retrain.recipe import fine_tune
 from retrain.strategy import choose_strategy
-from retrain_helpers import FAST_HYPER, digits, in_memory_data, load_source, source_checkpoint
+from retrain_helpers import FAST_HYPER, TEST_GATE_CONFIG, digits, in_memory_data, load_source, source_checkpoint
 
 CPU = torch.device("cpu")
 
@@ -33,7 +32,7 @@ def test_guarded_recipe_recovers_shifted_accuracy_without_forgetting(setup) -> N
     plan = choose_strategy(len(training.train), domain_gap=1.0)
     events: list[dict] = []
     report = fine_tune(candidate, training, FAST_HYPER, plan, device=CPU, progress=events.append)
-    gate = evaluate_gate(candidate, source, prod_gate, ref_gate, GateConfig(), CPU)
+    gate = evaluate_gate(candidate, source, prod_gate, ref_gate, TEST_GATE_CONFIG, CPU)
     assert plan.name == "all_but_stem"
     # the stem stayed frozen: weights and BatchNorm statistics
     stem, stem_source = candidate.conv1.state_dict(), source.conv1.state_dict()
@@ -49,7 +48,7 @@ def test_guarded_recipe_recovers_shifted_accuracy_without_forgetting(setup) -> N
 def test_naive_full_fine_tune_forgets_and_is_rejected(setup) -> None:
     source, training, prod_gate, ref_gate = setup
     naive = naive_fine_tune(copy.deepcopy(source), training.train, epochs=3, lr=1e-2, seed=0)
-    gate = evaluate_gate(naive, source, prod_gate, ref_gate, GateConfig(), CPU)
+    gate = evaluate_gate(naive, source, prod_gate, ref_gate, TEST_GATE_CONFIG, CPU)
     assert gate.forgetting > 0.05 and not gate.promote
     assert "max_forgetting" in gate.reason
 

@@ -27,7 +27,7 @@ import numpy as np
 
 from monitor.config import IngestConfig
 from monitor.ingest.records import InferenceBatch, JoinedLabel, LabelBatch
-from monitor.ingest.store import JOIN_SEQ, StateStore
+from monitor.ingest.store import JOIN_SEQ, StateStore, read_watermark
 
 log = logging.getLogger(__name__)
 
@@ -292,3 +292,34 @@ def window_accuracy(conn: sqlite3.Connection, model_version: str, start: float, 
         "SELECT COUNT(*), COALESCE(SUM(prediction = label), 0) FROM labelled "
         "WHERE model_version = ? AND timestamp >= ? AND timestamp <= ?", (model_version, start, end)).fetchone()
     return int(n), int(hits)
+
+
+def prediction_watermark(conn: sqlite3.Connection) -> float | None:
+    """The stream's own clock: the engine's persisted watermark (``store.read_watermark``), or for
+    a checkpoint written before it existed the newest prediction timestamp the store holds
+    (joined or still waiting for its label); None when it holds none."""
+    mark = read_watermark(conn)
+    if mark is not None:
+        return mark
+    row = conn.execute(
+        "SELECT MAX(t) FROM (SELECT MAX(timestamp) AS t FROM labelled UNION ALL "
+        "SELECT MAX(timestamp) FROM pending_predictions)").fetchone()
+    return None if row is None or row[0] is None else float(row[0])
+
+
+def labelled_rows_by_prediction_time(conn: sqlite3.Connection, *, since: float, until: float | None = None,
+                                     limit: int | None = None) -> list[JoinedLabel]:
+    """Joined rows predicted in ``since <= timestamp <= until``, newest prediction first (at most
+    ``limit``). Selecting on prediction time, not on the producer's ``labeled_at``, keeps a replay
+    of old logs or a late label batch inside the window its predictions belong to."""
+    sql = f"SELECT {_LABELLED_COLUMNS} FROM labelled WHERE timestamp >= ?"
+    params: list[float | int] = [since]
+    if until is not None:
+        sql += " AND timestamp <= ?"
+        params.append(until)
+    sql += " ORDER BY timestamp DESC, request_id DESC"
+    if limit is not None:
+        sql += " LIMIT ?"
+        params.append(int(limit))
+    return [JoinedLabel(r[0], r[1], float(r[2]), float(r[3]), int(r[4]), int(r[5]), float(r[6]), r[7], int(r[8]), r[9])
+            for r in conn.execute(sql, params)]

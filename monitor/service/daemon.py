@@ -90,24 +90,43 @@ def attach_external(ref: dict[str, Any]) -> Any:
 def default_launcher(config_path: str, get_config: Callable[[], Config]) -> Launcher:
     """Starts ``retrain.job`` locally or as a Kubernetes Job, per ``retrain.launcher`` at launch time.
 
-    A local job is a child process and is terminated at shutdown; a Kubernetes Job keeps running
-    and is re-attached at the next start.
+    The monitor's evidence recorded in the job's request.json (the breach's onset, its domain gap
+    and MMD) goes to the job as arguments, the same on every attempt. A local job is a child
+    process and is terminated at shutdown; a Kubernetes Job keeps running and is re-attached at
+    the next start.
     """
 
     def launch(job_id: str, job_dir: Path, reason: str, attempt: int):
         config = get_config()
+        breach = breach_of(read_json(job_dir / "request.json") or {})
         if config.retrain.launcher == "kubernetes":
             from retrain.launch.kubernetes import launch_kubernetes
 
             # a re-run needs a new Job name (the old Job object may still exist); same job dir
             name = job_id if attempt <= 1 else f"{job_id}-a{attempt}"
-            job = launch_kubernetes(config, name, reason, job_dir=PurePosixPath(str(job_dir)))
+            job = launch_kubernetes(config, name, reason, job_dir=PurePosixPath(str(job_dir)), breach=breach)
             return ExternalJob(job, {"kind": "kubernetes", "name": job.name, "namespace": job.namespace})
         from retrain.launch.local import launch_local
 
-        return launch_local(config_path, job_dir, reason=reason)
+        return launch_local(config_path, job_dir, reason=reason, breach=breach)
 
     return launch
+
+
+def breach_of(request: Mapping[str, Any]):
+    """The job arguments (retrain.launch.job_args.Breach) from a request's monitor evidence; None
+    for a manual request, or when the evidence is unusable (the job then measures for itself)."""
+    from retrain.launch.job_args import Breach
+
+    evidence = request.get("monitor") or {}
+    values = {"onset": evidence.get("onset"), "domain_gap": evidence.get("domain_gap"), "mmd": evidence.get("mmd2")}
+    if all(v is None for v in values.values()):
+        return None
+    try:
+        return Breach(**{k: None if v is None else float(v) for k, v in values.items()})
+    except (TypeError, ValueError) as exc:
+        log.warning("job request's monitor evidence %s is unusable (%s); the job measures the shift itself", values, exc)
+        return None
 
 
 def restart_keys(old: Config, new: Config) -> list[str]:
@@ -439,8 +458,10 @@ class Daemon:
         window = self.engine.latest_windows().get(plan.model_version)
         monitor = {
             "rules": list(plan.rules), "onset": plan.onset, "label_free": plan.label_free,
-            # the monitor's own measure of the shift, for the job's strategy (share of dims shifted)
-            "domain_gap": None if window is None else window.activations.share_significant,
+            # the monitor's own measure of the shift, for the job's strategy: the share of dims whose
+            # mean moved by more than half a standard deviation (the scale the strategy is tuned on)
+            "domain_gap": None if window is None else window.activations.share_large_shift,
+            "share_significant": None if window is None else window.activations.share_significant,
             "mmd2": None if window is None or window.mmd is None else window.mmd.mmd2,
             "event_time": self.engine.watermark,
         }

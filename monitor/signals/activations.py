@@ -13,6 +13,7 @@ from scipy import stats
 from monitor.signals.results import ActivationStats, DimShift
 
 _VAR_FLOOR = 1e-12  # dead units (ReLU dims that never fire) have zero variance
+LARGE_SHIFT_SD = 0.5  # a dim "moved" when its mean shifted by more than this many pooled sd
 
 
 def benjamini_hochberg(p_values: np.ndarray, alpha: float) -> np.ndarray:
@@ -59,6 +60,8 @@ def activation_stats(
     p_values = 2.0 * stats.norm.sf(abs_shift)
     significant = benjamini_hochberg(p_values, alpha)
     ratio = (var + _VAR_FLOOR) / (ref_var + _VAR_FLOOR)
+    pooled_sd = np.sqrt(0.5 * (ref_var + var)) + 1e-6  # as retrain.strategy.domain_gap measures it
+    large = np.abs(diff) / pooled_sd > LARGE_SHIFT_SD
     log_ratio = np.abs(np.log(ratio))
     finite_abs = np.where(np.isfinite(abs_shift), abs_shift, np.finfo(np.float64).max)
     k = min(top_k, shift.size)
@@ -70,4 +73,5 @@ def activation_stats(
         max_abs_log_variance_ratio=float(log_ratio.max()),
         mean_variance_ratio=float(ratio.mean()),
         top_dims=tuple(DimShift(dim=int(j), shift=float(shift[j]), variance_ratio=float(ratio[j])) for j in top),
+        share_large_shift=float(large.mean()),
     )

@@ -29,6 +29,10 @@ class ActivationStats:
     max_abs_log_variance_ratio: float
     mean_variance_ratio: float
     top_dims: tuple[DimShift, ...]  # most shifted dims, for attribution
+    # share of dims whose mean moved more than half a pooled standard deviation: an effect size,
+    # not a significance (a 5000-row window makes tiny moves significant); the retrain job's
+    # strategy reads the domain gap on this scale (retrain.strategy.domain_gap)
+    share_large_shift: float = 0.0
 
 
 @dataclass(frozen=True)

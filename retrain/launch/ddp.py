@@ -9,9 +9,11 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from retrain.launch.job_args import Breach, job_args
+
 
 def torchrun_command(config_path: str, job_dir: Path, *, reason: str, nproc_per_node: int,
-                     python: str = sys.executable) -> list[str]:
+                     breach: Breach | None = None, python: str = sys.executable) -> list[str]:
     """``python -m torch.distributed.run --standalone --nproc_per_node N -m retrain.job ...``.
 
     ``--standalone`` picks a free rendezvous port on this host, so two jobs never collide.
@@ -20,4 +22,4 @@ def torchrun_command(config_path: str, job_dir: Path, *, reason: str, nproc_per_
     if nproc_per_node < 2:
         raise ValueError(f"torchrun needs nproc_per_node >= 2, got {nproc_per_node}")
     return [python, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc_per_node}",
-            "-m", "retrain.job", "--config", str(config_path), "--job-dir", str(job_dir), "--reason", reason]
+            *job_args(config_path, job_dir, reason=reason, breach=breach)]

@@ -22,6 +22,7 @@ from pathlib import PurePosixPath
 from typing import TYPE_CHECKING, Any
 
 from monitor.errors import ConfigError, DriftdError
+from retrain.launch.job_args import Breach, job_args
 
 if TYPE_CHECKING:
     from monitor.config import Config
@@ -96,9 +97,8 @@ def _check_paths_on_state_volume(config: Config, job_dir: PurePosixPath) -> None
         )
 
 
-def _command(config: Config, job_dir: PurePosixPath, reason: str) -> list[str]:
-    args = ["-m", "retrain.job", "--config", _in_pod_config_path(config),
-            "--job-dir", str(job_dir), "--reason", reason]
+def _command(config: Config, job_dir: PurePosixPath, reason: str, breach: Breach | None) -> list[str]:
+    args = job_args(_in_pod_config_path(config), job_dir, reason=reason, breach=breach)
     nproc = config.retrain.nproc_per_node
     if nproc > 1:
         # --standalone: single-node rendezvous on localhost, no etcd or master address needed.
@@ -118,7 +118,8 @@ def _tolerations(k8s: KubernetesConfig) -> list[dict[str, Any]]:
     return out
 
 
-def render_job(config: Config, *, job_id: str, reason: str, job_dir: PurePosixPath | None = None) -> dict[str, Any]:
+def render_job(config: Config, *, job_id: str, reason: str, job_dir: PurePosixPath | None = None,
+               breach: Breach | None = None) -> dict[str, Any]:
     """The ``batch/v1`` Job manifest (plain dict) that runs ``retrain.job`` for ``job_id``.
 
     ``job_dir`` defaults to :func:`job_dir_for`. Raises ``ValueError`` for a job_id that cannot
@@ -159,7 +160,7 @@ def render_job(config: Config, *, job_id: str, reason: str, job_dir: PurePosixPa
     container = {
         "name": "retrain",
         "image": k8s.image,
-        "command": _command(config, job_dir, reason),
+        "command": _command(config, job_dir, reason, breach),
         "env": [
             {"name": "PYTHONUNBUFFERED", "value": "1"},
             {"name": "HOME", "value": "/tmp"},  # read-only root: libraries' caches go to the emptyDir
@@ -323,7 +324,8 @@ class KubernetesJob:
 
 
 def launch_kubernetes(
-    config: Config, job_id: str, reason: str, *, api: Any = None, job_dir: PurePosixPath | None = None
+    config: Config, job_id: str, reason: str, *, api: Any = None, job_dir: PurePosixPath | None = None,
+    breach: Breach | None = None,
 ) -> KubernetesJob:
     """Create the Job of :func:`render_job`; ``api`` is a ``kubernetes.client.ApiClient``.
 
@@ -334,7 +336,7 @@ def launch_kubernetes(
     from kubernetes.client.exceptions import ApiException
     from urllib3.exceptions import HTTPError
 
-    manifest = render_job(config, job_id=job_id, reason=reason, job_dir=job_dir)
+    manifest = render_job(config, job_id=job_id, reason=reason, job_dir=job_dir, breach=breach)
     api_client = api if api is not None else default_api_client()
     namespace = manifest["metadata"]["namespace"]
     try:

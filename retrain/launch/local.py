@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from retrain.launch.ddp import torchrun_command
+from retrain.launch.job_args import Breach, job_args
 
 LOG_FILE = "job.log"
 
@@ -59,13 +60,16 @@ class LocalJob:
             pass
 
 
-def job_command(config_path: str, job_dir: Path, *, reason: str, python: str = sys.executable) -> list[str]:
-    return [python, "-m", "retrain.job", "--config", str(config_path), "--job-dir", str(job_dir), "--reason", reason]
+def job_command(config_path: str, job_dir: Path, *, reason: str, breach: Breach | None = None,
+                python: str = sys.executable) -> list[str]:
+    return [python, *job_args(config_path, job_dir, reason=reason, breach=breach)]
 
 
-def launch_local(config_path: str, job_dir: Path, *, reason: str, nproc_per_node: int | None = None) -> LocalJob:
+def launch_local(config_path: str, job_dir: Path, *, reason: str, nproc_per_node: int | None = None,
+                 breach: Breach | None = None) -> LocalJob:
     """Start one retrain; ``nproc_per_node`` (default: the config's ``retrain.nproc_per_node``)
-    above 1 runs it under torchrun. Raises ConfigError if the config cannot be read."""
+    above 1 runs it under torchrun; ``breach``: the monitor's onset and shift measurement, passed
+    on to the job. Raises ConfigError if the config cannot be read."""
     if nproc_per_node is None:
         from monitor.config import load_config
 
@@ -74,8 +78,8 @@ def launch_local(config_path: str, job_dir: Path, *, reason: str, nproc_per_node
     config_path = str(Path(config_path).resolve())
     job_dir = Path(job_dir).resolve()
     job_dir.mkdir(parents=True, exist_ok=True)
-    command = (torchrun_command(config_path, job_dir, reason=reason, nproc_per_node=nproc_per_node)
-               if nproc_per_node > 1 else job_command(config_path, job_dir, reason=reason))
+    command = (torchrun_command(config_path, job_dir, reason=reason, nproc_per_node=nproc_per_node, breach=breach)
+               if nproc_per_node > 1 else job_command(config_path, job_dir, reason=reason, breach=breach))
     with open(job_dir / LOG_FILE, "ab") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                    start_new_session=True, cwd=str(job_dir))
