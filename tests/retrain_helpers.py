@@ -17,7 +17,7 @@ from monitor.config import IngestConfig
 from monitor.ingest.labels import LabelJoiner
 from monitor.ingest.records import InferenceBatch, LabelBatch
 from monitor.ingest.store import WATERMARK, StateStore
-from monitor.ingest.writer import LogWriter
+from monitor.ingest.writer import LabelWriter, LogWriter
 from retrain.batches import Split, TrainingSet
 from retrain.config import GateConfig, HyperConfig
 from retrain.digits import corrupt, load_digits_images, train_digits_model, write_images
@@ -116,7 +116,7 @@ def _batch_from_file(path: Path) -> InferenceBatch:
 
 def build_world(root: Path, checkpoint: Path, d: Digits, *, retrain: dict | None = None,
                 n_production: int | None = None, rows: np.ndarray | None = None, timestamps: np.ndarray | None = None,
-                clean_rows: int = 0, labeled_at: float = NOW - 60.0) -> World:
+                clean_rows: int = 0, labeled_at: float = NOW - 60.0, join: bool = True) -> World:
     """Images on disk, replay + production Parquet logs, labelled rows in the SQLite state,
     v1 = the source model in the registry, and a config file pointing at all of it.
 
@@ -124,7 +124,9 @@ def build_world(root: Path, checkpoint: Path, d: Digits, *, retrain: dict | None
     ``d.production[:n_production]``); a repeated index is the same input logged again, as its own
     file with identical bytes. ``timestamps``: their prediction times (default 0.1 s apart, an hour
     before NOW). ``clean_rows``: the first rows are served without the shift (the breach onset is
-    at row ``clean_rows``). ``labeled_at``: when the producer says the labels were given."""
+    at row ``clean_rows``). ``labeled_at``: when the producer says the labels were given.
+    ``join=False``: write the labels as a label Parquet file for a daemon to join, instead of
+    joining them into the state store here."""
     registry = Registry(root / "registry", clock=lambda: NOW)
     import_safetensors(registry, "test_resnet", 10, checkpoint, input_size=SIZE)
     model, _ = registry.load_model()
@@ -148,6 +150,10 @@ def build_world(root: Path, checkpoint: Path, d: Digits, *, retrain: dict | None
     log(root / "replay", replay_ids, d.images[d.replay], replay_uris, d.labels[d.replay],
         NOW - 3600 + np.arange(len(replay_ids)) * 0.1)
     log(root / "inference", prod_ids, served, prod_uris, None, times)
+    if not join:
+        with LabelWriter(root / "labels", roll_rows=100_000, clock=lambda: NOW) as writer:
+            writer.write_batch(prod_ids, d.labels[prod_idx].tolist(), times + 60.0)
+        return _world_config(root, registry, retrain)
     store = StateStore.open(root / "state")
     joiner = LabelJoiner(store, IngestConfig())
     for path in sorted((root / "inference").glob("*.parquet")):
@@ -159,6 +165,10 @@ def build_world(root: Path, checkpoint: Path, d: Digits, *, retrain: dict | None
     store.set_mark(WATERMARK, float(times.max()))  # as the engine keeps it
     store.commit()
     store.close()
+    return _world_config(root, registry, retrain)
+
+
+def _world_config(root: Path, registry: Registry, retrain: dict | None) -> World:
     hyper = {k: v for k, v in dataclasses.asdict(FAST_HYPER).items() if v is not None}
     retrain = dict(retrain or {})
     gate = {**TEST_GATE, **retrain.pop("gate", {})}

@@ -188,3 +188,51 @@ def test_the_monitors_evidence_becomes_the_jobs_arguments() -> None:
     assert breach.argv() == ["--onset", "1790000123.25", "--domain-gap", "0.43", "--mmd", "0.12"]
     assert breach_of({"monitor": {"event_time": 1.0}}) is None  # a manual request: the job measures itself
     assert breach_of({"monitor": {"onset": -5.0}}) is None       # unusable evidence is not passed on
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1500)
+def test_a_replay_of_logs_stamped_70_days_ago_retrains_under_the_default_config(
+        tmp_path: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """The issue's case: old logs, labels arriving in their own file, the default rules and recipe.
+    The real daemon joins, judges accuracy in label time, queues exactly one job, and the real
+    job trains on the replayed rows (nothing was pruned or looked back past by a wall clock)."""
+    import torch
+    import yaml
+
+    from retrain_helpers import build_world, digits, source_checkpoint
+
+    torch.set_num_threads(1)
+    d = digits()
+    checkpoint = source_checkpoint(tmp_path_factory.getbasetemp(), d)
+    old = time.time() - SEVENTY_DAYS
+    world = build_world(tmp_path, checkpoint, d, timestamps=old + np.arange(597) * 0.5, clean_rows=200, join=False)
+    built = subprocess.run([sys.executable, "-m", "monitor", "reference", "build", "--logs", str(tmp_path / "replay"),
+                            "--out", str(tmp_path / "reference")], capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert built.returncode == 0, built.stderr
+    port = free_port()
+    doc = yaml.safe_load(world.config_path.read_text())
+    (tmp_path / "token").write_text("t0ken\n")
+    doc.update({"http": {"port": port, "token_file": str(tmp_path / "token")}, "ingest": {"settle_seconds": 0.0},
+                "scheduler": {"interval_seconds": 0.5, "retrain_poll_seconds": 0.2},
+                "window": {"rows": 100, "seconds": 100_000.0, "min_rows": 20}})
+    world.config_path.write_text(yaml.safe_dump(doc))
+    daemon = DaemonProcess(world.config_path, port).start()
+    try:
+        daemon.wait_ready()
+        daemon.wait_log("retrain queued as job")
+        status = daemon.wait_for(lambda: (s := daemon.json("/api/v1/status"))["retrain"]["last"] and s,
+                                 timeout=1200, desc="the retrain job to finish")
+        job = status["retrain"]["last"]
+        result = job["result"]
+        assert job["outcome"] in ("promoted", "rejected"), result["reason"]
+        assert "labelled rows in the last" not in result["reason"]  # the lookback found the replayed rows
+        assert result["labelled_rows"] > 0 and "accuracy_drop" in job["monitor"]["rules"]
+        assert daemon.log().count("retrain queued as job") == 1
+        assert daemon.metric("driftd_labelled_rows_pruned_total", model="digits") == 0
+        if job["outcome"] == "promoted":
+            daemon.wait_log("model_version v1 is no longer served (CURRENT is v2)")
+            assert [a for a in daemon.json("/api/v1/status")["alarms"] if a["model_version"] == "v1"] == []
+        assert daemon.stop() == 0
+    finally:
+        daemon.kill()
