@@ -131,3 +131,19 @@ def test_progress_events_read_as_sentences() -> None:
                     "weight drift 1.180")
     assert progress_line({"event": "guard", "message": "gradient spike"}, epochs) == "guard: gradient spike"
     assert progress_line({"event": "promoted"}, epochs) is None
+
+
+def test_the_demo_names_its_time_limit_and_the_gates_verdict() -> None:
+    from monitor.cli.demo import outcome_message
+    from monitor.demo.timeline import Mark, Timeline
+
+    stopped = Timeline(time_limit_hit=True, retrain_requested=Mark(1.0, 900),
+                       stop_reason="time limit: 1800 s of traffic passed and the retrain had not finished")
+    message = outcome_message(stopped)
+    assert message.startswith("the demo stopped at its time limit: time limit: 1800 s of traffic passed and "
+                              "the retrain had not finished")
+    assert "--time-limit" in message and "re-run at the daemon's next start" in message
+    rejected = Timeline(retrain_outcome="rejected", retrain_message="reference accuracy dropped 0.021 > max_forgetting 0.02")
+    assert "the retrain was rejected: reference accuracy dropped 0.021 > max_forgetting 0.02" in outcome_message(rejected)
+    served = Timeline(retrain_outcome="promoted", promoted_version="v2", switch=Mark(2.0, 3000))
+    assert outcome_message(served) is None

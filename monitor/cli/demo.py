@@ -6,11 +6,14 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from monitor.demo.timeline import Timeline
 
 
-def _outcome_message(result) -> str | None:
+def outcome_message(t: Timeline) -> str | None:
     """What went short of a promotion, in words (None when the promoted model was served)."""
-    t = result.timeline
     if t.retrain_outcome == "promoted" and t.switch is not None:
         return None
     if t.time_limit_hit:
@@ -41,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"\nreport: {files['accuracy']}\n        {files['signals']}\n        {files['summary']}")
     print(f"config used: {result.config_path} (try: driftd check --config {result.config_path} --json)")
     print(f"wall time: {time.time() - started:.0f} s")
-    problem = _outcome_message(result)
+    problem = outcome_message(result.timeline)
     if problem:
         print(problem, file=sys.stderr)
     return 0 if problem is None else 1

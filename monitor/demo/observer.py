@@ -130,6 +130,7 @@ class DaemonObserver:
             if t.retrain_job is None:
                 t.retrain_job, t.retrain_reason = job["job_id"], job["reason"]
                 t.retrain_requested = self._mark(job["requested_at"])
+                self._last_news = self.clock()
                 if t.onset is not None and t.first_alarm is None and str(job["source"]).startswith("rule:"):
                     # the rule that asked for it fired then: the earliest alarm the daemon timed itself
                     t.first_alarm, t.first_alarm_rule = t.retrain_requested, str(job["source"])[len("rule:"):]
@@ -159,9 +160,13 @@ class DaemonObserver:
                 self.say(f"  {line}")
             self._last_news = now
         self.progress = events
-        if t.retrain_started is not None and now - self._last_news >= HEARTBEAT_SECONDS:
-            self.say(f"  retrain still running ({now - t.retrain_started.time:.0f} s so far; "
-                     "every progress line it writes is shown here)")
+        if now - self._last_news >= HEARTBEAT_SECONDS:
+            if t.retrain_started is None and t.retrain_requested is not None:
+                self.say(f"  retrain job starting ({now - t.retrain_requested.time:.0f} s since the request; "
+                         "a new process imports torch and loads the data)")
+            elif t.retrain_started is not None:
+                self.say(f"  retrain still running ({now - t.retrain_started.time:.0f} s so far; "
+                         "every progress line it writes is shown here)")
             self._last_news = now
         code, info = get(f"{self.base}/api/v1/retrain/{t.retrain_job}", self.token)
         if code != 200 or not isinstance(info, dict) or not info.get("result"):
@@ -173,7 +178,7 @@ class DaemonObserver:
         t.gate = result.get("gate") or {}
         if t.retrain_outcome == "promoted":
             t.promoted_version = result.get("candidate_version")
-        took = "" if t.retrain_started is None else f" after {now - t.retrain_started.time:.0f} s"
+        took = "" if t.retrain_started is None else f" after {t.retrain_finished.time - t.retrain_started.time:.0f} s"
         self.say(f"retrain finished{took}: {t.retrain_outcome}"
                  + (f", {t.promoted_version} is now CURRENT in the registry" if t.promoted_version else ""))
         for line in gate_lines(t.gate, self.gate_thresholds) or [t.retrain_message]:

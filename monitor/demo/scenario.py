@@ -39,6 +39,7 @@ from monitor.errors import DriftdError
 ARCHITECTURE = "test_resnet"   # timm's tiny ResNet: trains in seconds on 2 CPU cores at 32 px
 IMAGE_SIZE = 32
 HEARTBEAT_SECONDS = 15.0
+DRAIN_STALL_SECONDS = 60.0
 
 
 @dataclass(frozen=True)
@@ -280,7 +281,7 @@ def run_demo(s: DemoSettings, say: Callable[[str], None]) -> DemoResult:
         _traffic(s, service, observer, timeline, ticks, daemon, say)
         timeline.traffic_finished = time.time()
         service.close()
-        _drain(service, observer, daemon, s)
+        _drain(service, observer, daemon, s, say)
         if s.serve:
             say(f"--serve: driftd keeps running at {base} (/metrics, /api/v1/status; control token {token}); "
                 "Ctrl-C to stop")
@@ -292,12 +293,12 @@ def run_demo(s: DemoSettings, say: Callable[[str], None]) -> DemoResult:
         service.close()  # idempotent: flushes buffered rows and pending labels even on an error
         _stop(daemon)
         log_file.close()
-    timeline.finished = time.time()
     say("replaying the logs to chart every window")
     windows = _replay_windows(config_path, s.workdir / "report-state")
     versions = [prep["start_version"]] + ([timeline.promoted_version] if timeline.promoted_version else [])
     holdout = prep["split"]["holdout"]
     shifted_acc, clean_acc = _evaluate(prep["registry"], versions, prep["images"][holdout], prep["labels"][holdout], s)
+    timeline.finished = time.time()
     return DemoResult(
         timeline=timeline, start_version=prep["start_version"], final_version=service.version or "",
         shifted_accuracy=shifted_acc, clean_accuracy=clean_acc, ticks=ticks, windows=windows, live=observer.live,
@@ -365,11 +366,20 @@ def _traffic(s: DemoSettings, service: Any, observer: DaemonObserver, t: Timelin
         time.sleep(max(0.0, pace - (time.time() - started)))
 
 
-def _drain(service: Any, observer: DaemonObserver, daemon: subprocess.Popen, s: DemoSettings) -> None:
-    """Let driftd ingest every row served and join every label written before it stops."""
-    deadline = time.time() + s.time_limit_seconds
-    while daemon.poll() is None and time.time() < deadline:
+def _drain(service: Any, observer: DaemonObserver, daemon: subprocess.Popen, s: DemoSettings,
+           say: Callable[[str], None]) -> None:
+    """Let driftd ingest every row served and join every label written before it stops; give up
+    (and say so) once its counters have not moved for DRAIN_STALL_SECONDS."""
+    seen, moved = None, time.time()
+    while daemon.poll() is None:
         observer.poll(service.rows)
-        if (observer.rows_ingested or 0) >= service.rows and (observer.labels_joined or 0) >= service.labels_written:
+        counts = (observer.rows_ingested or 0, observer.labels_joined or 0)
+        if counts[0] >= service.rows and counts[1] >= service.labels_written:
+            return
+        if counts != seen:
+            seen, moved = counts, time.time()
+        elif time.time() - moved > DRAIN_STALL_SECONDS:
+            say(f"driftd stopped ingesting at {counts[0]:.0f} of {service.rows} rows and {counts[1]:.0f} of "
+                f"{service.labels_written} labels; see {s.workdir / 'daemon.log'}")
             return
         time.sleep(0.5)
