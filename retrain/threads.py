@@ -39,24 +39,36 @@ ENV = "OMP_NUM_THREADS"
 MARGIN = 0.15          # more threads must be this much faster per step to be worth their cores
 ROUNDS = 3             # timed steps per candidate (interleaved), after one untimed warm-up each
 DROP = 3.0             # a count this many times slower than the best is not timed any further
+SMALL_FRACTION = 0.25  # of the batch, for the screening step
 
 
 @dataclass(frozen=True)
 class ThreadChoice:
     threads: int
-    source: str                                   # "measured" | "OMP_NUM_THREADS" | "one cpu" | "fallback"
+    source: str                                   # "measured" | "OMP_NUM_THREADS" | "one cpu" | "fallback" | ...
     cpus: int                                     # CPUs this process may run on
-    step_seconds: dict[int, float] = field(default_factory=dict)  # candidate -> median seconds per step
+    step_seconds: dict[int, float] = field(default_factory=dict)  # count -> median seconds per full step
     note: str = ""
+    screened_out: dict[int, float] = field(default_factory=dict)  # count -> slowdown on the small step
+    small_step_seconds: dict[int, float] = field(default_factory=dict)  # kept count -> small-step seconds
 
     def describe(self) -> str:
+        def threads(n: int) -> str:
+            return f"{n} thread{'s' if n > 1 else ''}"
+
+        parts = []
         if self.step_seconds:
-            timings = ", ".join(f"{n} thread{'s' if n > 1 else ''} {1000 * s:.0f} ms"
-                                for n, s in sorted(self.step_seconds.items()))
-            why = f"measured per step: {timings}"
-        else:
-            why = self.note or self.source
-        return f"{self.threads} intra-op thread{'s' if self.threads > 1 else ''} ({why}; {self.cpus} CPUs usable)"
+            parts.append("measured per step: " + ", ".join(
+                f"{threads(n)} {1000 * s:.0f} ms" for n, s in sorted(self.step_seconds.items())))
+        elif self.small_step_seconds:
+            parts.append("measured per quarter-batch step: " + ", ".join(
+                f"{threads(n)} {1000 * s:.0f} ms" for n, s in sorted(self.small_step_seconds.items())))
+        if self.screened_out:
+            parts.append(", ".join(f"{threads(n)} {x:.1f}x slower" for n, x in sorted(self.screened_out.items()))
+                         + " on a quarter batch, so not timed further")
+        if not parts:
+            parts.append(self.note or self.source)
+        return f"{self.threads} intra-op {threads(self.threads).split(' ', 1)[1]} ({'; '.join(parts)}; {self.cpus} CPUs usable)"
 
 
 def usable_cpus(cgroup_root: Path = Path("/sys/fs/cgroup")) -> int:
@@ -123,17 +135,47 @@ def measure(step: Callable[[], None], counts: Sequence[int], *, rounds: int = RO
     return {**{n: statistics.median(t) for n, t in times.items()}, **dropped}
 
 
+def screen(small_step: Callable[[], None], counts: Sequence[int], *,
+           set_threads: Callable[[int], None] = torch.set_num_threads,
+           clock: Callable[[], float] = time.perf_counter) -> tuple[dict[int, float], dict[int, float]]:
+    """One cheap step (a fraction of the batch) per count, to drop the hopeless ones before any
+    full step is spent on them: ``({kept count: seconds}, {dropped count: slowdown vs the fastest})``.
+
+    The fewest-thread count runs it twice (the first run pays torch's lazy start-up); each other
+    count once, which also builds its thread pool. A count ``DROP`` x slower than the fastest so
+    far is dropped: beside a CPU hog a full two-thread step took 4.5-7.6 s, a quarter of one a
+    quarter of that.
+    """
+    kept: dict[int, float] = {}
+    dropped: dict[int, float] = {}
+    for i, n in enumerate(sorted(counts)):
+        set_threads(n)
+        if i == 0:
+            small_step()
+        start = clock()
+        small_step()
+        seconds = clock() - start
+        fastest = min(kept.values(), default=None)
+        if fastest is not None and seconds > DROP * fastest:
+            dropped[n] = seconds / fastest
+        else:
+            kept[n] = seconds
+    return kept, dropped
+
+
 def pick(step_seconds: dict[int, float], margin: float = MARGIN) -> int:
     """The fewest threads whose step time is within ``margin`` of the fastest."""
     best = min(step_seconds.values())
     return min(n for n, s in step_seconds.items() if s <= best * (1 + margin))
 
 
-def choose_threads(step: Callable[[], None], *, cpus: int | None = None, environ: dict[str, str] | None = None,
+def choose_threads(step: Callable[[], None], *, small_step: Callable[[], None] | None = None,
+                   cpus: int | None = None, environ: dict[str, str] | None = None,
                    set_threads: Callable[[int], None] = torch.set_num_threads,
                    clock: Callable[[], float] = time.perf_counter, rounds: int = ROUNDS) -> ThreadChoice:
     """Time ``step`` (one representative training step; it must leave no trace) at each
-    candidate thread count, set the winner with ``set_threads`` and return the choice."""
+    candidate thread count, set the winner with ``set_threads`` and return the choice.
+    ``small_step`` (the same on a fraction of the batch) screens the counts first."""
     cpus = usable_cpus() if cpus is None else cpus
     env = os.environ if environ is None else environ
     if env.get(ENV, "").strip():
@@ -147,29 +189,40 @@ def choose_threads(step: Callable[[], None], *, cpus: int | None = None, environ
     if cpus == 1:
         set_threads(1)
         return ThreadChoice(1, "one cpu", cpus, note="only one CPU usable")
-    step_seconds = measure(step, candidates(cpus), rounds=rounds, set_threads=set_threads, clock=clock)
+    counts, screened_out, small = candidates(cpus), {}, {}
+    if small_step is not None:
+        small, screened_out = screen(small_step, counts, set_threads=set_threads, clock=clock)
+        counts = sorted(small)
+    if len(counts) == 1:  # nothing left to compare: no full step needed
+        set_threads(counts[0])
+        return ThreadChoice(counts[0], "measured", cpus, screened_out=screened_out, small_step_seconds=small)
+    step_seconds = measure(step, counts, rounds=rounds, set_threads=set_threads, clock=clock)
     threads = pick(step_seconds)
     set_threads(threads)
-    return ThreadChoice(threads, "measured", cpus, step_seconds)
+    return ThreadChoice(threads, "measured", cpus, step_seconds, screened_out=screened_out, small_step_seconds=small)
 
 
-def training_step(model: nn.Module, batch: torch.Tensor, num_classes: int) -> Callable[[], None]:
-    """A probe of one training step of ``model`` at ``batch``'s shape: forward and backward in
-    train mode on a private copy (BatchNorm statistics and weights of ``model`` stay untouched)."""
+def training_steps(model: nn.Module, batch: torch.Tensor, num_classes: int,
+                   fraction: float = SMALL_FRACTION) -> tuple[Callable[[], None], Callable[[], None]]:
+    """Probes of one training step of ``model`` at ``batch``'s shape and at ``fraction`` of its
+    rows: forward and backward in train mode on a private copy (the weights and BatchNorm
+    statistics of ``model`` stay untouched)."""
     probe = copy.deepcopy(model).train()
     target = torch.arange(len(batch)) % num_classes
+    rows = max(2, int(len(batch) * fraction))
 
-    def step() -> None:
-        loss = nn.functional.cross_entropy(probe(batch), target)
+    def step(x: torch.Tensor = batch, y: torch.Tensor = target) -> None:
+        loss = nn.functional.cross_entropy(probe(x), y)
         probe.zero_grad(set_to_none=True)
         loss.backward()
 
-    return step
+    return step, lambda: step(batch[:rows], target[:rows])
 
 
 def choose_for_training(model: nn.Module, batch: torch.Tensor, num_classes: int, **kw) -> ThreadChoice:
-    """:func:`choose_threads` on a probe of ``model``'s training step at ``batch``'s shape."""
-    return choose_threads(training_step(model, batch, num_classes), **kw)
+    """:func:`choose_threads` on probes of ``model``'s training step at ``batch``'s shape."""
+    step, small_step = training_steps(model, batch, num_classes)
+    return choose_threads(step, small_step=small_step, **kw)
 
 
 def configure_retrain_threads(config: "Config") -> ThreadChoice:

@@ -8,7 +8,9 @@ import pytest
 import timm
 import torch
 
-from retrain.threads import candidates, choose_threads, configure_retrain_threads, measure, pick, training_step, usable_cpus
+from retrain.threads import (
+    candidates, choose_threads, configure_retrain_threads, measure, pick, screen, training_steps, usable_cpus,
+)
 
 
 class Host:
@@ -60,6 +62,37 @@ def test_a_count_far_slower_than_the_best_is_not_timed_again() -> None:
     assert host.steps.count(2) == 1
 
 
+def test_a_hopeless_count_costs_one_small_step_and_no_full_one() -> None:
+    """Beside a hog a full two-thread step took up to 7.6 s; screening spends a quarter of one on it."""
+    full, small = Host({1: 0.2, 2: 4.5}), Host({1: 0.05, 2: 1.2})
+    kept, dropped = screen(small.step, [1, 2], set_threads=small.set_threads, clock=small.clock)
+    assert kept == {1: pytest.approx(0.05)} and dropped == {2: pytest.approx(24.0)}
+    assert small.steps == [1, 1, 2]
+
+    def set_both(n: int) -> None:
+        full.set_threads(n)
+        small.set_threads(n)
+
+    small.now = 0.0
+    choice = choose_threads(full.step, small_step=small.step, cpus=2, environ={}, set_threads=set_both,
+                            clock=lambda: full.now + small.now)
+    assert (choice.threads, full.steps) == (1, [])  # one count left: nothing to compare in full
+    assert "2 threads 24.0x slower on a quarter batch" in choice.describe()
+
+
+def test_counts_that_pass_the_screen_are_timed_in_full() -> None:
+    full, small = Host({1: 0.10, 2: 0.06}), Host({1: 0.03, 2: 0.02})
+
+    def set_both(n: int) -> None:
+        full.set_threads(n)
+        small.set_threads(n)
+
+    choice = choose_threads(full.step, small_step=small.step, cpus=2, environ={}, set_threads=set_both,
+                            clock=lambda: full.now + small.now)
+    assert choice.threads == 2 and choice.step_seconds == pytest.approx({1: 0.10, 2: 0.06})
+    assert full.steps.count(1) == full.steps.count(2) == 4  # warm-up + 3 rounds each
+
+
 def test_choose_sets_the_measured_winner() -> None:
     host = Host({1: 0.08, 2: 0.33})
     choice = choose_threads(host.step, cpus=2, environ={}, set_threads=host.set_threads, clock=host.clock)
@@ -90,9 +123,9 @@ def test_usable_cpus_honours_a_cgroup_quota(tmp_path: Path) -> None:
 def test_the_probe_step_leaves_the_model_untouched() -> None:
     model = timm.create_model("test_resnet", num_classes=10).eval()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    step = training_step(model, torch.randn(8, 3, 32, 32), num_classes=10)
+    step, small_step = training_steps(model, torch.randn(8, 3, 32, 32), num_classes=10)
     step()
-    step()
+    small_step()
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # BN statistics too
     assert all(p.grad is None for p in model.parameters()) and not model.training
 
