@@ -37,7 +37,9 @@ def _rows(directory: Path) -> int:
 
 @pytest.mark.slow
 @pytest.mark.timeout(3600)  # a safety net only: the demo itself stops at time_limit_seconds and says so
-def test_demo_beside_a_cpu_hog_detects_retrains_promotes_and_recovers(tmp_path: Path, cpu_hog) -> None:
+def test_demo_beside_a_cpu_hog_detects_retrains_promotes_and_recovers(
+        tmp_path: Path, cpu_hog, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)  # the demo and its retrain job measure their threads
     said: list[str] = []
     settings = DemoSettings(
         workdir=tmp_path / "demo", seed=1, source_epochs=6, clean_ticks=12, after_ticks=8,
@@ -91,6 +93,8 @@ def test_demo_beside_a_cpu_hog_detects_retrains_promotes_and_recovers(tmp_path: 
     assert summary["retrain"]["message"] == job_result["reason"]
     assert summary["wall_seconds"]["total"] > summary["wall_seconds"]["traffic"] > 0
     assert summary["source_training"]["threads"][0]["source"] == "measured"
+    job_log = (workdir / "state" / "retrain" / t.retrain_job / "job.log").read_text()
+    assert "retrain threads: " in job_log and "measured per" in job_log  # the job measured its own
 
     from PIL import Image
 
