@@ -153,16 +153,17 @@ class DaemonProcess:
     def _log_tail(self) -> str:
         return f"--- daemon log ---\n{self.log()}" if self.log_path.exists() else ""
 
-    def wait_for(self, what: Callable[[], Any], stall_seconds: float = STALL_SECONDS, desc: str = "") -> Any:
-        """Until ``what()`` is truthy; fails only after ``stall_seconds`` without progress (see progress())."""
-        return wait_until(what, desc, progress=self.progress, stall_seconds=stall_seconds,
+    def wait_for(self, what: Callable[[], Any], timeout: float = STALL_SECONDS, desc: str = "") -> Any:
+        """Until ``what()`` is truthy. ``timeout`` counts seconds without progress (see progress()),
+        not seconds in all: a slow daemon that keeps working is waited for."""
+        return wait_until(what, desc, progress=self.progress, stall_seconds=timeout,
                           check=lambda: self._check_alive(desc), context=self._log_tail)
 
-    def wait_ready(self, stall_seconds: float = STALL_SECONDS) -> None:
-        self.wait_for(lambda: self.get("/readyz")[0] == 200, stall_seconds, "/readyz 200")
+    def wait_ready(self, timeout: float = STALL_SECONDS) -> None:
+        self.wait_for(lambda: self.get("/readyz")[0] == 200, timeout, "/readyz 200")
 
-    def wait_log(self, text: str, stall_seconds: float = STALL_SECONDS) -> str:
-        return self.wait_for(lambda: text in self.log() and self.log(), stall_seconds, repr(text))
+    def wait_log(self, text: str, timeout: float = STALL_SECONDS) -> str:
+        return self.wait_for(lambda: text in self.log() and self.log(), timeout, repr(text))
 
     def metric(self, name: str, **labels: str) -> float | None:
         from prometheus_client.parser import text_string_to_metric_families

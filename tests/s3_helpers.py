@@ -63,9 +63,9 @@ class S3Server:
 
 
 @contextmanager
-def moto_server(binary: Path, *, stall_seconds: float = 20.0) -> Iterator[S3Server]:
+def moto_server(binary: Path, *, timeout: float = 20.0) -> Iterator[S3Server]:
     """Run moto_server on a free port until the block exits; ready when it answers HTTP. Waits as
-    long as the server keeps starting (using CPU); fails after ``stall_seconds`` without that."""
+    long as the server keeps starting (using CPU); fails after ``timeout`` seconds without that."""
     port = free_port()
     # The server logs every request to stderr: a file, not a pipe nobody drains (a full pipe
     # would block the server mid-test).
@@ -87,7 +87,7 @@ def moto_server(binary: Path, *, stall_seconds: float = 20.0) -> Iterator[S3Serv
 
     try:
         wait_until(answers, f"moto_server to answer on port {port}", progress=lambda: cpu_progress(proc.pid, quantum=0.2),
-                   stall_seconds=stall_seconds, poll_seconds=0.05, check=check)
+                   stall_seconds=timeout, poll_seconds=0.05, check=check)
         yield S3Server(port)
     finally:
         proc.terminate()

@@ -93,8 +93,9 @@ class Harness:
                 tuple((v["job_id"], v["state"], json.dumps(v["progress"], sort_keys=True))
                       for v in [*summary["queued"], summary["running"], summary["last"]] if v))
 
-    def until(self, cond, stall_seconds: float = 30.0) -> None:
-        wait_until(cond, "the retrain queue's condition", progress=self.progress, stall_seconds=stall_seconds,
+    def until(self, cond, timeout: float = 30.0) -> None:
+        """``timeout``: seconds without progress (see progress()), not seconds in all."""
+        wait_until(cond, "the retrain queue's condition", progress=self.progress, stall_seconds=timeout,
                    poll_seconds=0.01, context=lambda: f"launched {self.launched}, finished {self.finished}")
 
     def close(self) -> None:

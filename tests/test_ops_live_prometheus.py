@@ -25,7 +25,7 @@ import yaml
 
 from engine_helpers import config_doc, make_rows, write_inference, write_labels
 from ops_helpers import ALERTS, REPO, expand_grafana_vars, free_port, load_script, require_binary
-from waiting import cpu_progress, wait_until
+from waiting import STALL_SECONDS, cpu_progress, wait_until
 
 pytestmark = [pytest.mark.prometheus, pytest.mark.slow]
 
@@ -75,9 +75,9 @@ def _get_json(url: str) -> Any:
         return json.loads(resp.read())
 
 
-def _wait(what: Callable[[], Any], desc: str, procs: list[Proc]) -> Any:
-    """Until ``what()`` is truthy; fails after STALL_SECONDS in which no process wrote to its log or
-    used CPU (Prometheus scraping and evaluating, driftd ingesting), however slow the host is."""
+def _wait(what: Callable[[], Any], desc: str, procs: list[Proc], timeout: float = STALL_SECONDS) -> Any:
+    """Until ``what()`` is truthy; fails after ``timeout`` seconds in which no process wrote to its
+    log or used CPU (Prometheus scraping and evaluating, driftd ingesting), however slow the host is."""
     def check() -> None:
         for p in procs:
             if p.proc.poll() is not None:
@@ -92,7 +92,7 @@ def _wait(what: Callable[[], Any], desc: str, procs: list[Proc]) -> Any:
         except (KeyError, ValueError):
             return None
 
-    return wait_until(value, desc, progress=progress, poll_seconds=0.25, check=check,
+    return wait_until(value, desc, progress=progress, stall_seconds=timeout, poll_seconds=0.25, check=check,
                       context=lambda: "\n".join(f"--- {p.proc.args[0]} ---\n{p.log()}" for p in procs))
 
 
