@@ -7,11 +7,16 @@ to RGB uint8 images, plus real corruptions to play the part of a production shif
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from scipy import ndimage
+
+if TYPE_CHECKING:
+    from retrain.threads import ThreadChoice
 
 CORRUPTIONS = ("noise", "blur", "rotate", "contrast")
 _SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
@@ -78,14 +83,22 @@ def write_images(directory: Path, images: np.ndarray, ids: Sequence[str]) -> lis
 
 def train_digits_model(
     images: np.ndarray, labels: np.ndarray, *, architecture: str = "test_resnet", epochs: int = 15,
-    seed: int = 0, lr: float = 3e-3, batch_size: int = 64,
+    seed: int = 0, lr: float = 3e-3, batch_size: int = 64, threads: int | None = None,
+    on_threads: Callable[[ThreadChoice], None] | None = None, clock: Callable[[], float] = time.perf_counter,
 ):
     """A source model for the demo, tests and benchmark: ``architecture`` trained from scratch
-    on clean digits (CPU-friendly at 32 px). Returns ``(model in eval mode, data_config)``."""
+    on clean digits (CPU-friendly at 32 px). Returns ``(model in eval mode, data_config)``.
+
+    ``threads``: intra-op threads to train with; None chooses them by timing a few steps of this
+    very training (retrain.threads), and again after an epoch whose steps ran twice as slow as the
+    first epoch's (load arrived). ``on_threads`` hears each choice. The caller's thread count is
+    restored at the end. Results differ in the last float bits between thread counts.
+    """
     import timm
     import torch
 
     from retrain.model import images_to_tensor, resolve_data_config
+    from retrain.threads import ThreadChoice, choose_for_training, usable_cpus
 
     torch.manual_seed(seed)
     model = timm.create_model(architecture, num_classes=10)
@@ -94,16 +107,39 @@ def train_digits_model(
     y = torch.as_tensor(labels)
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
-    steps = epochs * -(-len(x) // batch_size)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps)
-    model.train()
-    for _ in range(epochs):
-        order = torch.randperm(len(x), generator=generator)
-        for start in range(0, len(x), batch_size):
-            idx = order[start : start + batch_size]
-            loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
+    steps_per_epoch = -(-len(x) // batch_size)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=epochs * steps_per_epoch)
+    caller_threads = torch.get_num_threads()
+
+    def choose() -> None:
+        if threads is not None:
+            torch.set_num_threads(threads)
+            choice = ThreadChoice(threads, "argument", usable_cpus(), note="set by the caller")
+        else:
+            choice = choose_for_training(model, x[:batch_size], 10)
+        if on_threads is not None:
+            on_threads(choice)
+
+    try:
+        choose()
+        first_epoch_step: float | None = None
+        model.train()
+        for epoch in range(epochs):
+            started = clock()
+            order = torch.randperm(len(x), generator=generator)
+            for start in range(0, len(x), batch_size):
+                idx = order[start : start + batch_size]
+                loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+            per_step = (clock() - started) / steps_per_epoch
+            if first_epoch_step is None:
+                first_epoch_step = per_step
+            elif threads is None and per_step > 2 * first_epoch_step and epoch < epochs - 1:
+                choose()  # the host got busier since the count was chosen: measure again
+                first_epoch_step = None
+    finally:
+        torch.set_num_threads(caller_threads)
     return model.eval(), data_config

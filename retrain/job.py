@@ -288,6 +288,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"retrain.job: error: {exc}", file=sys.stderr)
         return 2
+    from retrain.threads import configure_retrain_threads
+    configure_retrain_threads(config)  # measured: torch's thread-per-core default stalls on a shared host
     result = run_job(config, args.job_dir, reason=args.reason, domain_gap_value=args.domain_gap, onset=args.onset,
                      mmd_value=args.mmd)
     return 0 if result.outcome in ("promoted", "rejected") else 1

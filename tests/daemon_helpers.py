@@ -28,9 +28,19 @@ from monitor.signals.results import (
     PredictionStats,
     WindowSignals,
 )
+from waiting import STALL_SECONDS, cpu_progress, wait_until
 
 
 REPO = Path(__file__).resolve().parent.parent
+
+# Counters that move only when the daemon does work (ingests, joins, evaluates, retrains), unlike
+# the cycle count or the last-cycle timestamp, which an idle daemon advances too.
+WORK_COUNTERS = frozenset({
+    "driftd_ingest_rows_total", "driftd_ingest_files_total", "driftd_ingest_rejected_rows_total",
+    "driftd_ingest_quarantined_files_total", "driftd_labels_joined_total", "driftd_labels_unmatched_total",
+    "driftd_labels_duplicate_total", "driftd_windows_total", "driftd_retrain_runs_total", "driftd_retrain_epoch",
+    "driftd_retrain_in_progress", "driftd_job_errors_total", "driftd_online_mmd_alarms_total",
+})
 
 
 def make_window(
@@ -128,25 +138,45 @@ class DaemonProcess:
             raise AssertionError(f"{path}: HTTP {status}: {body!r}\n--- daemon log ---\n{self.log()}")
         return json.loads(body)
 
-    def wait_for(self, what: Callable[[], Any], timeout: float = 40.0, desc: str = "") -> Any:
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.proc is not None and self.proc.poll() is not None:
-                raise AssertionError(f"driftd exited with {self.proc.returncode} while waiting for {desc}\n{self.log()}")
-            try:
-                value = what()
-            except (OSError, urllib.error.URLError):
-                value = None
-            if value:
-                return value
-            if time.monotonic() > deadline:
-                raise AssertionError(f"timed out waiting for {desc}\n--- daemon log ---\n{self.log()}")
-            time.sleep(0.1)
+    def progress(self) -> tuple[Any, ...]:
+        """What this daemon has done so far: its log's size, its work counters and, while it is
+        still starting (no /metrics yet), the CPU time it has used. Waits extend while it changes."""
+        size = self.log_path.stat().st_size if self.log_path.exists() else 0
+        try:
+            counters: tuple[float, ...] | None = self._work_counters()
+        except (OSError, urllib.error.URLError):
+            counters = None
+        cpu = cpu_progress(self.proc.pid) if self.proc is not None and self.proc.poll() is None else None
+        return size, counters, cpu
 
-    def wait_ready(self, timeout: float = 60.0) -> None:
+    def _work_counters(self) -> tuple[float, ...]:
+        from prometheus_client.parser import text_string_to_metric_families
+
+        status, body = self.get("/metrics")
+        if status != 200:
+            return ()
+        return tuple(sorted(
+            (sample.name, tuple(sorted(sample.labels.items())), sample.value)
+            for family in text_string_to_metric_families(body.decode())
+            for sample in family.samples if sample.name in WORK_COUNTERS))
+
+    def _check_alive(self, desc: str) -> None:
+        if self.proc is not None and self.proc.poll() is not None:
+            raise AssertionError(f"driftd exited with {self.proc.returncode} while waiting for {desc}\n{self.log()}")
+
+    def _log_tail(self) -> str:
+        return f"--- daemon log ---\n{self.log()}" if self.log_path.exists() else ""
+
+    def wait_for(self, what: Callable[[], Any], timeout: float = STALL_SECONDS, desc: str = "") -> Any:
+        """Until ``what()`` is truthy. ``timeout`` counts seconds without progress (see progress()),
+        not seconds in all: a slow daemon that keeps working is waited for."""
+        return wait_until(what, desc, progress=self.progress, stall_seconds=timeout,
+                          check=lambda: self._check_alive(desc), context=self._log_tail)
+
+    def wait_ready(self, timeout: float = STALL_SECONDS) -> None:
         self.wait_for(lambda: self.get("/readyz")[0] == 200, timeout, "/readyz 200")
 
-    def wait_log(self, text: str, timeout: float = 40.0) -> str:
+    def wait_log(self, text: str, timeout: float = STALL_SECONDS) -> str:
         return self.wait_for(lambda: text in self.log() and self.log(), timeout, repr(text))
 
     def metric(self, name: str, **labels: str) -> float | None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import subprocess
 import tempfile
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -22,6 +21,7 @@ import pyarrow.fs as pafs
 import pytest
 
 from ops_helpers import REPO, free_port
+from waiting import cpu_progress, wait_until
 
 MOTO_SERVER = REPO / ".ci" / ".venv-s3" / "bin" / "moto_server"
 
@@ -64,26 +64,30 @@ class S3Server:
 
 @contextmanager
 def moto_server(binary: Path, *, timeout: float = 20.0) -> Iterator[S3Server]:
-    """Run moto_server on a free port until the block exits; ready when it answers HTTP."""
+    """Run moto_server on a free port until the block exits; ready when it answers HTTP. Waits as
+    long as the server keeps starting (using CPU); fails after ``timeout`` seconds without that."""
     port = free_port()
     # The server logs every request to stderr: a file, not a pipe nobody drains (a full pipe
     # would block the server mid-test).
     log = tempfile.TemporaryFile(mode="w+")
     proc = subprocess.Popen([str(binary), "-H", "127.0.0.1", "-p", str(port)],
                             stdout=subprocess.DEVNULL, stderr=log, text=True)
+
+    def check() -> None:
+        if proc.poll() is not None:
+            log.seek(0)
+            pytest.fail(f"moto_server exited with {proc.returncode}: {log.read()[-2000:]}")
+
+    def answers() -> bool:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=1):
+                return True
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            return False
+
     try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if proc.poll() is not None:
-                log.seek(0)
-                pytest.fail(f"moto_server exited with {proc.returncode}: {log.read()[-2000:]}")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=1):
-                    break
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                if time.monotonic() > deadline:
-                    pytest.fail(f"moto_server did not answer on port {port} within {timeout:g}s")
-                time.sleep(0.05)
+        wait_until(answers, f"moto_server to answer on port {port}", progress=lambda: cpu_progress(proc.pid, quantum=0.2),
+                   stall_seconds=timeout, poll_seconds=0.05, check=check)
         yield S3Server(port)
     finally:
         proc.terminate()

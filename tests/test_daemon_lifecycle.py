@@ -57,7 +57,8 @@ def test_sigterm_notify_and_resume_with_identical_counts(tmp_path: Path) -> None
     try:
         d.start().wait_ready()
         d.wait_for(lambda: d.metric("driftd_windows_total", model_version="v1") == 5, desc="5 windows")
-        time.sleep(0.8)  # a couple of watchdog periods (0.3 s)
+        # a couple of watchdog periods (0.3 s each), however long a busy host makes them
+        d.wait_for(lambda: list(listener.messages).count("WATCHDOG=1") >= 2, desc="two WATCHDOG=1 pings")
         assert d.stop() == 0
         messages = listener.close()
         joined = "\n".join(messages)

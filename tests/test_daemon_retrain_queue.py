@@ -12,6 +12,7 @@ from pathlib import Path
 from apscheduler.jobstores.sqlalchemy import SQLAlchemyJobStore
 
 from monitor.service.retrain_queue import EXECUTOR, JOBSTORE, DaemonScheduler, RetrainExecutor, RetrainQueue
+from waiting import wait_until
 
 
 class FakeJob:
@@ -86,11 +87,17 @@ class Harness:
         self.scheduler.start(paused=paused)
         return self
 
-    def until(self, cond, timeout: float = 10.0) -> None:
-        deadline = time.monotonic() + timeout
-        while not cond():
-            assert time.monotonic() < deadline, "condition not reached"
-            time.sleep(0.01)
+    def progress(self) -> tuple:
+        """What the queue has done so far; waits extend while it changes."""
+        summary = self.queue.summary()
+        return (len(self.launched), len(self.finished), self.errors,
+                tuple((v["job_id"], v["state"], json.dumps(v["progress"], sort_keys=True))
+                      for v in [*summary["queued"], summary["running"], summary["last"]] if v))
+
+    def until(self, cond, timeout: float = 30.0) -> None:
+        """``timeout``: seconds without progress (see progress()), not seconds in all."""
+        wait_until(cond, "the retrain queue's condition", progress=self.progress, stall_seconds=timeout,
+                   poll_seconds=0.01, context=lambda: f"launched {self.launched}, finished {self.finished}")
 
     def close(self) -> None:
         self.stop.set()

@@ -13,7 +13,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -26,6 +25,7 @@ import yaml
 
 from engine_helpers import config_doc, make_rows, write_inference, write_labels
 from ops_helpers import ALERTS, REPO, expand_grafana_vars, free_port, load_script, require_binary
+from waiting import STALL_SECONDS, cpu_progress, wait_until
 
 pytestmark = [pytest.mark.prometheus, pytest.mark.slow]
 
@@ -75,22 +75,25 @@ def _get_json(url: str) -> Any:
         return json.loads(resp.read())
 
 
-def _wait(what: Callable[[], Any], desc: str, procs: list[Proc], timeout: float = 30.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
+def _wait(what: Callable[[], Any], desc: str, procs: list[Proc], timeout: float = STALL_SECONDS) -> Any:
+    """Until ``what()`` is truthy; fails after ``timeout`` seconds in which no process wrote to its
+    log or used CPU (Prometheus scraping and evaluating, driftd ingesting), however slow the host is."""
+    def check() -> None:
         for p in procs:
             if p.proc.poll() is not None:
                 raise AssertionError(f"{p.proc.args[0]} exited ({p.proc.returncode}) while waiting for {desc}:\n{p.log()}")
+
+    def progress() -> tuple:
+        return tuple((p.log_path.stat().st_size, cpu_progress(p.proc.pid)) for p in procs)
+
+    def value() -> Any:
         try:
-            value = what()
-        except (OSError, urllib.error.URLError, KeyError, ValueError):
-            value = None
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            logs = "\n".join(f"--- {p.proc.args[0]} ---\n{p.log()}" for p in procs)
-            raise AssertionError(f"timed out waiting for {desc}\n{logs}")
-        time.sleep(0.25)
+            return what()
+        except (KeyError, ValueError):
+            return None
+
+    return wait_until(value, desc, progress=progress, stall_seconds=timeout, poll_seconds=0.25, check=check,
+                      context=lambda: "\n".join(f"--- {p.proc.args[0]} ---\n{p.log()}" for p in procs))
 
 
 def _test_rules(tmp_path: Path) -> Path:

@@ -1,129 +1,137 @@
-"""The demo's report: a timeline on the terminal, a JSON summary and PNG charts of every signal."""
+"""The demo's report: a timeline on the terminal and a JSON summary (charts: monitor.demo.charts)."""
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from monitor.demo.scenario import DemoResult
+from monitor.demo.narration import gate_lines
+from monitor.demo.timeline import DemoResult, Mark
 
-_PANELS = (
-    ("activation max |shift| (SE units)", lambda w: w["activations"]["max_abs_shift"], "log"),
-    ("share of dims shifted (BH)", lambda w: w["activations"]["share_significant"], "linear"),
-    ("prediction entropy (mean, normalised)", lambda w: w["predictions"]["entropy_mean"], "linear"),
-    ("max probability (mean)", lambda w: w["predictions"]["max_prob_mean"], "linear"),
-    ("predicted-class TVD vs reference", lambda w: w["predictions"]["class_tvd"], "linear"),
-    ("MMD² (unbiased)", lambda w: w["mmd"]["mmd2"] if w["mmd"] else None, "linear"),
-    ("MMD permutation p-value", lambda w: w["mmd"]["p_value"] if w["mmd"] else None, "log"),
-    ("online MMD statistic / threshold", lambda w: w["online"]["statistic"], "linear"),
+SUMMARY_FORMAT = 1
+EVENTS = (
+    ("onset", "onset of the shift"),
+    ("first_alarm", "first alarm"),
+    ("retrain_requested", "retrain requested"),
+    ("retrain_started", "retrain job started"),
+    ("retrain_finished", "retrain finished"),
+    ("switch", "service serves the new version"),
 )
+
+
+def seconds_since_traffic(r: DemoResult, mark: Mark | None) -> float | None:
+    t0 = r.timeline.traffic_started
+    return None if mark is None or t0 is None else mark.time - t0
+
+
+def gate_thresholds(r: DemoResult) -> dict[str, float]:
+    return {"min_gain": r.settings["min_gain"], "max_forgetting": r.settings["max_forgetting"]}
 
 
 def timeline_lines(r: DemoResult) -> list[str]:
     t = r.timeline
-    rel = lambda x: "-" if x is None else f"{x - t.started:7.1f} s"  # noqa: E731
-    lines = [f"{'event':<34}{'time':>10}  detail"]
-    lines.append(f"{'onset of the shift':<34}{rel(t.onset_time):>10}  row {t.onset_row}")
-    if t.first_alarm_time is not None and t.onset_time is not None:
-        lines.append(
-            f"{'first alarm':<34}{rel(t.first_alarm_time):>10}  rule {t.first_alarm_rule}: "
-            f"{t.first_alarm_row - (t.onset_row or 0)} rows / {t.first_alarm_time - t.onset_time:.1f} s after onset"
-        )
-    else:
-        lines.append(f"{'first alarm':<34}{'-':>10}  none")
-    lines.append(f"{'retrain requested':<34}{rel(t.retrain_requested_time):>10}  {t.retrain_reason or ''}")
-    lines.append(f"{'retrain started':<34}{rel(t.retrain_started_time):>10}")
-    lines.append(f"{'retrain finished':<34}{rel(t.retrain_finished_time):>10}  outcome {t.retrain_outcome}")
+    details = {
+        "onset": f"'{r.settings['corruption']}' corruption from here on",
+        "first_alarm": "" if t.first_alarm is None or t.onset is None else
+        f"{t.first_alarm_detail}; {t.first_alarm.row - t.onset.row} rows / "
+        f"{t.first_alarm.time - t.onset.time:.1f} s after the onset",
+        "retrain_requested": t.retrain_reason or "",
+        "retrain_started": "" if t.retrain_job is None else f"job {t.retrain_job}",
+        "retrain_finished": "" if t.retrain_outcome is None else
+        f"{t.retrain_outcome}" + ("" if t.retrain_started is None or t.retrain_finished is None else
+                                  f" after {t.retrain_finished.time - t.retrain_started.time:.0f} s"),
+        "switch": t.promoted_version or "",
+    }
+    lines = [f"{'event':<32}{'row':>7}{'seconds':>9}  detail (rows served and seconds since traffic started)"]
+    for key, label in EVENTS:
+        mark: Mark | None = getattr(t, key)
+        seconds = seconds_since_traffic(r, mark)
+        row = "-" if mark is None else str(mark.row)
+        when = "-" if seconds is None else f"{seconds:.1f}"
+        lines.append(f"{label:<32}{row:>7}{when:>9}  {details[key] if mark is not None else 'did not happen'}")
     if t.gate:
-        lines.append(f"{'  gate':<34}{'':>10}  {json.dumps(t.gate, sort_keys=True)[:160]}")
-    lines.append(f"{'service switched to new version':<34}{rel(t.switch_time):>10}  {t.promoted_version or '-'}")
+        lines.append("gate")
+        lines += [f"  {line}" for line in gate_lines(t.gate, gate_thresholds(r))]
+    elif t.retrain_message:
+        lines.append(f"retrain: {t.retrain_message}")
+    for job in t.other_jobs:
+        lines.append(f"other retrain request: {job}")
+    lines.append("held-out accuracy (images no model trained on)")
     for v in r.shifted_accuracy:
-        lines.append(
-            f"{'  ' + v + ' accuracy':<34}{'':>10}  shifted {r.shifted_accuracy[v]:.3f}, clean {r.clean_accuracy[v]:.3f} (held out)"
-        )
+        lines.append(f"  {v}: shifted {r.shifted_accuracy[v]:.3f}, clean {r.clean_accuracy[v]:.3f}")
+    lines.append(f"traffic stopped: {t.stop_reason}")
+    lines.append(f"rows served {r.rows_served}, ingested by driftd {_count(r.rows_ingested)}, labels written "
+                 f"{r.labels_written}; windows {_windows(r)}")
     return lines
 
 
-def _markers(ax: Any, r: DemoResult) -> None:
+def _count(value: float | None) -> str:
+    return "unknown" if value is None else f"{value:.0f}"
+
+
+def _windows(r: DemoResult) -> dict[str, int]:
+    return dict(sorted(Counter(w["model_version"] for w in r.windows).items()))
+
+
+def summary(r: DemoResult) -> dict[str, Any]:
+    """Everything the run showed, as JSON: rows count requests served since traffic began;
+    seconds are since traffic began, or wall-clock durations."""
     t = r.timeline
-    for when, colour, label in (
-        (t.onset_time, "tab:red", "onset"),
-        (t.first_alarm_time, "tab:orange", "first alarm"),
-        (t.retrain_started_time, "tab:purple", "retrain start"),
-        (t.switch_time, "tab:green", "promoted model serving"),
-    ):
-        if when is not None:
-            ax.axvline(when - t.started, color=colour, linestyle="--", linewidth=1, label=label)
+    events = {key: None if getattr(t, key) is None else
+              {"row": getattr(t, key).row, "seconds": seconds_since_traffic(r, getattr(t, key)), "time": getattr(t, key).time}
+              for key, _ in EVENTS}
+    retrain_seconds = (None if t.retrain_started is None or t.retrain_finished is None
+                       else t.retrain_finished.time - t.retrain_started.time)
+    detection = None if t.onset is None or t.first_alarm is None else {
+        "rule": t.first_alarm_rule, "rows_after_onset": t.first_alarm.row - t.onset.row,
+        "seconds_after_onset": t.first_alarm.time - t.onset.time}
+    return {
+        "format": SUMMARY_FORMAT,
+        "outcome": t.retrain_outcome,
+        "promoted_version": t.promoted_version,
+        "start_version": r.start_version,
+        "final_version": r.final_version,
+        "stop_reason": t.stop_reason,
+        "time_limit_hit": t.time_limit_hit,
+        "rows_served": r.rows_served,
+        "rows_ingested": r.rows_ingested,
+        "labels_written": r.labels_written,
+        "rows_by_version": _rows_by_version(r),
+        "windows": _windows(r),
+        "events": events,
+        "detection": detection,
+        "retrain": {"job": t.retrain_job, "reason": t.retrain_reason, "outcome": t.retrain_outcome,
+                    "message": t.retrain_message, "seconds": retrain_seconds, "gate": t.gate,
+                    "progress_events": len(r.progress), "other_requests": t.other_jobs},
+        "held_out_accuracy": {"shifted": r.shifted_accuracy, "clean": r.clean_accuracy},
+        "source_training": r.source_training,
+        "wall_seconds": {
+            "total": t.finished - t.demo_started,
+            "before_traffic": None if t.traffic_started is None else t.traffic_started - t.demo_started,
+            "traffic": None if t.traffic_started is None or t.traffic_finished is None
+            else t.traffic_finished - t.traffic_started,
+        },
+        "config": str(r.config_path),
+        "settings": r.settings,
+    }
+
+
+def _rows_by_version(r: DemoResult) -> dict[str, int]:
+    counts: Counter[str] = Counter()
+    for tick in r.ticks:
+        counts[tick.model_version] += tick.batch_rows
+    return dict(sorted(counts.items()))
 
 
 def write_report(r: DemoResult) -> dict[str, Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """summary.json, accuracy.png and signals.png under the report directory."""
+    from monitor.demo.charts import accuracy_chart, signals_chart
 
     out = r.report_dir
     out.mkdir(parents=True, exist_ok=True)
-    t0 = r.timeline.started
-    # Windows are in event time; the demo's rows carry wall-clock timestamps, so both share an axis.
-    versions = sorted({w["model_version"] for w in r.windows})
-    colours = dict(zip(versions, ("tab:blue", "tab:green", "tab:brown", "tab:gray")))
-
-    fig, axes = plt.subplots(4, 2, figsize=(13, 12), sharex=True)
-    for ax, (title, get, scale) in zip(axes.flat, _PANELS):
-        for v in versions:
-            pts = [(w["end_time"] - t0, get(w)) for w in r.windows if w["model_version"] == v and get(w) is not None]
-            if pts:
-                ax.plot(*zip(*pts), marker=".", color=colours[v], label=f"windows of {v}")
-            if title.startswith("online"):
-                thr = [(w["end_time"] - t0, w["online"]["threshold"]) for w in r.windows if w["model_version"] == v]
-                if thr:
-                    ax.plot(*zip(*thr), color=colours[v], linestyle=":", label=f"threshold ({v})")
-        ax.set_title(title, fontsize=10)
-        ax.set_yscale(scale)
-        _markers(ax, r)
-    axes[0][0].legend(fontsize=7, loc="upper left")
-    for ax in axes[-1]:
-        ax.set_xlabel("seconds since the demo started")
-    fig.suptitle("driftd demo: drift signals per window", fontsize=13)
-    fig.tight_layout()
-    signals_png = out / "signals.png"
-    fig.savefig(signals_png, dpi=90)
-    plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(11, 4.5))
-    ax.plot([s["time"] - t0 for s in r.served], [s["accuracy"] for s in r.served], color="lightgray",
-            label="true accuracy per tick (known only to the demo)")
-    for v in versions:
-        # Measured accuracy as the daemon showed it live: labels arrive after their window closed.
-        acc = [(x["time"] - t0, x["accuracy"]) for x in r.live if x["model_version"] == v and x["accuracy"] is not None]
-        est = [(w["end_time"] - t0, w["estimate"]["estimated_accuracy"]) for w in r.windows
-               if w["model_version"] == v and w["estimate"]]
-        if acc:
-            ax.plot(*zip(*acc), marker="o", color=colours[v], label=f"measured accuracy, delayed labels ({v})")
-        if est:
-            ax.plot(*zip(*est), marker="x", linestyle="--", color=colours[v], label=f"estimated accuracy, no labels ({v})")
-    _markers(ax, r)
-    ax.set_ylim(0, 1.02)
-    ax.set_xlabel("seconds since the demo started")
-    ax.set_title("accuracy: measured on delayed labels vs estimated before they arrive")
-    ax.legend(fontsize=7, loc="lower left")
-    fig.tight_layout()
-    accuracy_png = out / "accuracy.png"
-    fig.savefig(accuracy_png, dpi=90)
-    plt.close(fig)
-
-    summary = {
-        "timeline": asdict(r.timeline),
-        "start_version": r.start_version,
-        "final_version": r.final_version,
-        "held_out_accuracy": {"shifted": r.shifted_accuracy, "clean": r.clean_accuracy},
-        "rows_served": r.served[-1]["rows"] if r.served else 0,
-        "windows": len(r.windows),
-        "config": str(r.config_path),
-    }
     summary_json = out / "summary.json"
-    summary_json.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
-    return {"signals": signals_png, "accuracy": accuracy_png, "summary": summary_json}
+    summary_json.write_text(json.dumps(summary(r), indent=2, sort_keys=True) + "\n")
+    return {"accuracy": accuracy_chart(r, out / "accuracy.png"), "signals": signals_chart(r, out / "signals.png"),
+            "summary": summary_json}

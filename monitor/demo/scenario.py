@@ -3,32 +3,43 @@
 Everything is real: a timm model trained on scikit-learn's handwritten digits, Parquet logs
 written through the producer helper, the daemon (`driftd run`) as a subprocess on the embedded
 default, its retraining job, its HTTP API. Only the traffic is scripted: clean inputs first,
-then a real corruption from a known tick, so the timeline can say how fast each step reacted.
+then a real corruption from a known batch, so the timeline can say how fast each step reacted.
+
+No step has a wall-clock budget of its own: the daemon gets as long as it needs to start, the
+traffic goes on until the retrain has finished (and the promoted model has served a while), and
+a slow host only makes the story slower. One generous limit on the traffic's duration catches a
+run that cannot finish, and says so. Two things keep the story the same in rows on a busy host:
+traffic waits while driftd is more than ``max_backlog_rows`` behind (a real service would not
+wait; the demo does so that detection is measured in rows the monitor has seen), and it slows to
+one batch per ``waiting_tick_seconds`` while a retrain runs, leaving the CPUs to training.
 """
 
 from __future__ import annotations
 
-import json
+import bisect
+import dataclasses
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import yaml
 
+from monitor.demo.observer import DaemonObserver, get
+from monitor.demo.timeline import DemoResult, Mark, Tick, Timeline
 from monitor.errors import DriftdError
 
 ARCHITECTURE = "test_resnet"   # timm's tiny ResNet: trains in seconds on 2 CPU cores at 32 px
 IMAGE_SIZE = 32
+HEARTBEAT_SECONDS = 15.0
+DRAIN_STALL_SECONDS = 60.0
 
 
 @dataclass(frozen=True)
@@ -40,52 +51,21 @@ class DemoSettings:
     source_epochs: int = 10
     rows_per_tick: int = 40
     tick_seconds: float = 0.4
+    waiting_tick_seconds: float = 1.0   # one batch per this while a retrain runs
     clean_ticks: int = 20
-    max_ticks: int = 400
-    after_promotion_ticks: int = 15
+    after_ticks: int = 20               # batches served after the switch (or after a rejection)
     label_delay_ticks: int = 3
     corruption: str = "noise"
     severity: float = 0.6
     window_rows: int = 120
+    mmd_permutations: int = 100
     retrain_epochs_head: int = 6
     retrain_epochs_finetune: int = 6
-    max_seconds: float = 300.0         # of traffic, after the source model is trained
-
-
-@dataclass
-class Timeline:
-    """Wall-clock times (epoch seconds) and row counts of each event; None when it did not happen."""
-
-    started: float = 0.0
-    onset_time: float | None = None
-    onset_row: int | None = None
-    first_alarm_time: float | None = None
-    first_alarm_row: int | None = None
-    first_alarm_rule: str | None = None
-    retrain_requested_time: float | None = None
-    retrain_reason: str | None = None
-    retrain_started_time: float | None = None
-    retrain_finished_time: float | None = None
-    retrain_outcome: str | None = None
-    gate: dict[str, Any] = field(default_factory=dict)
-    promoted_version: str | None = None
-    switch_time: float | None = None
-    switch_row: int | None = None
-    finished: float = 0.0
-
-
-@dataclass
-class DemoResult:
-    timeline: Timeline
-    start_version: str
-    final_version: str
-    shifted_accuracy: dict[str, float]   # version -> accuracy on held-out shifted images
-    clean_accuracy: dict[str, float]     # version -> accuracy on held-out clean images
-    served: list[dict[str, Any]]         # per tick: time, rows, version, batch accuracy, shifted
-    windows: list[dict[str, Any]]        # every window's signals (replayed from the logs)
-    live: list[dict[str, Any]]           # what the daemon's status showed at each tick
-    report_dir: Path
-    config_path: Path
+    min_gain: float = 0.02
+    max_forgetting: float = 0.02
+    max_backlog_rows: int = 600         # traffic waits while driftd has ingested fewer rows than served - this
+    detect_within_rows: int = 6000      # shifted rows driftd may ingest without asking for a retrain
+    time_limit_seconds: float = 1800.0  # of traffic, generous: a run this long cannot finish; it says so
 
 
 def _free_port() -> int:
@@ -108,7 +88,7 @@ def write_config(s: DemoSettings, port: int) -> Path:
         "ingest": {"settle_seconds": 2.0},
         "window": {"rows": s.window_rows, "seconds": 3600.0, "min_rows": 30},
         "signals": {
-            "mmd": {"permutations": 100, "max_window_rows": s.window_rows, "max_reference_rows": 400,
+            "mmd": {"permutations": s.mmd_permutations, "max_window_rows": s.window_rows, "max_reference_rows": 400,
                     "projection_dims": 16},
             "online_mmd": {"window_rows": 20, "stride_rows": 5, "ert_rows": 5000.0, "bootstraps": 1500,
                            "max_reference_rows": 400},
@@ -132,10 +112,12 @@ def write_config(s: DemoSettings, port: int) -> Path:
         "retrain": {
             "registry_dir": "registry",
             "input_root": "inputs",
+            # The source's training and validation images, labelled: 1,300 rows, so the gate's
+            # forgetting slice holds ~325 of them and one image moves it by 0.3 points, not 1.1.
             "replay_logs": "replay",
             "min_labelled_rows": 200,
             "max_rows": 1500,
-            "gate": {"min_gain": 0.02, "max_forgetting": 0.02},
+            "gate": {"min_gain": s.min_gain, "max_forgetting": s.max_forgetting},
             "hyper": {"epochs_head": s.retrain_epochs_head, "epochs_finetune": s.retrain_epochs_finetune,
                       "seed": s.seed},
             "device": "auto",
@@ -144,19 +126,6 @@ def write_config(s: DemoSettings, port: int) -> Path:
     path = s.workdir / "driftd.yaml"
     path.write_text("# written by `driftd demo`; a complete, valid driftd config\n" + yaml.safe_dump(doc, sort_keys=False))
     return path
-
-
-def _get(url: str) -> tuple[int, Any]:
-    """GET a read-only endpoint: (status, parsed JSON or text); (0, None) while nothing listens."""
-    req = urllib.request.Request(url)
-    try:
-        with urllib.request.urlopen(req, timeout=5) as resp:
-            body = resp.read()
-            return resp.status, json.loads(body) if body[:1] in (b"{", b"[") else body.decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, None
-    except (urllib.error.URLError, ConnectionError, TimeoutError):
-        return 0, None  # not listening (yet)
 
 
 def _prepare(s: DemoSettings, say: Callable[[str], None]) -> dict[str, Any]:
@@ -173,8 +142,18 @@ def _prepare(s: DemoSettings, say: Callable[[str], None]) -> dict[str, Any]:
     images, labels = load_digits_images(IMAGE_SIZE)
     split = _split(len(images), s.seed)
     say(f"training the source model ({ARCHITECTURE}, {len(split['train'])} clean digits, {s.source_epochs} epochs)")
+    choices = []
+
+    def on_threads(choice: Any) -> None:
+        choices.append(choice)
+        say(f"  training with {choice.describe()}")
+
+    started = time.time()
     model, data_config = train_digits_model(images[split["train"]], labels[split["train"]], architecture=ARCHITECTURE,
-                                            epochs=s.source_epochs, seed=s.seed)
+                                            epochs=s.source_epochs, seed=s.seed, on_threads=on_threads)
+    seconds = time.time() - started
+    torch.set_num_threads(choices[-1].threads)  # the service's inference runs beside driftd too
+    say(f"  trained in {seconds:.1f} s")
     weights = s.workdir / "source-model.safetensors"
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
     registry = Registry(s.workdir / "registry")
@@ -188,13 +167,19 @@ def _prepare(s: DemoSettings, say: Callable[[str], None]) -> dict[str, Any]:
                           projection="pca", projection_dims=16, seed=s.seed, source="demo validation set")
     save_reference(ref, s.workdir / "reference")
     say(f"built the reference for {version}: {len(ref_idx)} labelled validation images, accuracy {ref.accuracy:.3f}")
-    ids = [f"ref-{i:05d}" for i in ref_idx]
-    uris = write_images(s.workdir / "inputs", images[ref_idx], ids)
+    # The replay buffer: the labelled source data (training and validation images) the gate
+    # checks forgetting on and the fine-tune mixes into every batch.
+    replay_idx = np.concatenate([split["train"], ref_idx])
+    ids = [f"src-{i:05d}" for i in replay_idx]
+    uris = write_images(s.workdir / "inputs", images[replay_idx], ids)
+    replay_feats, replay_probs = predict(model, images_to_tensor(images[replay_idx], data_config))
     with LogWriter(s.workdir / "replay", roll_rows=10**9) as replay:
-        replay.write_batch(request_id=ids, timestamp=time.time(), model_version=version, features=feats, probs=probs,
-                           input_uri=uris, label=labels[ref_idx])
+        replay.write_batch(request_id=ids, timestamp=time.time(), model_version=version, features=replay_feats,
+                           probs=replay_probs, input_uri=uris, label=labels[replay_idx])
+    source = {"seconds": seconds, "epochs": s.source_epochs,
+              "threads": [dataclasses.asdict(c) for c in choices]}
     return {"images": images, "labels": labels, "split": split, "registry": registry, "start_version": version,
-            "data_config": data_config}
+            "data_config": data_config, "source_training": source}
 
 
 def _evaluate(registry: Any, versions: list[str], images: np.ndarray, labels: np.ndarray, s: DemoSettings
@@ -214,18 +199,44 @@ def _evaluate(registry: Any, versions: list[str], images: np.ndarray, labels: np
 
 def _replay_windows(config_path: Path, state: Path) -> list[dict[str, Any]]:
     """Every window of the run, recomputed from the logs with the same config and references."""
-    from dataclasses import replace
-
     from monitor.config import load_config
     from monitor.engine import Engine
     from monitor.signals.results import to_jsonable
 
     config = load_config(config_path)
-    engine = Engine(replace(config.monitor, state_dir=state))
+    engine = Engine(dataclasses.replace(config.monitor, state_dir=state))
     try:
         return [to_jsonable(w) for w in engine.catch_up()]
     finally:
         engine.close()
+
+
+def _wait_ready(base: str, daemon: subprocess.Popen, s: DemoSettings, say: Callable[[str], None]) -> None:
+    """Until /readyz answers 200: as long as the daemon lives, within the demo's time limit."""
+    started = time.time()
+    last_word = started
+    while get(f"{base}/readyz")[0] != 200:
+        now = time.time()
+        if daemon.poll() is not None:
+            raise DriftdError(f"the daemon exited with {daemon.returncode} before it was ready; "
+                              f"see {s.workdir / 'daemon.log'}")
+        if now - started > s.time_limit_seconds:
+            raise DriftdError(f"the daemon was not ready after {s.time_limit_seconds:.0f} s (the demo's time limit); "
+                              f"see {s.workdir / 'daemon.log'}")
+        if now - last_word >= HEARTBEAT_SECONDS:
+            say(f"  still waiting for the daemon to load its reference and scan the logs ({now - started:.0f} s)")
+            last_word = now
+        time.sleep(0.3)
+
+
+def _stop(daemon: subprocess.Popen) -> None:
+    if daemon.poll() is None:
+        daemon.send_signal(signal.SIGTERM)
+        try:
+            daemon.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            daemon.kill()
+            daemon.wait()
 
 
 def run_demo(s: DemoSettings, say: Callable[[str], None]) -> DemoResult:
@@ -234,7 +245,7 @@ def run_demo(s: DemoSettings, say: Callable[[str], None]) -> DemoResult:
     s.workdir.mkdir(parents=True, exist_ok=True)
     if any(s.workdir.iterdir()):
         raise DriftdError(f"{s.workdir} is not empty: pass --workdir with a new directory, or delete it")
-    timeline = Timeline(started=time.time())
+    timeline = Timeline(demo_started=time.time())
     prep = _prepare(s, say)
     port = s.port or _free_port()
     config_path = write_config(s, port)
@@ -250,42 +261,27 @@ def run_demo(s: DemoSettings, say: Callable[[str], None]) -> DemoResult:
         label_logs=s.workdir / "logs" / "labels", inputs=s.workdir / "inputs",
         label_delay_ticks=s.label_delay_ticks, corruption=s.corruption, severity=s.severity, seed=s.seed,
     )
-    served: list[dict[str, Any]] = []
-    live: list[dict[str, Any]] = []
+    ticks: list[Tick] = []
+
+    def rows_at(when: float) -> int:
+        """Rows served by ``when``: those of every batch stamped at or before it."""
+        i = bisect.bisect_right([k.time for k in ticks], when)
+        return ticks[i - 1].rows if i else 0
+
+    observer = DaemonObserver(
+        base, token, s.workdir / "state", timeline, say=say, rows_at=rows_at,
+        max_epochs={"head": s.retrain_epochs_head, "finetune": s.retrain_epochs_finetune},
+        gate_thresholds={"min_gain": s.min_gain, "max_forgetting": s.max_forgetting})
     try:
         say(f"started the daemon: driftd run --config {config_path} (http {base}, log {s.workdir / 'daemon.log'})")
-        deadline = time.time() + 60
-        while _get(f"{base}/readyz")[0] != 200:
-            if daemon.poll() is not None or time.time() > deadline:
-                raise DriftdError(f"the daemon did not become ready; see {s.workdir / 'daemon.log'}")
-            time.sleep(0.3)
+        _wait_ready(base, daemon, s, say)
         service.refresh_model()
-        say(f"serving {s.rows_per_tick} requests per tick; clean traffic for {s.clean_ticks} ticks, then "
-            f"'{s.corruption}' corruption (severity {s.severity})")
-        promoted_at_tick: int | None = None
-        end = time.time() + s.max_seconds
-        for tick in range(s.max_ticks):
-            t0 = time.time()
-            if service.refresh_model():
-                timeline.switch_time, timeline.switch_row = time.time(), service.rows
-                say(f"the service now serves {service.version} (row {service.rows})")
-            shifted = tick >= s.clean_ticks
-            if shifted and timeline.onset_time is None:
-                timeline.onset_time, timeline.onset_row = time.time(), service.rows
-                say(f"onset: inputs now corrupted with '{s.corruption}' (row {service.rows})")
-            out = service.serve(s.rows_per_tick, shifted=shifted)
-            served.append({"time": time.time(), "rows": service.rows, **asdict(out)})
-            live += _observe(base, timeline, service.rows, say)
-            if timeline.promoted_version and promoted_at_tick is None and service.version == timeline.promoted_version:
-                promoted_at_tick = tick
-            if promoted_at_tick is not None and tick - promoted_at_tick >= s.after_promotion_ticks:
-                break
-            if timeline.retrain_outcome in ("rejected", "failed") or time.time() > end:
-                break
-            time.sleep(max(0.0, s.tick_seconds - (time.time() - t0)))
+        say(f"serving {s.rows_per_tick} requests per batch, one every {s.tick_seconds:g} s: "
+            f"{s.clean_ticks * s.rows_per_tick} clean rows, then '{s.corruption}' corruption (severity {s.severity})")
+        _traffic(s, service, observer, timeline, ticks, daemon, say)
+        timeline.traffic_finished = time.time()
         service.close()
-        time.sleep(2.5)  # let the daemon ingest the last files before it stops
-        live += _observe(base, timeline, service.rows, say)
+        _drain(service, observer, daemon, s, say)
         if s.serve:
             say(f"--serve: driftd keeps running at {base} (/metrics, /api/v1/status; control token {token}); "
                 "Ctrl-C to stop")
@@ -295,62 +291,95 @@ def run_demo(s: DemoSettings, say: Callable[[str], None]) -> DemoResult:
                 pass
     finally:
         service.close()  # idempotent: flushes buffered rows and pending labels even on an error
-        if daemon.poll() is None:
-            daemon.send_signal(signal.SIGTERM)
-            try:
-                daemon.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                daemon.kill()
-                daemon.wait()
+        _stop(daemon)
         log_file.close()
-    timeline.finished = time.time()
     say("replaying the logs to chart every window")
     windows = _replay_windows(config_path, s.workdir / "report-state")
     versions = [prep["start_version"]] + ([timeline.promoted_version] if timeline.promoted_version else [])
     holdout = prep["split"]["holdout"]
     shifted_acc, clean_acc = _evaluate(prep["registry"], versions, prep["images"][holdout], prep["labels"][holdout], s)
+    timeline.finished = time.time()
     return DemoResult(
         timeline=timeline, start_version=prep["start_version"], final_version=service.version or "",
-        shifted_accuracy=shifted_acc, clean_accuracy=clean_acc, served=served, windows=windows, live=live,
-        report_dir=s.workdir / "report", config_path=config_path,
+        shifted_accuracy=shifted_acc, clean_accuracy=clean_acc, ticks=ticks, windows=windows, live=observer.live,
+        progress=observer.progress, rows_ingested=observer.rows_ingested, labels_written=service.labels_written,
+        source_training=prep["source_training"], settings={k: str(v) if isinstance(v, Path) else v
+                                                           for k, v in dataclasses.asdict(s).items()},
+        report_dir=s.workdir / "report", config_path=config_path, workdir=s.workdir,
     )
 
 
-def _observe(base: str, t: Timeline, rows: int, say: Callable[[str], None]) -> list[dict[str, Any]]:
-    """Read the daemon's status, note the first time each event is visible, and return the
-    accuracy it shows per model_version (measured on labels so far, and estimated)."""
-    code, status = _get(f"{base}/api/v1/status")
-    if code != 200 or not isinstance(status, dict):
-        return []
-    now = time.time()
-    seen = []
-    for version, view in (status.get("versions") or {}).items():
-        window = view.get("window") or {}
-        accuracy = (window.get("accuracy") or {}).get("accuracy_last_n")
-        estimate = (window.get("estimate") or {}).get("estimated_accuracy")
-        seen.append({"time": now, "model_version": version, "accuracy": accuracy, "estimated_accuracy": estimate})
-    if t.onset_time is not None and t.first_alarm_time is None and status.get("alarms"):
-        alarm = status["alarms"][0]
-        t.first_alarm_time, t.first_alarm_row, t.first_alarm_rule = now, rows, alarm["rule"]
-        say(f"first alarm: rule {alarm['rule']} on {alarm['model_version']} "
-            f"(value {alarm['value']:.4g} vs threshold {alarm['threshold']:.4g}), "
-            f"{rows - (t.onset_row or 0)} rows and {now - t.onset_time:.1f} s after the onset")
-    retrain = status.get("retrain") or {}
-    jobs = list(retrain.get("queued") or []) + [retrain.get("running"), retrain.get("last")]
-    for job in (j for j in jobs if j):
-        if t.retrain_requested_time is None:
-            t.retrain_requested_time, t.retrain_reason = job["requested_at"], job["reason"]
-            say(f"retrain requested: {job['reason']}")
-        if job.get("started_at") and t.retrain_started_time is None:
-            t.retrain_started_time = job["started_at"]
-            say("retrain job started (head first, then guarded fine-tuning)")
-    last = retrain.get("last")
-    if last and last.get("result") and t.retrain_outcome is None:
-        result = last["result"]
-        t.retrain_outcome = result.get("outcome")
-        t.retrain_finished_time = result.get("finished_at") or now
-        t.gate = result.get("gate") or {}
-        if t.retrain_outcome == "promoted":
-            t.promoted_version = result.get("candidate_version")
-        say(f"retrain finished: {t.retrain_outcome} ({result.get('reason', '')})")
-    return seen
+def _traffic(s: DemoSettings, service: Any, observer: DaemonObserver, t: Timeline, ticks: list[Tick],
+             daemon: subprocess.Popen, say: Callable[[str], None]) -> None:
+    """Serve batches until the story is told (or cannot be): see the module docstring."""
+    traffic_started = time.time()
+    t.traffic_started = traffic_started
+    after = 0               # batches served since the outcome (and, for a promotion, the switch)
+    waiting_said = 0.0
+    while True:
+        started = time.time()
+        if daemon.poll() is not None:
+            raise DriftdError(f"the daemon exited with {daemon.returncode} during the demo; see {s.workdir / 'daemon.log'}")
+        observer.poll(service.rows)
+        if service.refresh_model():
+            t.switch = Mark(time.time(), service.rows)
+            say(f"the service picked up {service.version} from the registry and serves it from row {service.rows}")
+        elapsed = time.time() - traffic_started
+        if elapsed > s.time_limit_seconds:
+            t.time_limit_hit = True
+            t.stop_reason = (f"time limit: {s.time_limit_seconds:.0f} s of traffic passed and "
+                             + ("no retrain was requested" if t.retrain_requested is None else
+                                "the retrain had not finished" if t.retrain_outcome is None else
+                                "the promoted model was not picked up yet"))
+            say(f"stopping: {t.stop_reason} (raise it with --time-limit)")
+            return
+        done = t.retrain_outcome is not None and (t.retrain_outcome != "promoted" or service.version == t.promoted_version)
+        if done and after >= s.after_ticks:
+            t.stop_reason = (f"{service.version} served {after * s.rows_per_tick} rows after the switch"
+                             if t.retrain_outcome == "promoted" else
+                             f"the retrain was {t.retrain_outcome}; {after * s.rows_per_tick} more rows served on "
+                             f"{service.version}")
+            return
+        ingested = observer.rows_ingested
+        if (t.onset is not None and t.retrain_requested is None and ingested is not None
+                and ingested - t.onset.row > s.detect_within_rows):
+            t.stop_reason = (f"no retrain was requested after driftd had ingested {ingested - t.onset.row:.0f} "
+                             "shifted rows: no retrain rule fired (see the alarms above and daemon.log)")
+            say(f"stopping: {t.stop_reason}")
+            return
+        if ingested is not None and service.rows - ingested > s.max_backlog_rows:
+            if started - waiting_said >= HEARTBEAT_SECONDS:
+                say(f"  traffic waits: driftd is {service.rows - ingested:.0f} rows behind (a busy host)")
+                waiting_said = started
+            time.sleep(0.5)
+            continue
+        shifted = len(ticks) >= s.clean_ticks
+        if shifted and t.onset is None:
+            t.onset = Mark(time.time(), service.rows)
+            say(f"onset: inputs are now corrupted with '{s.corruption}' (from row {service.rows})")
+        out = service.serve(s.rows_per_tick, shifted=shifted)
+        ticks.append(Tick(time=out.timestamp, rows=service.rows, batch_rows=out.rows, model_version=out.model_version,
+                          accuracy=out.accuracy, shifted=shifted))
+        if done:
+            after += 1
+        pace = s.waiting_tick_seconds if observer.retrain_busy else s.tick_seconds
+        time.sleep(max(0.0, pace - (time.time() - started)))
+
+
+def _drain(service: Any, observer: DaemonObserver, daemon: subprocess.Popen, s: DemoSettings,
+           say: Callable[[str], None]) -> None:
+    """Let driftd ingest every row served and join every label written before it stops; give up
+    (and say so) once its counters have not moved for DRAIN_STALL_SECONDS."""
+    seen, moved = None, time.time()
+    while daemon.poll() is None:
+        observer.poll(service.rows)
+        counts = (observer.rows_ingested or 0, observer.labels_joined or 0)
+        if counts[0] >= service.rows and counts[1] >= service.labels_written:
+            return
+        if counts != seen:
+            seen, moved = counts, time.time()
+        elif time.time() - moved > DRAIN_STALL_SECONDS:
+            say(f"driftd stopped ingesting at {counts[0]:.0f} of {service.rows} rows and {counts[1]:.0f} of "
+                f"{service.labels_written} labels; see {s.workdir / 'daemon.log'}")
+            return
+        time.sleep(0.5)

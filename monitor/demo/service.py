@@ -24,7 +24,8 @@ from retrain.registry import Registry
 
 @dataclass(frozen=True)
 class Served:
-    rows: int
+    rows: int               # in this batch
+    timestamp: float        # the batch's timestamp in the logs
     model_version: str
     accuracy: float         # on this batch (the demo knows the truth; driftd learns it later)
     shifted: bool
@@ -62,6 +63,7 @@ class InferenceService:
         self.switches: list[tuple[float, str]] = []
         self.tick = 0
         self.rows = 0
+        self.labels_written = 0
         self._closed = False
 
     def refresh_model(self) -> bool:
@@ -99,13 +101,14 @@ class InferenceService:
         self._release_labels()
         self.tick += 1
         self.rows += n
-        return Served(rows=n, model_version=self.version, accuracy=float((probs.argmax(1) == truth).mean()),
+        return Served(rows=n, timestamp=now, model_version=self.version, accuracy=float((probs.argmax(1) == truth).mean()),
                       shifted=shifted)
 
     def _release_labels(self, *, all_of_them: bool = False) -> None:
         while self._pending and (all_of_them or self._pending[0][0] <= self.tick):
             _, ids, truth = self._pending.popleft()
             self.label_writer.write_batch(request_id=ids, label=truth, labeled_at=time.time())
+            self.labels_written += len(ids)
         self.label_writer.flush()
 
     def close(self) -> None:
