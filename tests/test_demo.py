@@ -42,7 +42,7 @@ def test_demo_beside_a_cpu_hog_detects_retrains_promotes_and_recovers(
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)  # the demo and its retrain job measure their threads
     said: list[str] = []
     settings = DemoSettings(
-        workdir=tmp_path / "demo", seed=1, source_epochs=6, clean_ticks=12, after_ticks=8,
+        workdir=tmp_path / "demo", seed=1, source_epochs=6, clean_ticks=12, after_ticks=30,  # 10 windows of v2
         retrain_epochs_head=4, retrain_epochs_finetune=3,
     )
     result = run_demo(settings, said.append)
@@ -71,6 +71,15 @@ def test_demo_beside_a_cpu_hog_detects_retrains_promotes_and_recovers(
     assert result.final_version == new
     # The monitor switched to the new version's reference: windows of it were computed.
     assert {w["model_version"] for w in result.windows} == {old, new}
+    # ... and that reference describes what the new version sees: over 10 windows of the same
+    # (shifted) traffic after the switch, no online or batch MMD alarm on it, and v1 was retired.
+    served_after = [w for w in result.windows if w["model_version"] == new]
+    assert len(served_after) >= 10, len(served_after)
+    assert not any(w["online"]["alarm"] for w in served_after)
+    daemon_log = (settings.workdir / "daemon.log").read_text()
+    assert f"model_version {old} is no longer served (CURRENT is {new}): cleared its alarms" in daemon_log
+    for rule in ("online_mmd_alarm", "mmd_p_value"):
+        assert f"rule {rule}: " not in "".join(l for l in daemon_log.splitlines(True) if f"model_version {new}" in l)
 
     files = write_report(result)
     summary = json.loads(files["summary"].read_text())
