@@ -43,6 +43,7 @@ from typing import Any, Protocol
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from waitress import wasyncore
 from waitress.channel import HTTPChannel
+from waitress.parser import HTTPRequestParser, ParsingError
 from waitress.server import create_server
 
 from monitor.errors import DriftdError
@@ -175,9 +176,6 @@ class Api:
         return [b""] if method == "HEAD" else [body]
 
     def _route(self, method: str, path: str, environ: dict[str, Any]) -> Response:
-        protocol = environ.get("SERVER_PROTOCOL", "HTTP/1.1")
-        if protocol not in ("HTTP/1.0", "HTTP/1.1"):  # waitress answers anything else as if 1.0
-            raise HttpError(HTTPStatus.BAD_REQUEST, f"{protocol} is not supported; use HTTP/1.1")
         routes: dict[str, tuple[str, Callable[[], Response]]] = {
             "/metrics": ("GET", self._metrics),
             "/healthz": ("GET", lambda: _probe(self.backend.healthy())),
@@ -270,11 +268,23 @@ _REQUEST_TIMEOUT = (b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nConte
                     b"Content-Length: %d\r\n\r\n%s" % (len(_TIMEOUT_BODY), _TIMEOUT_BODY))
 
 
+class _Parser(HTTPRequestParser):
+    """waitress's parser, refusing request lines without HTTP/1.0 or HTTP/1.1 (it would answer
+    ``GET /metrics HTTP/9.9`` or a version-less HTTP/0.9 line as if they were HTTP/1.0)."""
+
+    def parse_header(self, header_plus: bytes) -> None:
+        super().parse_header(header_plus)
+        if self.version not in ("1.0", "1.1"):
+            shown = f"HTTP/{self.version}" if self.version else "a request line without an HTTP version"
+            raise ParsingError(f"{shown} is not supported; use HTTP/1.1")
+
+
 class _Channel(HTTPChannel):
     """waitress's connection, plus read deadlines: a connection's first request must arrive
     within ``header_timeout`` of accept, later ones within it of their first byte, and a body
     within ``body_timeout`` of its headers. (Between requests waitress's idle timeout applies.)"""
 
+    parser_class = _Parser
     header_timeout = 10.0
     body_timeout = 30.0
 
