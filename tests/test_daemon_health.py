@@ -86,6 +86,17 @@ def test_a_long_cycle_that_keeps_committing_is_progress() -> None:
     assert "committed nothing" in verdict.reason
 
 
+def test_commits_of_a_cycle_that_then_fails_are_not_progress() -> None:
+    health, clock = _health(60)
+    for _ in range(4):  # each cycle commits the engine's checkpoint, then cannot save the policy state
+        clock.now += 20
+        health.cycle_started()
+        health.progress()
+        health.cycle_failed(DISK_FULL)
+    verdict, _ = health.check()
+    assert not verdict.healthy and verdict.reason.startswith("no progress for 80s")
+
+
 def test_a_backlog_left_by_the_last_cycle_is_pending_work() -> None:
     health, clock = _health(60)
     health.cycle_started()

@@ -6,8 +6,9 @@ rule, shared by ``/healthz``, ``/readyz`` and the systemd watchdog:
 
     unhealthy  when  no progress for ``scheduler.unhealthy_after_seconds``  while work is pending
 
-- *progress* is a cycle that succeeded, or a checkpoint committed by a running one (a long
-  cycle over a large file commits every few seconds, so it is not a stall);
+- *progress* is a cycle that succeeded, or a checkpoint committed by the cycle still running (a
+  long cycle over a large file commits every few seconds, so it is not a stall; the commits of
+  a cycle that then fails do not count: its work is not done, e.g. the policy state unsaved);
 - *work is pending* while cycles fail (a failing cycle cannot tell whether it had work, and its
   rows are not committed), while a cycle runs, or when the last good cycle left files unread.
   An idle daemon with nothing to read stays healthy; if the scheduler stops starting cycles at
@@ -58,7 +59,7 @@ class Health:
         self._lock = threading.Lock()
         self._baseline = clock()            # progress is measured from here until the first one
         self._last_success: float | None = None
-        self._last_progress: float | None = None
+        self._cycle_progress: float | None = None  # last commit of the running cycle
         self._last_activity = self._baseline  # a cycle started or ended
         self._running_since: float | None = None
         self._backlog = True                # nothing scanned yet: the first scan is pending work
@@ -75,19 +76,21 @@ class Health:
         """A checkpoint was committed (``StateStore.add_commit_listener``)."""
         now = self._clock()
         with self._lock:
-            self._last_progress = now
+            if self._running_since is not None:
+                self._cycle_progress = now
 
     def cycle_started(self) -> None:
         now = self._clock()
         with self._lock:
             self._running_since = self._last_activity = now
+            self._cycle_progress = None
 
     def cycle_succeeded(self, *, backlog: bool) -> FailureState | None:
         """Record a good cycle; returns the failure state it ended, if any (to log the recovery)."""
         now = self._clock()
         with self._lock:
-            self._last_success = self._last_progress = self._last_activity = now
-            self._running_since = None
+            self._last_success = self._last_activity = now
+            self._running_since = self._cycle_progress = None
             self._backlog = backlog
             ended, self._failure = self._failure, None
             return ended
@@ -96,7 +99,7 @@ class Health:
         """Record a failed cycle; returns its failure state and whether that state is new."""
         now = self._clock()
         with self._lock:
-            self._running_since = None
+            self._running_since = self._cycle_progress = None
             self._last_activity = now
             current = self._failure
             if current is not None and current.fault.key == fault.key:
@@ -104,12 +107,6 @@ class Health:
                 return current, False
             self._failure = FailureState(fault, now)
             return self._failure, True
-
-    def cycle_aborted(self) -> None:
-        """The cycle ended without a verdict (the daemon is stopping)."""
-        with self._lock:
-            self._running_since = None
-            self._last_activity = self._clock()
 
     # -- questions (any thread) -----------------------------------------------------------------
     @property
@@ -134,7 +131,7 @@ class Health:
         now = self._clock()
         limit = self.unhealthy_after
         with self._lock:
-            last = max(t for t in (self._baseline, self._last_success, self._last_progress) if t is not None)
+            last = max(t for t in (self._baseline, self._last_success, self._cycle_progress) if t is not None)
             stalled = now - last
             failure, running = self._failure, self._running_since
             pending = failure is not None or running is not None or self._backlog
