@@ -20,6 +20,7 @@ import pytest
 
 from daemon_helpers import DaemonProcess, daemon_doc, free_port, write_config
 from engine_helpers import build_reference, make_rows, write_inference
+from monitor.cli import main
 
 pytestmark = pytest.mark.slow
 
@@ -58,7 +59,8 @@ def _count(text: str, needle: str) -> int:
     return text.count(needle)
 
 
-def test_a_full_state_filesystem_turns_healthz_503_and_back_with_nothing_lost(tmp_path: Path) -> None:
+def test_a_full_state_filesystem_turns_healthz_503_and_back_with_nothing_lost(
+        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     state = tmp_path / "state"
     with small_filesystem(state, "32m"):
         ref = build_reference(tmp_path, n=500)
@@ -87,6 +89,8 @@ def test_a_full_state_filesystem_turns_healthz_503_and_back_with_nothing_lost(tm
             assert ready_code == 503 and ready_body.decode().startswith("not ready: no progress for ")
             health = d.json("/api/v1/status")["health"]
             assert health["healthy"] is False and health["failure"]["kind"] == "disk_full"
+            assert main(["status", "--config", str(cfg)]) == 0
+            assert "\nhealth: FAILING: no progress for " in capsys.readouterr().out
             d.wait_for(lambda: cycle_errors(d) >= 5, desc="several failed cycles")
             log = d.log()
             # logged once per state change, not once per failed cycle

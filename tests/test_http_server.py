@@ -247,3 +247,14 @@ def test_coalesced_renders_start_after_the_request_and_are_shared() -> None:
     assert renders == [1, 2]  # eleven callers, two renders
     assert results.pop("first") == 1
     assert set(results.values()) == {2}  # never the render that began before they arrived
+
+
+def test_the_server_bounds_take_effect_after_a_restart_not_on_sighup(tmp_path: Path) -> None:
+    import dataclasses
+
+    from monitor.service.daemon import restart_keys
+
+    old = parse_config({"logs": {"inference": "logs"}}, source="t", base=tmp_path)
+    new = dataclasses.replace(old, service=dataclasses.replace(old.service, http=dataclasses.replace(
+        old.service.http, threads=4, header_timeout_seconds=3.0, token_env="T")))
+    assert restart_keys(old, new) == ["http.threads", "http.header_timeout_seconds"]  # the token reloads

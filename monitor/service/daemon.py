@@ -160,7 +160,6 @@ class Daemon:
         self._hup = threading.Event()
         self._reload_refs = threading.Event()
         self._ready = False
-        self._cycle_started: float | None = None  # wall time the running cycle began (None: idle)
         self._job_errors: Counter[str] = Counter()
         self._last_cycle: dict[str, Any] | None = None
         self._refs: dict[str, dict[str, Any]] = {}
@@ -336,7 +335,6 @@ class Daemon:
     # -- the cycle job -----------------------------------------------------------------------------
     def _cycle_job(self) -> None:
         try:  # the one catch point of the cycle job
-            self._cycle_started = self.clock()
             self.health.cycle_started()
             self._cycle()
         except Exception as exc:
@@ -349,8 +347,6 @@ class Daemon:
             if ended is not None:
                 log.info("ingest/evaluate cycle succeeded again after %d failed cycle(s) since %s (%s)",
                          ended.count, _iso(ended.since), ended.fault.kind)
-        finally:
-            self._cycle_started = None
 
     def _cycle_failed(self, exc: Exception) -> None:
         """Log a failure once per state (a full disk fails every cycle until space returns)."""
