@@ -149,9 +149,6 @@ class Daemon:
         self.clock = clock
         self.environ = environ
         self._token = load_token(config.service.http, environ)  # ConfigError (exit 2) before binding
-        # The state directory's lock before the port: a second daemon on this state must refuse
-        # without ever listening (the engine's StateStore adopts this claim when it opens).
-        self._claim = claim_state_dir(config.monitor.state_dir)
         self.registry = registry if registry is not None else CollectorRegistry()
         self.notifier = notifier if notifier is not None else Notifier.from_env(environ)
         self._launcher = launcher if launcher is not None else default_launcher(config_path, lambda: self.config)
@@ -174,6 +171,9 @@ class Daemon:
         self.scheduler: DaemonScheduler | None = None
         self.queue: RetrainQueue | None = None
         self.health = Health(config.service.scheduler.unhealthy_after_seconds, clock=clock)
+        # The state directory's lock before the port: a second daemon on this state must refuse
+        # without ever listening (the engine's StateStore adopts this claim when it opens).
+        self._claim = claim_state_dir(config.monitor.state_dir)
         try:
             self.api = ApiServer(config.service.http, backend=self, registry=self.registry, token=lambda: self._token)
         except BaseException:
