@@ -88,6 +88,7 @@ def test_metrics_status_and_control_api(daemon: DaemonProcess, tmp_path: Path, c
     assert main(["status", "--config", str(daemon.config_path)]) == 0
     table = capsys.readouterr().out
     assert "model test-model" in table and "mmd_p_value" in table and f"last retrain {job_id}: {outcome}" in table
+    assert "\nhealth: ok: last cycle succeeded " in table
     assert main(["status", "--config", str(daemon.config_path), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["retrain"]["last"]["job_id"] == job_id
 

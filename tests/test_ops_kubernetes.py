@@ -164,7 +164,58 @@ def test_deployment_is_a_single_hardened_replica(builder) -> None:
 def test_role_grants_only_what_the_job_launcher_uses(builder) -> None:
     role = _by_kind(builder.build(KUBERNETES / "base"))[("Role", "driftd-retrain-launcher")]
     grants = {(g, r, v) for rule in role["rules"] for g in rule["apiGroups"] for r in rule["resources"] for v in rule["verbs"]}
-    assert grants == {
-        *(("batch", "jobs", v) for v in ("create", "get", "list", "watch", "delete")),
-        ("batch", "jobs/status", "get"), ("", "pods", "get"), ("", "pods", "list"), ("", "pods/log", "get"),
-    }
+    # retrain/launch/kubernetes.py: create_namespaced_job, read_namespaced_job_status,
+    # delete_namespaced_job, list_namespaced_pod, read_namespaced_pod_log; nothing else
+    assert grants == {("batch", "jobs", "create"), ("batch", "jobs", "delete"), ("batch", "jobs/status", "get"),
+                      ("", "pods", "list"), ("", "pods/log", "get")}
+
+
+def _overlay_config(docs: list[dict]):
+    from monitor.config import parse_config
+
+    [config_map] = [d for d in docs if d["kind"] == "ConfigMap"]
+    return parse_config(yaml.safe_load(config_map["data"]["driftd.yaml"]), source="/etc/driftd/driftd.yaml",
+                        base=Path("/etc/driftd"))
+
+
+@pytest.mark.parametrize("which", ["base", "overlay"])
+def test_the_rendered_retrain_job_reads_what_the_daemon_reads_on_the_daemons_node(builder, overlay_dir, which) -> None:
+    """The Job driftd creates mounts the data PVC read-only where the daemon has it (logs, and the
+    overlay's images under retrain.input_root), shares the state PVC, and lands on the daemon's
+    node: the state PVC is ReadWriteOnce and SQLite's WAL needs its readers on one host."""
+    from retrain.launch.kubernetes import DATA_MOUNT, STATE_MOUNT, render_job
+
+    docs = _builds(builder, overlay_dir)[which]
+    objects = _by_kind(docs)
+    config = _overlay_config(docs)
+    job = render_job(config, job_id="t1", reason="test")
+    validate_manifest(job)
+    pod = job["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounts = {m["mountPath"]: m for m in pod["containers"][0]["volumeMounts"]}
+    data = mounts[str(DATA_MOUNT)]
+    assert data["readOnly"] is True
+    assert volumes[data["name"]]["persistentVolumeClaim"] == {"claimName": "inference-data", "readOnly": True}
+    assert volumes[mounts[str(STATE_MOUNT)]["name"]]["persistentVolumeClaim"]["claimName"] == "driftd-state"
+    deployment = objects[("Deployment", "driftd")]["spec"]["template"]["spec"]
+    daemon_mounts = {m["name"]: m for m in deployment["containers"][0]["volumeMounts"]}
+    daemon_claims = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in deployment["volumes"]
+                     if "persistentVolumeClaim" in v}
+    # the daemon sees the same claim at the same path, so logs.* and input_root mean the same there
+    [data_volume] = [name for name, claim in daemon_claims.items() if claim == "inference-data"]
+    assert daemon_mounts[data_volume]["mountPath"] == str(DATA_MOUNT) and daemon_mounts[data_volume]["readOnly"]
+    assert str(config.monitor.logs.inference).startswith(f"{DATA_MOUNT}/")
+    if which == "overlay":  # its two-GPU torchrun job trains on images, not the features fallback
+        assert config.retrain.input_root is not None and str(config.retrain.input_root).startswith(f"{DATA_MOUNT}/")
+        assert config.retrain.nproc_per_node == 2 and pod["containers"][0]["command"][0] == "torchrun"
+    pvc = objects[("PersistentVolumeClaim", "driftd-state")]
+    assert pvc["spec"]["accessModes"] == ["ReadWriteOnce"]
+    assert deployment["nodeSelector"].items() <= pod["nodeSelector"].items()
+    # and the daemon tolerates the GPU nodes' taints the Job tolerates, to run beside it
+    assert all(t in deployment["tolerations"] for t in pod["tolerations"])
+
+
+def test_the_example_overlay_is_selected_by_kube_prometheus_stack(builder, overlay_dir) -> None:
+    objects = _by_kind(builder.build(overlay_dir))
+    for kind in ("ServiceMonitor", "PrometheusRule"):
+        assert objects[(kind, "driftd")]["metadata"]["labels"]["release"] == "kube-prometheus-stack"

@@ -1,7 +1,8 @@
 """The ``driftd`` command line: one module per command group, errors mapped to exit codes here.
 
-Exit codes: 0 ok, 2 usage or configuration error, 1 runtime failure. Every error is one
-line on stderr that says what to do.
+Exit codes: 0 ok, 2 usage or configuration error, 1 runtime failure, 141 (128 + SIGPIPE, as a
+tool killed by the signal reports) when the reader of stdout went away, e.g. ``| head -2``: a
+quiet exit, nothing on stderr. Every error is one line on stderr that says what to do.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -59,7 +61,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()  # a closed pipe shows here, in the catch point, not at interpreter exit
+        return code
+    except BrokenPipeError:
+        return _reader_went_away()
     except DriftdError as exc:
         print(f"driftd: error: {exc}", file=sys.stderr)
         return exc.exit_code
@@ -74,6 +80,24 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
+
+
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE
+
+
+def _reader_went_away() -> int:
+    """stdout's reader closed the pipe (``driftd ... | head``): nothing more to say, say nothing.
+
+    stdout is pointed at /dev/null so the interpreter's final flush of what is still buffered
+    does not print "Exception ignored ... BrokenPipeError" on the way out.
+    """
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # stdout without a descriptor (captured): nothing to redirect
+        pass
+    return EXIT_BROKEN_PIPE
 
 
 if __name__ == "__main__":

@@ -39,6 +39,8 @@ def _when(ts: Any) -> str:
 
 def format_status(s: dict[str, Any]) -> str:
     lines = [f"model {s['model']}  current version {_fmt(s['current_version'])}  ready {s['ready']}"]
+    health = s["health"]
+    lines.append(f"health: {'' if health['healthy'] else 'FAILING: '}{health['reason']}")
     cycle = s.get("last_cycle")
     if cycle:
         lines.append(f"last cycle {_when(cycle['finished_at'])}: {cycle['rows']} rows, {cycle['windows']} windows, "

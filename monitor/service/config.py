@@ -1,4 +1,5 @@
-"""The daemon's own config sections: ``http`` (where to listen, the control token) and ``scheduler``.
+"""The daemon's own config sections: ``http`` (where to listen, the control token, the server's
+bounds) and ``scheduler`` (cycle interval, shutdown grace, when a stall makes driftd unhealthy).
 
 The token itself never lives in the config file: ``http.token_file`` names a file holding it and
 ``http.token_env`` an environment variable; :func:`load_token` reads it when the daemon starts.
@@ -23,6 +24,14 @@ class HttpConfig:
     port: int = 9464
     token_file: Path | None = None  # file whose stripped content is the bearer token
     token_env: str | None = None    # or the name of an environment variable holding it
+    # The server's bounds (monitor.service.api): a fixed pool runs requests; connections are read
+    # by one event loop, so idle or slow sockets cost a file descriptor, never a thread.
+    threads: int = 16                     # worker threads answering requests
+    backlog: int = 1024                   # listen() queue for connection bursts (capped by net.core.somaxconn)
+    max_connections: int = 1000           # open connections beyond this wait in the backlog
+    header_timeout_seconds: float = 10.0  # a request's line and headers must arrive within this
+    body_timeout_seconds: float = 30.0    # and its body within this after the headers
+    idle_timeout_seconds: float = 75.0    # keep-alive connections idle longer than this are closed
 
     @property
     def url(self) -> str:
@@ -36,11 +45,17 @@ class HttpConfig:
         return self.token_file is not None or self.token_env is not None
 
 
+UNHEALTHY_AFTER_INTERVALS = 5  # default scheduler.unhealthy_after_seconds, in cycle intervals
+
+
 @dataclass(frozen=True)
 class SchedulerConfig:
     interval_seconds: float = 30.0          # between ingest/evaluate cycles
     shutdown_grace_seconds: float = 30.0    # SIGTERM: finish the batch and exit within this
     retrain_poll_seconds: float = 5.0       # how often a running retrain's progress is read
+    # /healthz, /readyz and the systemd watchdog fail once no cycle has made progress (succeeded
+    # or committed a checkpoint) for this long while work is pending; default 5 x interval_seconds.
+    unhealthy_after_seconds: float = 150.0
 
 
 @dataclass(frozen=True)
@@ -73,6 +88,12 @@ def parse_service(root: Section, base: Path) -> ServiceConfig:
         port=h.int("port", d.port, minimum=0, maximum=65535),
         token_file=None if token_file is None else Path(resolve_location(token_file, base)),
         token_env=h.optional_str("token_env"),
+        threads=h.int("threads", d.threads, minimum=1, maximum=256),
+        backlog=h.int("backlog", d.backlog, minimum=1, maximum=65535),
+        max_connections=h.int("max_connections", d.max_connections, minimum=1, maximum=100_000),
+        header_timeout_seconds=h.float("header_timeout_seconds", d.header_timeout_seconds, minimum=1.0),
+        body_timeout_seconds=h.float("body_timeout_seconds", d.body_timeout_seconds, minimum=1.0),
+        idle_timeout_seconds=h.float("idle_timeout_seconds", d.idle_timeout_seconds, minimum=1.0),
     )
     h.finish()
     if not is_loopback(http.host) and not http.has_token:
@@ -84,10 +105,18 @@ def parse_service(root: Section, base: Path) -> ServiceConfig:
 
     s = root.section("scheduler")
     sd = SchedulerConfig()
+    interval = s.float("interval_seconds", sd.interval_seconds, minimum=0.05)
+    unhealthy_after = s.float("unhealthy_after_seconds", None, minimum=0.1)
+    if unhealthy_after is None:
+        unhealthy_after = UNHEALTHY_AFTER_INTERVALS * interval
+    elif unhealthy_after <= interval:
+        s.error("unhealthy_after_seconds", f"must be more than interval_seconds ({interval:g}), or the wait "
+                f"between two cycles would count as a stall; the default is {UNHEALTHY_AFTER_INTERVALS} x interval_seconds")
     scheduler = SchedulerConfig(
-        interval_seconds=s.float("interval_seconds", sd.interval_seconds, minimum=0.05),
+        interval_seconds=interval,
         shutdown_grace_seconds=s.float("shutdown_grace_seconds", sd.shutdown_grace_seconds, minimum=0.1),
         retrain_poll_seconds=s.float("retrain_poll_seconds", sd.retrain_poll_seconds, minimum=0.05),
+        unhealthy_after_seconds=unhealthy_after,
     )
     s.finish()
     return ServiceConfig(http=http, scheduler=scheduler)

@@ -7,8 +7,12 @@ also refreshes the snapshot that ``/metrics`` and ``/api/v1/status`` render, so 
 waits on a cycle.
 
 Signals: SIGTERM/SIGINT finish the current batch, checkpoint and exit 0 within
-``scheduler.shutdown_grace_seconds``; SIGHUP re-reads the config (kept when invalid) and
-reloads references before the next cycle.
+``scheduler.shutdown_grace_seconds`` (saying what could not be checkpointed, e.g. on a full
+disk); SIGHUP re-reads the config (kept when invalid) and reloads references before the next cycle.
+
+Start order: config and token, then the state directory's lock, then the HTTP port, so a second
+daemon on the same state refuses before it listens. Health (``monitor.service.health``) is
+progress: /healthz, /readyz and the watchdog fail once cycles stop getting work done.
 """
 
 from __future__ import annotations
@@ -34,9 +38,11 @@ from prometheus_client import CollectorRegistry
 
 from monitor.config import Config, load_config
 from monitor.errors import ConfigError, DriftdError, ReferenceMissingError
+from monitor.ingest.store import claim_state_dir, classify_fault
 from monitor.policy import Decision, Policy, ReferenceFacts, RetrainPlan, RetrainPreconditions
 from monitor.service.api import ApiServer
-from monitor.service.config import load_token
+from monitor.service.config import HttpConfig, load_token
+from monitor.service.health import Health
 from monitor.service.metrics import Metrics, MetricsSnapshot, RetrainProgress
 from monitor.service.notify import Notifier
 from monitor.service.retrain_queue import (
@@ -129,9 +135,14 @@ def breach_of(request: Mapping[str, Any]):
         return None
 
 
+# http keys SIGHUP applies; every other http key (address, server bounds) needs a restart
+_RELOADABLE_HTTP = ("token_file", "token_env")
+
+
 def restart_keys(old: Config, new: Config) -> list[str]:
     """Keys that differ between two configs but only take effect after a restart."""
-    keys = [f"http.{k}" for k in ("host", "port") if getattr(old.service.http, k) != getattr(new.service.http, k)]
+    keys = [f"http.{f.name}" for f in dataclasses.fields(HttpConfig)
+            if f.name not in _RELOADABLE_HTTP and getattr(old.service.http, f.name) != getattr(new.service.http, f.name)]
     for f in dataclasses.fields(old.monitor):
         if getattr(old.monitor, f.name) != getattr(new.monitor, f.name):
             keys.append(f.name)
@@ -165,7 +176,6 @@ class Daemon:
         self._hup = threading.Event()
         self._reload_refs = threading.Event()
         self._ready = False
-        self._cycle_started: float | None = None  # wall time the running cycle began (None: idle)
         self._job_errors: Counter[str] = Counter()
         self._last_cycle: dict[str, Any] | None = None
         self._refs: dict[str, dict[str, Any]] = {}
@@ -180,8 +190,15 @@ class Daemon:
         self.engine: Any = None
         self.scheduler: DaemonScheduler | None = None
         self.queue: RetrainQueue | None = None
-        http = config.service.http
-        self.api = ApiServer(http.host, http.port, backend=self, registry=self.registry, token=lambda: self._token)
+        self.health = Health(config.service.scheduler.unhealthy_after_seconds, clock=clock)
+        # The state directory's lock before the port: a second daemon on this state must refuse
+        # without ever listening (the engine's StateStore adopts this claim when it opens).
+        self._claim = claim_state_dir(config.monitor.state_dir)
+        try:
+            self.api = ApiServer(config.service.http, backend=self, registry=self.registry, token=lambda: self._token)
+        except BaseException:
+            self._claim.release()
+            raise
 
     # -- lifecycle -----------------------------------------------------------------------------
     def start(self) -> None:
@@ -195,6 +212,8 @@ class Daemon:
             log.warning("no control token configured: POST /api/v1/retrain is open to local users of this host")
         self.notifier.status("loading references")
         self.engine = Engine(cfg.monitor, clock=self.clock)
+        self.engine.store.add_commit_listener(self.health.progress)  # a committed checkpoint is progress
+        self.health.restart_clock()
         self._current_version = self._read_current_version()
         self._refresh_snapshot(None)
         state_dir = cfg.monitor.state_dir
@@ -227,7 +246,11 @@ class Daemon:
         """Start, then wait for signals; returns the exit code (0 on a clean stop)."""
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
         try:
-            self.start()
+            try:
+                self.start()
+            except BaseException:
+                self._abandon_start()
+                raise
             while not self._stop.wait(0.2):
                 if self._hup.is_set():
                     self._hup.clear()
@@ -237,6 +260,15 @@ class Daemon:
             for s, handler in previous.items():
                 signal.signal(s, handler)
 
+    def _abandon_start(self) -> None:
+        """Start-up failed: free the port and the state directory for the next attempt."""
+        if self.scheduler is not None and self.scheduler.running:
+            self.scheduler.shutdown(wait=False)
+        if self.engine is not None:
+            self.engine.close()
+        self.api.close()
+        self._claim.release()
+
     def _on_signal(self, signum: int, _frame: Any) -> None:
         if signum == signal.SIGHUP:
             self._hup.set()
@@ -245,7 +277,11 @@ class Daemon:
             self._stop.set()
 
     def shutdown(self) -> int:
-        """Stop within the grace period: current batch checkpointed, retrain subprocess terminated."""
+        """Stop within the grace period: current batch checkpointed, retrain subprocess terminated.
+
+        Exit 0 even when a part could not be checkpointed (a full disk): what was committed
+        before stays, the rows after it are read again at the next start, and the log says so.
+        """
         with self._lock:
             self._stop.set()
             self.notifier.stopping()
@@ -259,11 +295,26 @@ class Daemon:
             if stopper.is_alive():
                 log.error("shutdown grace (%ss) exceeded: a job did not stop in time; state after the last checkpoint is kept", grace)
                 code = 1
+        not_saved: list[str] = []
         with self._lock:
-            self._save_policy_state()
+            try:
+                self._save_policy_state()
+            except OSError as exc:
+                not_saved.append(f"the policy state ({self._policy_path()}: {exc.strerror or exc})")
+        failure = self.health.failure
+        if failure is not None:
+            not_saved.append(f"the rows read since the last checkpoint ({failure.count} cycle(s) failed since "
+                             f"{_iso(failure.since)}: {failure.fault.message})")
         if self.engine is not None and code == 0:
-            self.engine.close()
+            try:
+                self.engine.close()
+            except Exception as exc:  # closing only rolls back; a fault here loses nothing committed
+                not_saved.append(f"the checkpoint's clean close ({type(exc).__name__}: {exc})")
         self.api.close()
+        self._claim.release()
+        if not_saved:
+            log.error("stopping without checkpointing %s; everything committed before is kept and the rows after it "
+                      "are read again, exactly once, at the next start", "; ".join(not_saved))
         log.info("driftd stopped")
         return code
 
@@ -296,27 +347,40 @@ class Daemon:
         return True
 
     def _watchdog(self) -> None:
-        """WATCHDOG=1 only while the cycle is idle or making progress: a cycle stuck (no chunk
-        finished) for a whole watchdog period is withheld, so systemd restarts driftd."""
-        started, engine = self._cycle_started, self.engine
-        timeout = (self.notifier.watchdog_usec or 0) / 1e6
-        if started is not None and engine is not None:
-            stalled = self.clock() - max(started, engine.last_progress)
-            if stalled >= timeout:
-                log.error("ingest/evaluate cycle made no progress for %.0fs: withholding WATCHDOG=1", stalled)
-                return
-        self.notifier.watchdog()
+        """WATCHDOG=1 only while healthy (the /healthz rule: cycles make progress), so systemd
+        restarts a driftd whose cycles stopped getting work done; the log says why once."""
+        ok, _ = self.healthy()
+        if ok:
+            self.notifier.watchdog()
 
     # -- the cycle job -----------------------------------------------------------------------------
     def _cycle_job(self) -> None:
         try:  # the one catch point of the cycle job
-            self._cycle_started = self.clock()
+            self.health.cycle_started()
             self._cycle()
-        except Exception:
-            log.exception("ingest/evaluate cycle failed; retrying in %ss", self.config.service.scheduler.interval_seconds)
+        except Exception as exc:
             self.count_error("cycle")
-        finally:
-            self._cycle_started = None
+            self._cycle_failed(exc)
+        else:
+            last = self._last_cycle
+            backlog = last is None or bool(last["stopped_early"]) or last["lag_seconds"] > 0
+            ended = self.health.cycle_succeeded(backlog=backlog)
+            if ended is not None:
+                log.info("ingest/evaluate cycle succeeded again after %d failed cycle(s) since %s (%s)",
+                         ended.count, _iso(ended.since), ended.fault.kind)
+
+    def _cycle_failed(self, exc: Exception) -> None:
+        """Log a failure once per state (a full disk fails every cycle until space returns)."""
+        interval = self.config.service.scheduler.interval_seconds
+        fault = classify_fault(exc, self.config.monitor.state_dir)
+        state, new = self.health.cycle_failed(fault)
+        if not new:
+            log.debug("ingest/evaluate cycle failed again (%d since %s): %s", state.count, _iso(state.since), fault.message)
+        elif fault.is_state_fault:
+            log.error("ingest/evaluate cycle failed: %s; retrying every %ss (logged again when this changes)",
+                      fault.message, interval)
+        else:
+            log.exception("ingest/evaluate cycle failed; retrying in %ss", interval)
 
     def _cycle(self) -> None:
         engine = self.engine
@@ -574,15 +638,37 @@ class Daemon:
             current_version=self._current_version,
         )
 
-    def healthy(self) -> bool:
-        return self.scheduler is not None and self.scheduler.running and not self._stop.is_set()
+    def healthy(self) -> tuple[bool, str]:
+        """``/healthz``: progress (see monitor.service.health); logs the turn to unhealthy once."""
+        if self._stop.is_set():
+            return False, "stopping"
+        if self.scheduler is None or not self.scheduler.running:
+            return False, "loading references" if self.engine is None else "scheduler not running"
+        verdict, turned = self.health.check()
+        if turned:
+            log.error("unhealthy (/healthz 503, no WATCHDOG=1): %s", verdict.reason)
+        return verdict.healthy, verdict.reason
 
     def ready(self) -> tuple[bool, str]:
-        if self._ready:
-            return True, "ready"
         if self.engine is None:
             return False, "loading references"
-        return False, "first scan not finished"
+        ok, why = self.healthy()
+        if not self._ready:
+            return False, "first scan not finished" + ("" if ok else f"; {why}")
+        return (True, f"ready ({why})") if ok else (False, f"not ready: {why}")
+
+    def health_view(self) -> dict[str, Any]:
+        """The ``health`` block of ``GET /api/v1/status``."""
+        ok, why = self.healthy()
+        failure = self.health.failure
+        return {
+            "healthy": ok, "reason": why,
+            "unhealthy_after_seconds": self.health.unhealthy_after,
+            "last_success": self.health.last_success,
+            "failure": None if failure is None else {
+                "kind": failure.fault.kind, "message": failure.fault.message, "since": failure.since,
+                "failed_cycles": failure.count},
+        }
 
     def status(self) -> dict[str, Any]:
         """The JSON of ``GET /api/v1/status``: one view derived from the typed objects."""
@@ -615,6 +701,7 @@ class Daemon:
             "current_version": self._current_version,
             "build_version": snap.build_version,
             "ready": self._ready,
+            "health": self.health_view(),
             "started_at": self.started_at,
             "event_time": snap.watermark,
             "last_cycle": last_cycle,
@@ -649,6 +736,10 @@ class Daemon:
     def retrain_info(self, job_id: str) -> dict[str, Any] | None:
         info = None if self.queue is None else self.queue.get(job_id)
         return None if info is None else to_jsonable(info)
+
+
+def _iso(ts: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
 
 
 def _num(v: Any) -> float:
