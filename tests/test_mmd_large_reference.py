@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from monitor.signals.mmd import (
+    DENSE_KERNEL_ROWS,
     MmdReference,
     PermutationPlan,
     gaussian_kernel,
@@ -24,6 +25,7 @@ from monitor.signals.mmd import (
     mmd_test,
     permuted_mmd2,
 )
+from monitor.signals.online_mmd import OnlineMmd
 from mmd_helpers import gaussian_rows, naive_kernel, naive_mmd2, naive_permuted_mmd2, one_thread
 
 REPO = Path(__file__).resolve().parents[1]
@@ -118,3 +120,30 @@ def test_a_100k_row_reference_builds_and_tests_in_memory_linear_in_its_rows() ->
     assert out["null"][1] > 0.02
     # torch and numpy alone take ~400 MB; x, its centred copy and one window's chunks ~50 MB more.
     assert out["peak_mb"] < 1500, out
+
+
+def test_online_calibration_of_a_reference_too_large_to_keep_its_kernel() -> None:
+    """Above DENSE_KERNEL_ROWS the online detector calibrates from column sums in blocks and
+    bootstrap blocks computed from the rows; its sub-reference sums and first statistics equal
+    direct float64 computations."""
+    rows, window = DENSE_KERNEL_ROWS + 904, 8
+    x = gaussian_rows(np.random.default_rng(2), rows, 3)
+    sigma = median_bandwidth(x)
+    with one_thread():
+        det = OnlineMmd.calibrate(x, sigma=sigma, window_rows=window, ert_rows=30.0, bootstraps=400, seed=1)
+    state = det.state_dict()
+    sub = torch.from_numpy(state["sub_reference"]).double()
+    init = torch.from_numpy(state["init_window"]).double()
+    s = len(sub)
+    assert s == rows - (2 * window - 1)
+    assert state["sub_mean"] == pytest.approx((float(kernel_row_sums(sub, sigma).sum()) - s) / (s * (s - 1)), rel=1e-6)
+    np.testing.assert_allclose(state["init_colsums"], gaussian_kernel(sub, init, sigma).sum(0).numpy(), rtol=1e-6)
+    y = gaussian_rows(np.random.default_rng(3), 5, 3)
+    got = det.update(y).statistics
+    stream = torch.cat([init, torch.from_numpy(y).double()])
+    for i in range(len(y)):
+        w = stream[i + 1:i + 1 + window]
+        within = float(gaussian_kernel(w, w, sigma, same=True).sum()) - window
+        cross = float(gaussian_kernel(sub, w, sigma).sum())
+        want = state["sub_mean"] + within / (window * (window - 1)) - 2.0 * cross / (s * window)
+        assert got[i] == pytest.approx(want, rel=1e-5, abs=1e-8)
