@@ -68,7 +68,7 @@ class Rule:
 
 DEFAULT_RULES: tuple[Rule, ...] = (
     Rule("online_mmd_alarm", "online_mmd_alarm", "above", threshold=0.5, action="alert"),
-    Rule("mmd_p_value", "mmd_p_value", "below", threshold=0.01, consecutive=3, action="alert"),
+    Rule("mmd_p_value", "mmd_p_value", "below", threshold=0.05, consecutive=3, action="alert"),
     Rule("accuracy_drop", "accuracy", "below", drop_from_reference=0.05, min_rows=200, consecutive=2, action="retrain"),
     Rule("estimated_accuracy_drop", "estimated_accuracy", "below", drop_from_reference=0.05, consecutive=3, action="retrain"),
 )
