@@ -58,6 +58,9 @@ class ActivationConfig:
 @dataclass(frozen=True)
 class MmdConfig:
     enabled: bool = True
+    # The default rule (p < 0.05 for 3 windows) needs p-values down to 5/101; 200 permutations
+    # detected no more in the bench (bench/README.md (f)). A threshold <= 1/(1 + permutations)
+    # can never fire.
     permutations: int = 100
     # Windows each draw of the permutations serves (their reference-only sums are the costly
     # part; 8 draws serve consecutive windows in turn). A p-value stays exact because the draw
