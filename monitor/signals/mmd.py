@@ -22,8 +22,8 @@ Large references: K_rr is kept whole only up to ``dense_kernel_rows`` reference 
 the reference keeps its rows and K_rr's float64 row sums, summed over row blocks of the upper
 triangle (time O(m^2 d), memory O(block + m d), never the m x m matrix); a plan then computes
 each permutation's S x S kernel from the rows (|S| <= window rows), and a window's pooled block
-is summed in row chunks. Memory is linear in n_ref: a 100k-row reference builds in a few
-hundred MB where the dense K_rr alone would take 40 GB.
+is summed in row chunks. Memory is linear in n_ref: a 100k-row reference builds in ~800 MB
+of process memory, torch included, where the dense K_rr alone would take 40 GB.
 """
 
 from __future__ import annotations
