@@ -71,8 +71,11 @@ def main(argv: list[str]) -> int:
         return 2
     with np.load(argv[2], allow_pickle=False) as npz:
         data = dict(npz)
-    torch.set_num_threads(int(data["threads"]))
+    if int(data["threads"]) > 0:  # 0: torch's default (all cores), as a user runs alibi-detect
+        torch.set_num_threads(int(data["threads"]))
+    result_threads = torch.get_num_threads()
     result = _mmd(data) if argv[1] == "mmd" else _online(data)
+    result["threads"] = result_threads
     with open(argv[3], "w") as fh:
         json.dump(result, fh)
     return 0

@@ -1,11 +1,17 @@
-"""Batch MMD permutation test: driftd vs alibi-detect's MMDDrift, and power/time per projection.
+"""Batch MMD permutation test: driftd vs alibi-detect's MMDDrift and a minimal implementation.
 
-Run: .venv/bin/python bench/mmd_bench.py [--skip-alibi] [--repeats N] [--power-windows N]
+Run: .venv/bin/python bench/mmd_bench.py [--skip-alibi] [--repeats N] [--large]
 
-(a) n_ref=2000, window=500, d=512, 100 permutations: MMD^2 agreement with alibi (and a float64
-naive value), decisions on a null and a shifted window, our time vs alibi's and vs the bare
-window x reference kernel block. (b) power and time per window for the defaults: raw d=512 vs
-PCA-32 vs random-32, n_ref 1000 vs 2000, window 250 vs 500. Times are medians of repeats;
+(a) The fair comparison, at n_ref 2000 x window n in {500, 2000} x d in {512, 2048}, 100
+permutations, raw features: alibi-detect's MMDDrift at its default settings and threads (all
+cores) against driftd paying what alibi pays per call: a fresh permutation draw (with its
+reference-only sums) and the test. Beside it, in the same run and on driftd's thread count:
+a minimal implementation that caches K_rr (``MinimalMmd``), and the amortised daemon figure
+(the test plus 1/redraw_permutations_every of a draw), labelled as such. Also MMD^2 and
+p-value agreement with alibi and with a float64 naive value.
+(b) --large: reference build time and peak memory for 10k and 100k rows (blocked K_rr sums).
+
+Times are medians of interleaved repeats, ours timed before and after alibi's subprocess;
 ratios compare figures measured in this run. alibi-detect runs in bench/.venv-alibi (created
 here on first use) through bench/alibi_reference.py.
 """
@@ -32,14 +38,13 @@ from monitor.config import MmdConfig  # noqa: E402
 from monitor.signals.mmd import (  # noqa: E402
     MmdReference,
     PermutationPlan,
-    PermutationSchedule,
     gaussian_kernel,
     median_bandwidth,
     mmd_test,
 )
-from monitor.signals.projection import fit_projection  # noqa: E402
 
 ALIBI_VENV = REPO / "bench" / ".venv-alibi"
+N_REF, PERMUTATIONS = 2000, 100
 ALIBI_PACKAGES = ["torch==2.14.1", "alibi-detect[torch]==0.13.0"]
 
 
@@ -120,133 +125,133 @@ def naive_mmd2_f64(x: np.ndarray, y: np.ndarray, sigma: float) -> float:
     return float((kxx.sum() - m) / (m * (m - 1)) + (kyy.sum() - n) / (n * (n - 1)) - 2 * kxy.mean())
 
 
-def versus_alibi(args: argparse.Namespace) -> None:
-    print("== (a) permutation test vs alibi-detect MMDDrift: n_ref=2000, window=500, d=512, B=100 ==")
-    model = feature_model(512, seed=0)
-    rng = np.random.default_rng(1)
-    x_ref = draw(model, rng, 2000)
-    windows = {"null": draw(model, rng, 500), "shifted": draw(model, rng, 500, shift=0.2)}
-    sigma = median_bandwidth(x_ref)
-    ref = MmdReference.build(x_ref, sigma)
+class MinimalMmd:
+    """The baseline a careful user would write in an afternoon: K_rr computed once; per call
+    K_rw and K_ww, the pooled kernel assembled, B fresh permutations as 0/1 window indicators W
+    and every statistic from one product W @ K (float32 throughout)."""
+
+    def __init__(self, x_ref: np.ndarray, sigma: float):
+        self.x = torch.from_numpy(x_ref)
+        self.sigma = sigma
+        self.k_rr = gaussian_kernel(self.x, self.x, sigma, same=True)
+
+    def test(self, y: np.ndarray, permutations: int, rng: np.random.Generator) -> tuple[float, float]:
+        yt = torch.from_numpy(y)
+        m, n = len(self.x), len(yt)
+        k_rw = gaussian_kernel(self.x, yt, self.sigma)
+        k = torch.cat([torch.cat([self.k_rr, k_rw], 1), torch.cat([k_rw.T, gaussian_kernel(yt, yt, self.sigma, same=True)], 1)])
+        w = torch.zeros((1 + permutations, m + n))
+        w[0, m:] = 1.0
+        sets = rng.random((permutations, m + n)).argpartition(m, axis=1)[:, m:]
+        w[1:].scatter_(1, torch.from_numpy(sets), 1.0)
+        row_sums = k.sum(1)
+        ww = ((w @ k) * w).sum(1)
+        a = w @ row_sums
+        rr, rw = row_sums.sum() - 2 * a + ww, a - ww
+        stats = (rr - m) / (m * (m - 1)) + (ww - n) / (n * (n - 1)) - 2 * rw / (m * n)
+        return float(stats[0]), (1 + int((stats[1:] >= stats[0]).sum())) / (1 + permutations)
+
+
+def fair(args: argparse.Namespace) -> None:
     redraw = MmdConfig().redraw_permutations_every
-    schedule = PermutationSchedule(ref, permutations=100, redraw_every=redraw, seed=2)
-    plan = schedule.for_window(0, 500)
-    ours = {name: mmd_test(ref, y, plan=plan) for name, y in windows.items()}
-
-    def measure() -> dict[str, dict[str, float]]:
-        out = {}
-        for name, y in windows.items():
-            yt = torch.from_numpy(y) - ref.center
-            out[name] = interleaved_medians(
-                {
-                    # the bare block: the reference's squared norms precomputed, as ours has them
-                    "kernel": lambda yt=yt: gaussian_kernel(ref.x, yt, sigma, sq_a=ref.x_sq),
-                    "test": lambda y=y: mmd_test(ref, y, plan=plan),
-                },
-                args.repeats,
-            )
-        out["plan"] = {"draw": median_seconds(lambda: PermutationPlan.draw(ref, 500, 100, np.random.default_rng(4)), 3)}
-        return out
-
-    timings = measure()
-    build_s = median_seconds(lambda: MmdReference.build(x_ref, sigma), 3)
-    print(f"reference build (K_rr once): {build_s * 1e3:.1f} ms")
-    alibi = None
-    if not args.skip_alibi:
-        alibi = run_alibi(
-            "mmd",
-            {
-                "x_ref": x_ref, "sigma": np.array(sigma), "permutations": np.array(100), "threads": np.array(args.threads),
-                "repeats": np.array(max(1, args.repeats // 2)), "window_names": np.array(list(windows)),
-                **{f"window_{k}": v for k, v in windows.items()},
-            },
-        )
-        # Measure ours again after alibi's run, so both sides see the same (shared) machine load.
-        again = measure()
-        timings = {k: {f: (v + again[k][f]) / 2 for f, v in d.items()} for k, d in timings.items()}
-    draw_s = timings["plan"]["draw"]
-    # A window's cost in the daemon: the test plus its share of the plan draw (one per `redraw` windows).
-    ours_s = {name: timings[name]["test"] + draw_s / redraw for name in windows}
-    kernel_s = {name: timings[name]["kernel"] for name in windows}
     print(
-        f"permutation plan draw (B=100, incl. the S x S sums over K_rr): {draw_s * 1e3:.1f} ms, "
-        f"once per {redraw} windows (signals.mmd.redraw_permutations_every) -> "
-        f"{draw_s / redraw * 1e3:.1f} ms a window; a fresh draw every window would cost "
-        + ", ".join(f"{(timings[n]['test'] + draw_s) / kernel_s[n]:.2f}x K_rw ({n})" for n in windows)
+        f"== (a) fair comparison: n_ref {N_REF}, B {PERMUTATIONS}, raw features; alibi MMDDrift at its default "
+        f"threads, driftd and the minimal on {torch.get_num_threads()} (driftd's default signals.threads) =="
     )
-    header = (
-        f"{'window':8} {'ours mmd2':>12} {'naive f64':>12} {'alibi mmd2':>12} {'rel(alibi)':>10} "
-        f"{'p ours':>7} {'p alibi':>7} {'drift o/a':>9} {'ours ms':>8} {'alibi ms':>9} {'speedup':>8} {'ours/K_rw':>9}"
+    rows = []
+    for dims in (512, 2048):
+        model = feature_model(dims, seed=0)
+        for n in (500, 2000):
+            rng = np.random.default_rng(1)
+            x_ref, y = draw(model, rng, N_REF), draw(model, rng, n, shift=0.05)
+            sigma = median_bandwidth(x_ref)
+            ref, minimal = MmdReference.build(x_ref, sigma), MinimalMmd(x_ref, sigma)
+            plan = PermutationPlan.draw(ref, n, PERMUTATIONS, np.random.default_rng(3))
+            rngs = {"fresh": np.random.default_rng(4), "minimal": np.random.default_rng(5)}
+            fns = {
+                # what alibi pays per call: the draw (with its reference-only sums) and the test
+                "fresh": lambda: mmd_test(ref, y, plan=PermutationPlan.draw(ref, n, PERMUTATIONS, rngs["fresh"])),
+                "test": lambda: mmd_test(ref, y, plan=plan),
+                "draw": lambda: PermutationPlan.draw(ref, n, PERMUTATIONS, rngs["fresh"]),
+                "minimal": lambda: minimal.test(y, PERMUTATIONS, rngs["minimal"]),
+            }
+            times = interleaved_medians(fns, args.repeats)
+            alibi = None
+            if not args.skip_alibi:
+                alibi = run_alibi(
+                    "mmd",
+                    {
+                        "x_ref": x_ref, "sigma": np.array(sigma), "permutations": np.array(PERMUTATIONS),
+                        "threads": np.array(0), "repeats": np.array(args.alibi_repeats),
+                        "window_names": np.array(["shifted"]), "window_shifted": y,
+                    },
+                )
+                again = interleaved_medians(fns, args.repeats)
+                times = {k: statistics.median([v, again[k]]) for k, v in times.items()}
+            ours = mmd_test(ref, y, plan=plan)
+            rows.append((dims, n, times, alibi, ours, minimal.test(y, PERMUTATIONS, np.random.default_rng(6)),
+                         naive_mmd2_f64(x_ref, y, sigma) if dims * (N_REF + n) <= 2048 * 4000 else None))
+            print(f"  d {dims}, n {n} measured", flush=True)
+    print(
+        f"{'d':>5} {'n':>5} {'alibi s':>8} {'driftd s':>9} {'alibi/driftd':>12} {'minimal s':>9} {'driftd/minimal':>14} "
+        f"{'amortised s':>11} {'alibi/amort':>11} {'rel mmd2':>9} {'p driftd':>8} {'p alibi':>7}"
     )
-    print(header)
-    for name, y in windows.items():
-        r = ours[name]
-        naive = naive_mmd2_f64(x_ref, y, sigma)
-        a = alibi[name] if alibi else None
-        drift = f"{int(r.p_value < 0.05)}/{a['is_drift'] if a else '-'}"
+    for dims, n, t, alibi, ours, mini, naive in rows:
+        amortised = t["test"] + t["draw"] / redraw
+        a_s = alibi["shifted"]["seconds"] if alibi else float("nan")
+        rel_mmd2 = rel(alibi["shifted"]["mmd2"], ours.mmd2) if alibi else float("nan")
         print(
-            f"{name:8} {r.mmd2:12.6e} {naive:12.6e} "
-            + (f"{a['mmd2']:12.6e} {rel(r.mmd2, a['mmd2']):10.1e} " if a else f"{'-':>12} {'-':>10} ")
-            + f"{r.p_value:7.3f} " + (f"{a['p_value']:7.3f} " if a else f"{'-':>7} ")
-            + f"{drift:>9} {ours_s[name] * 1e3:8.1f} "
-            + (f"{a['seconds'] * 1e3:9.1f} {a['seconds'] / ours_s[name]:7.1f}x " if a else f"{'-':>9} {'-':>8} ")
-            + f"{ours_s[name] / kernel_s[name]:8.2f}x"
+            f"{dims:5d} {n:5d} {a_s:8.2f} {t['fresh']:9.4f} {a_s / t['fresh']:11.1f}x {t['minimal']:9.4f} "
+            f"{t['fresh'] / t['minimal']:13.2f}x {amortised:11.4f} {a_s / amortised:10.1f}x {rel_mmd2:9.1e} "
+            f"{ours.p_value:8.3f} " + (f"{alibi['shifted']['p_value']:7.3f}" if alibi else f"{'-':>7}")
         )
-    for name, y in windows.items():
-        naive = naive_mmd2_f64(x_ref, y, sigma)
-        line = f"{name}: |ours - naive f64| / |naive| = {rel(ours[name].mmd2, naive):.1e}"
-        if alibi:
-            # alibi sums a float32 pooled kernel in float32: its own error shows against float64.
-            line += f", |alibi - naive f64| / |naive| = {rel(alibi[name]['mmd2'], naive):.1e}"
-        print(line)
+    print(f"(amortised: the daemon's cost per window, the test plus 1/{redraw} of a draw "
+          f"(signals.mmd.redraw_permutations_every); not what one alibi call is compared with)")
+    if alibi:
+        print(f"alibi threads: {rows[0][3]['threads']}")
+    for dims, n, t, alibi, ours, mini, naive in rows:
+        if naive is not None:
+            line = f"d {dims}, n {n}: |driftd - naive f64| / |naive| = {rel(ours.mmd2, naive):.1e}, minimal {rel(mini[0], naive):.1e}"
+            if alibi:
+                line += f", alibi {rel(alibi['shifted']['mmd2'], naive):.1e}"
+            print(line)
 
 
-def power_table(args: argparse.Namespace) -> None:
-    print(f"\n== (b) power over {args.power_windows} windows (shift 0.05) and null rejection rate, B=100, alpha=0.05 ==")
-    print(f"{'projection':12} {'n_ref':>6} {'window':>7} {'power':>6} {'null rej':>8} {'ms/window':>10} {'build ms':>9}")
-    model = feature_model(512, seed=0)
-    for proj_kind, dims in (("none", 512), ("pca", 32), ("random", 32)):
-        for n_ref in (1000, 2000):
-            for window in (250, 500):
-                rng = np.random.default_rng(7)
-                x_raw = draw(model, rng, n_ref)
-                start = time.perf_counter()
-                proj = fit_projection(x_raw, proj_kind, dims, seed=0)
-                x = proj.apply(x_raw)
-                ref = MmdReference.build(x, median_bandwidth(x))
-                build = time.perf_counter() - start
-                schedule = PermutationSchedule(
-                    ref, permutations=100, redraw_every=MmdConfig().redraw_permutations_every, seed=3
-                )
-                hits, false, times = 0, 0, []
-                for i in range(args.power_windows):
-                    shifted, null = draw(model, rng, window, shift=0.05), draw(model, rng, window)
-                    start = time.perf_counter()
-                    plan = schedule.for_window(2 * i, window)  # incl. its plan draws, amortised
-                    hits += mmd_test(ref, proj.apply(shifted), plan=plan).p_value < 0.05
-                    times.append(time.perf_counter() - start)
-                    plan = schedule.for_window(2 * i + 1, window)
-                    false += mmd_test(ref, proj.apply(null), plan=plan).p_value < 0.05
-                label = "raw-512" if proj_kind == "none" else f"{proj_kind}-{dims}"
-                print(
-                    f"{label:12} {n_ref:6d} {window:7d} {hits / args.power_windows:6.2f} "
-                    f"{false / args.power_windows:8.2f} {statistics.fmean(times) * 1e3:10.1f} {build * 1e3:9.1f}"
-                )
+def large(args: argparse.Namespace) -> None:
+    print("\n== (b) large references: build (blocked K_rr row sums above 4096 rows) and one test, window 500, B 100 ==")
+    print(f"{'rows':>7} {'d':>5} {'build s':>8} {'draw s':>7} {'test s':>7} {'peak RSS MB':>11}")
+    for rows, dims in ((10_000, 32), (100_000, 32), (10_000, 512)):
+        script = (
+            "import json, sys, time, numpy as np, torch\n"
+            f"torch.set_num_threads({torch.get_num_threads()})\n"
+            f"sys.path.insert(0, {str(REPO)!r})\n"
+            "from monitor.signals.mmd import MmdReference, PermutationPlan, median_bandwidth, mmd_test\n"
+            f"rng = np.random.default_rng(0); x = rng.standard_normal(({rows}, {dims})).astype(np.float32)\n"
+            "y = rng.standard_normal((500, x.shape[1])).astype(np.float32)\n"
+            "t0 = time.perf_counter(); ref = MmdReference.build(x, median_bandwidth(x)); t1 = time.perf_counter()\n"
+            "plan = PermutationPlan.draw(ref, 500, 100, rng); t2 = time.perf_counter()\n"
+            "mmd_test(ref, y, plan=plan); t3 = time.perf_counter()\n"
+            "peak = next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM')) / 1024\n"
+            "print(json.dumps([t1 - t0, t2 - t1, t3 - t2, peak]))\n"
+        )
+        out = json.loads(subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, text=True).stdout)
+        print(f"{rows:7d} {dims:5d} {out[0]:8.1f} {out[1]:7.2f} {out[2]:7.2f} {out[3]:11.0f}", flush=True)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--skip-alibi", action="store_true", help="only our figures (no baseline venv)")
-    parser.add_argument("--repeats", type=int, default=7, help="timing repeats (median taken)")
-    parser.add_argument("--power-windows", type=int, default=50, help="windows per power/null estimate")
-    parser.add_argument("--skip-power", action="store_true", help="only (a), the comparison with alibi")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads on both sides (see bench/README.md)")
+    parser.add_argument("--repeats", type=int, default=5, help="timing repeats of ours and the minimal (median taken)")
+    parser.add_argument("--alibi-repeats", type=int, default=2, help="alibi predict calls per size (median taken)")
+    parser.add_argument("--large", action="store_true", help="also (b): 10k and 100k-row reference builds")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of driftd and the minimal (driftd's default: 1)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, device cpu")
-    versus_alibi(args)
-    if not args.skip_power:
-        power_table(args)
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, device cpu, load {open('/proc/loadavg').read().split()[0]}")
+    fair(args)
+    if args.large:
+        large(args)
+    print(f"load at the end {open('/proc/loadavg').read().split()[0]}")
 
 
 if __name__ == "__main__":

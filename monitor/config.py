@@ -58,6 +58,9 @@ class ActivationConfig:
 @dataclass(frozen=True)
 class MmdConfig:
     enabled: bool = True
+    # The default rule (p < 0.05 for 3 windows) needs p-values down to 5/101; 200 permutations
+    # detected no more in the bench (bench/README.md (f)). A threshold <= 1/(1 + permutations)
+    # can never fire.
     permutations: int = 100
     # Windows each draw of the permutations serves (their reference-only sums are the costly
     # part; 8 draws serve consecutive windows in turn). A p-value stays exact because the draw
@@ -66,8 +69,11 @@ class MmdConfig:
     alpha: float = 0.05
     max_window_rows: int = 500      # window rows are subsampled to this for the test
     max_reference_rows: int = 1000  # reference rows used by the test (of those stored)
-    projection: str = "random"      # "random", "pca" or "none" (bench/README.md: random kept more power)
-    projection_dims: int = 32
+    # Raw features: on real backbone features no projection kept 0.9 of raw's power on every
+    # shift (best: random-256, 0.68 of it on a subtle contrast shift; PCA lost dense and sparse
+    # shifts); bench/mmd_power_bench.py, bench/README.md.
+    projection: str = "none"        # "none", "random" or "pca"
+    projection_dims: int = 256      # for random/pca: 256 kept the most power of 32-256 (random)
     seed: int = 0
 
 

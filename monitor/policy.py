@@ -26,7 +26,7 @@ Default rules (used when ``policy.rules`` is absent): drift alerts, accuracy ret
 name                        condition                                                  action
 ==========================  =========================================================  =======
 online_mmd_alarm            online_mmd_alarm above 0.5 (the detector alarmed)          alert
-mmd_p_value                 mmd_p_value below 0.01 for 3 windows                       alert
+mmd_p_value                 mmd_p_value below 0.05 for 3 windows                       alert
 accuracy_drop               accuracy credibly < reference - 0.05, >= 200 labels, 2x    retrain
 estimated_accuracy_drop     estimated_accuracy credibly < reference - 0.05, 3 windows  retrain
 ==========================  =========================================================  =======
@@ -86,7 +86,7 @@ class Rule:
 
 DEFAULT_RULES: tuple[Rule, ...] = (
     Rule("online_mmd_alarm", "online_mmd_alarm", "above", threshold=0.5, action="alert"),
-    Rule("mmd_p_value", "mmd_p_value", "below", threshold=0.01, consecutive=3, action="alert"),
+    Rule("mmd_p_value", "mmd_p_value", "below", threshold=0.05, consecutive=3, action="alert"),
     Rule("accuracy_drop", "accuracy", "below", drop_from_reference=0.05, min_rows=200, consecutive=2,
          action="retrain", confidence=0.95),
     Rule("estimated_accuracy_drop", "estimated_accuracy", "below", drop_from_reference=0.05, consecutive=3,

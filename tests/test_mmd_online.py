@@ -13,7 +13,7 @@ from monitor.signals.mmd import median_bandwidth
 from monitor.signals.online_mmd import (
     OnlineMmd, _bootstrap_thresholds, _kernel_band, _window_offdiag, extended_windows, required_bootstraps,
 )
-from monitor.signals.mmd import gaussian_kernel
+from monitor.signals.mmd import gaussian_kernel, kernel_row_sums
 from mmd_helpers import gaussian_rows, naive_mmd2, naive_online_thresholds, one_thread, prefix_sum_online, run_lengths
 
 import torch
@@ -26,11 +26,16 @@ def _detector(seed: int = 0, rows: int = 300, dims: int = 4, window: int = 8, er
     )
 
 
-def test_thresholds_match_the_plain_bootstrap_recipe() -> None:
+@pytest.mark.parametrize("kept", [True, False], ids=["kernel-kept", "blocks-from-rows"])
+def test_thresholds_match_the_plain_bootstrap_recipe(kept: bool) -> None:
+    """Small references gather bootstrap blocks from the kept kernel; large ones (above
+    DENSE_KERNEL_ROWS) compute them from the rows: both give alibi's recipe."""
     x = gaussian_rows(np.random.default_rng(1), 40, 3)
     sigma, window, ert = median_bandwidth(x), 4, 10.0
-    k = gaussian_kernel(torch.from_numpy(x), torch.from_numpy(x), sigma, same=True)
-    fast = _bootstrap_thresholds(k, window, ert, 150, np.random.default_rng(5))
+    xt = torch.from_numpy(x)
+    k = gaussian_kernel(xt, xt, sigma, same=True)
+    cols = k.sum(0, dtype=torch.float64) if kept else kernel_row_sums(xt, sigma)
+    fast = _bootstrap_thresholds(xt, sigma, cols, window, ert, 150, np.random.default_rng(5), kernel=k if kept else None)
     extended = np.concatenate(list(extended_windows(np.random.default_rng(5), 40, 150, 2 * window - 1)))
     np.testing.assert_allclose(fast, naive_online_thresholds(x, sigma, window, ert, extended), rtol=1e-5)
 

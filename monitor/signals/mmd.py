@@ -17,6 +17,13 @@ permutations; on CPU that measured faster than gathering blocks (bench/README.md
 Kernels are float32; the sums behind the observed statistic are float64. Kernel values are
 stored minus the mean c of K_rr (the unbiased MMD^2 is unchanged by a constant shift of k),
 which keeps the float32 partial sums of the permutation products small and accurate.
+
+Large references: K_rr is kept whole only up to ``dense_kernel_rows`` reference rows. Above,
+the reference keeps its rows and K_rr's float64 row sums, summed over row blocks of the upper
+triangle (time O(m^2 d), memory O(block + m d), never the m x m matrix); a plan then computes
+each permutation's S x S kernel from the rows (|S| <= window rows), and a window's pooled block
+is summed in row chunks. Memory is linear in n_ref: a 100k-row reference builds in ~800 MB
+of process memory, torch included, where the dense K_rr alone would take 40 GB.
 """
 
 from __future__ import annotations
@@ -35,6 +42,15 @@ _TIE_TOLERANCE = 1e-7
 
 # Permutations per K_rr product when a plan is drawn; bounds memory at ~chunk x (m + n) floats per product.
 _PERMUTATION_CHUNK = 128
+# Reference rows up to which K_rr is kept whole (64 MB of float32 at 4096): a plan draw's S x S
+# sums are then one product with it (B m^2), much cheaper than kernels from the rows (B |S|^2 d).
+DENSE_KERNEL_ROWS = 4096
+# Kernel entries per block of a window's pooled block, summed in row chunks when larger (16M:
+# 64 MB of float32; the benchmark sizes, up to 4000 x 2000, stay one product).
+BLOCK_ENTRIES = 1 << 24
+# Kernel entries per block of K_rr's row sums in a large reference's build (4 MB: measured
+# fastest of 2^18..2^24, cache-sized blocks).
+ROW_SUM_BLOCK_ENTRIES = 1 << 20
 
 
 def default_device() -> torch.device:
@@ -67,6 +83,40 @@ def gaussian_kernel(
     if same:
         d2.fill_diagonal_(1.0)
     return d2
+
+
+def kernel_row_sums(
+    x: torch.Tensor, sigma: float, *, sq: torch.Tensor | None = None, block_entries: int = ROW_SUM_BLOCK_ENTRIES
+) -> torch.Tensor:
+    """float64 row sums of the Gaussian kernel of ``x`` (m, d) with itself, unit diagonal, without
+    the m x m matrix: row blocks of the upper triangle (each block's row sums go to its rows,
+    its column sums right of the diagonal block to those columns), ~block_entries floats at a time
+    in one reused buffer (fresh block-sized tensors cost more in page faults than the kernel
+    arithmetic), and half the kernel evaluations of the full square."""
+    m = int(x.shape[0])
+    if sq is None:
+        sq = (x * x).sum(1)
+    g = 0.5 / (sigma * sigma)
+    half = sq * g  # ||x||^2 / (2 sigma^2): the exponent is 2g a.b - half_a - half_b
+    # Blocks are summed in float32 after subtracting c0, the kernel's mean over a few rows, so
+    # the float32 partial sums stay small (raw float32 sums measured 2.5x the error of float64
+    # ones; centred, they match them), and c0 is added back in float64.
+    head = x[:512]
+    c0 = float(np.float32(float(gaussian_kernel(head, head, sigma, same=True).mean(dtype=torch.float64))))
+    out = torch.full((m,), float(m) * c0, dtype=torch.float64, device=x.device)
+    step = max(1, block_entries // m)
+    buffer = torch.empty(min(step, m) * m, dtype=x.dtype, device=x.device)
+    for lo in range(0, m, step):
+        hi = min(m, lo + step)
+        k = buffer[: (hi - lo) * (m - lo)].view(hi - lo, m - lo)
+        torch.addmm(half[lo:hi, None], x[lo:hi], x[lo:].T, beta=-1.0, alpha=2.0 * g, out=k)
+        k.sub_(half[None, lo:]).clamp_(max=0.0).exp_()
+        k.fill_diagonal_(1.0)  # the block starts at column lo: its diagonal is (i, i)
+        k.sub_(c0)
+        out[lo:hi] += k.sum(1).to(torch.float64)
+        if hi < m:
+            out[hi:] += k[:, hi - lo:].sum(0).to(torch.float64)
+    return out
 
 
 def median_bandwidth(x_ref: np.ndarray, *, max_rows: int = 1000, seed: int = 0) -> float:
@@ -103,9 +153,10 @@ class MmdReference:
     x: torch.Tensor           # (m, d) centred reference on the compute device
     x_sq: torch.Tensor        # (m,) squared row norms of x
     offset: float             # c = mean of K_rr; stored kernels are k - c
-    k_rr: torch.Tensor        # (m, m) float32, k - c
-    rr_row_sums: torch.Tensor  # (m,) float64 row sums of k_rr
-    rr_total: float           # float64 sum of k_rr
+    k_rr: torch.Tensor | None  # (m, m) float32, k - c; None above dense_kernel_rows (see module doc)
+    rr_row_sums: torch.Tensor  # (m,) float64 row sums of K_rr - c
+    rr_total: float           # float64 sum of K_rr - c
+    block_entries: int = BLOCK_ENTRIES  # kernel entries per block of a window's chunked sums
     # Reused [reference; window] rows and squared norms, so a window's pooled kernel block is
     # one product without copying the reference each time (see pooled_rows). Not thread-safe:
     # one monitor owns a reference.
@@ -120,30 +171,54 @@ class MmdReference:
         return int(self.x.shape[1])
 
     @classmethod
-    def build(cls, x_ref: np.ndarray, sigma: float, *, device: torch.device | None = None) -> MmdReference:
-        """Precompute the reference kernel. Raises ValueError on bad x_ref (< 2 rows) or sigma <= 0."""
+    def build(
+        cls,
+        x_ref: np.ndarray,
+        sigma: float,
+        *,
+        device: torch.device | None = None,
+        dense_kernel_rows: int = DENSE_KERNEL_ROWS,
+        block_entries: int = BLOCK_ENTRIES,
+    ) -> MmdReference:
+        """Precompute the reference side: K_rr whole for at most ``dense_kernel_rows`` rows, else
+        only its row sums, in blocks of ``block_entries`` kernel entries (memory linear in the
+        rows). Raises ValueError on bad x_ref (< 2 rows) or sigma <= 0."""
         x_np = check_matrix(x_ref, "reference features", min_rows=2)
         if not (np.isfinite(sigma) and sigma > 0):
             raise ValueError(f"kernel bandwidth sigma must be finite and > 0, got {sigma!r}")
+        if block_entries < 1:
+            raise ValueError(f"block_entries must be >= 1, got {block_entries}")
         dev = device or default_device()
         t = torch.from_numpy(x_np).to(dev)
         center = t.to(torch.float64).mean(0).to(torch.float32)
         x = t - center
-        k = gaussian_kernel(x, x, float(sigma), same=True)
-        # Rounded to float32 so the float32 K_rr shift and the float64 corrections of the window
-        # sums subtract the same number (a mismatch of one ulp costs ~1e-4 relative on MMD^2).
-        offset = float(np.float32(float(k.sum(dtype=torch.float64)) / k.numel()))
-        k -= offset
+        x_sq = (x * x).sum(1)
+        m = int(x.shape[0])
+        if m <= dense_kernel_rows:
+            k = gaussian_kernel(x, x, float(sigma), same=True, sq_a=x_sq)
+            # Rounded to float32 so the float32 K_rr shift and the float64 corrections of the window
+            # sums subtract the same number (a mismatch of one ulp costs ~1e-4 relative on MMD^2).
+            offset = float(np.float32(float(k.sum(dtype=torch.float64)) / k.numel()))
+            k -= offset
+            row_sums = k.sum(1, dtype=torch.float64)
+            total = float(k.sum(dtype=torch.float64))
+        else:
+            raw = kernel_row_sums(x, float(sigma), sq=x_sq, block_entries=min(block_entries, ROW_SUM_BLOCK_ENTRIES))
+            offset = float(np.float32(float(raw.sum()) / (m * m)))
+            row_sums = raw - m * offset
+            total = float(row_sums.sum())
+            k = None
         return cls(
             x_ref=x_np,
             sigma=float(sigma),
             center=center,
             x=x,
-            x_sq=(x * x).sum(1),
+            x_sq=x_sq,
             offset=offset,
             k_rr=k,
-            rr_row_sums=k.sum(1, dtype=torch.float64),
-            rr_total=float(k.sum(dtype=torch.float64)),
+            rr_row_sums=row_sums,
+            rr_total=total,
+            block_entries=int(block_entries),
         )
 
     def pooled_rows(self, yt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -164,12 +239,17 @@ class MmdReference:
         return {"x_ref": self.x_ref, "sigma": np.array(self.sigma, dtype=np.float64)}
 
     @classmethod
-    def from_arrays(cls, d: dict[str, np.ndarray], *, device: torch.device | None = None) -> MmdReference:
-        """Inverse of :meth:`to_arrays` (recomputes K_rr). Raises ValueError on a missing key."""
+    def from_arrays(
+        cls, d: dict[str, np.ndarray], *, device: torch.device | None = None, dense_kernel_rows: int = DENSE_KERNEL_ROWS
+    ) -> MmdReference:
+        """Inverse of :meth:`to_arrays` (recomputes K_rr or its row sums). Raises ValueError on a missing key."""
         missing = [k for k in ("x_ref", "sigma") if k not in d]
         if missing:
             raise ValueError(f"mmd reference arrays: missing key(s) {missing}; rebuild the reference")
-        return cls.build(np.asarray(d["x_ref"]), float(np.asarray(d["sigma"]).item()), device=device)
+        return cls.build(
+            np.asarray(d["x_ref"]), float(np.asarray(d["sigma"]).item()), device=device,
+            dense_kernel_rows=dense_kernel_rows,
+        )
 
 
 @dataclass(frozen=True, eq=False)
@@ -237,10 +317,41 @@ class PermutationPlan:
         ind = lhs[1:]
         ind.scatter_(1, sets, 1.0)
         u = ind[:, :m]
-        ss = torch.cat([((c @ ref.k_rr) * c).sum(1, dtype=torch.float64) for c in torch.split(u, _PERMUTATION_CHUNK)])
-        s_rows = u.to(torch.float64) @ ref.rr_row_sums
+        if ref.k_rr is not None:
+            ss = torch.cat(
+                [((c @ ref.k_rr) * c).sum(1, dtype=torch.float64) for c in torch.split(u, _PERMUTATION_CHUNK)]
+            )
+        else:
+            ss = _ss_from_rows(ref, sets)
+        # sum over S of K_rr's row sums: a gather (window indices add 0), not a B x m float64 product
+        s_rows = torch.cat([ref.rr_row_sums, ref.rr_row_sums.new_zeros(n)])[sets].sum(1)
         ind[:, :m] *= 2.0
         return cls(reference=ref, window_rows=n, lhs=lhs, v=ind[:, m:].contiguous(), ss=ss, s_rows=s_rows)
+
+
+def _ss_from_rows(ref: MmdReference, sets: torch.Tensor) -> torch.Tensor:
+    """(B,) float64 sums of K_rr - c over each permutation's S x S block, from the reference rows
+    (for a reference without a kept K_rr): |S|^2 d work per permutation, batched over
+    permutations with S padded to the largest (padding masked out)."""
+    m = ref.rows
+    in_s = sets < m
+    sizes = in_s.sum(1)
+    width = max(1, int(sizes.max()))
+    # Each permutation's S first (stable sort keeps order), padded with index 0 and masked.
+    order = torch.argsort((~in_s).to(torch.int8), dim=1, stable=True)[:, :width]
+    idx = torch.gather(sets, 1, order)
+    mask = (torch.arange(width, device=sets.device)[None, :] < sizes[:, None]).to(torch.float32)
+    idx = torch.where(mask > 0, idx, torch.zeros_like(idx))
+    chunk = max(1, (1 << 22) // (width * width))  # ~16 MB of kernel per batch
+    out = []
+    for lo in range(0, len(idx), chunk):
+        rows, sq, w = ref.x[idx[lo:lo + chunk]], ref.x_sq[idx[lo:lo + chunk]], mask[lo:lo + chunk]
+        k = torch.baddbmm(sq[:, :, None] + sq[:, None, :], rows, rows.transpose(1, 2), alpha=-2.0)
+        k.clamp_(min=0.0).mul_(-0.5 / (ref.sigma * ref.sigma)).exp_()
+        k.diagonal(dim1=1, dim2=2).fill_(1.0)
+        k.mul_(w[:, :, None] * w[:, None, :])
+        out.append(k.sum((1, 2), dtype=torch.float64))
+    return torch.cat(out) - ref.offset * sizes.to(torch.float64) ** 2
 
 
 # Draws used in turn by consecutive windows: windows fewer than this apart never share one, so
@@ -289,33 +400,60 @@ class PermutationSchedule:
 
 
 @dataclass(frozen=True)
-class _WindowBlocks:
-    """The window's pooled column block [K_rw; K_ww] ((m + n) x n) and its float64 sums, all
-    shifted by -c like K_rr."""
+class _WindowSums:
+    """What a window contributes, all kernels shifted by -c like K_rr: float64 sums for the
+    observed statistic and the plan's product lhs @ [K_rw; K_ww] for the permuted ones."""
 
-    block: torch.Tensor       # (m + n, n) float32, shifted by -c
     rw_rows: torch.Tensor     # (m,) float64 row sums of K_rw - c
     rw_total: float           # sum of K_rw - c
     ww_total: float           # sum of K_ww - c
+    product: torch.Tensor     # (1 + B, n) float32: column sums, then [2u | v] @ [K_rw; K_ww] per permutation
 
     @property
     def window_rows(self) -> int:
-        return int(self.block.shape[1])
+        return int(self.product.shape[1])
 
 
-def _window_blocks(ref: MmdReference, y: np.ndarray) -> _WindowBlocks:
+def _window_sums(ref: MmdReference, y: np.ndarray, plan: PermutationPlan) -> _WindowSums:
     y_np = check_matrix(y, "window features", min_rows=2, dims=ref.dims)
+    if plan.reference is not ref:
+        raise ValueError("permutation plan was drawn for another reference; draw it for this one")
+    if plan.window_rows != y_np.shape[0]:
+        raise ValueError(
+            f"permutation plan is for {plan.window_rows} window rows, the window has {y_np.shape[0]}; "
+            "draw the plan for this window"
+        )
     yt = torch.from_numpy(y_np).to(ref.x.device) - ref.center
-    m = ref.rows
-    # Both blocks from one product, so one product also serves both in the permutations;
-    # shifted by -c like K_rr, which keeps its float32 sums small.
-    rows, sq = ref.pooled_rows(yt)
-    block = gaussian_kernel(rows, yt, ref.sigma, sq_a=sq, sq_b=sq[m:])
-    block[m:].fill_diagonal_(1.0)
-    block.sub_(ref.offset)
-    rows = _row_sums_f64(block)  # float64: float32 row sums cost ~1e-6 relative on a null MMD^2
-    return _WindowBlocks(
-        block=block, rw_rows=rows[:m], rw_total=float(rows[:m].sum()), ww_total=float(rows[m:].sum())
+    m, n = ref.rows, int(yt.shape[0])
+    step = max(1, ref.block_entries // n)
+    if m + n <= step:
+        # Both blocks from one product, so one product also serves both in the permutations;
+        # shifted by -c like K_rr, which keeps its float32 sums small.
+        rows, sq = ref.pooled_rows(yt)
+        block = gaussian_kernel(rows, yt, ref.sigma, sq_a=sq, sq_b=sq[m:])
+        block[m:].fill_diagonal_(1.0)
+        block.sub_(ref.offset)
+        sums = _row_sums_f64(block)  # float64: float32 row sums cost ~1e-6 relative on a null MMD^2
+        product = plan.lhs @ block
+    else:
+        # A large reference: its rows in chunks of ~block_entries kernel entries, then the
+        # window's own block, each folded into the product at once (never the whole block).
+        # Partial products add up in float64: a float32 running sum measured 2.5e-5 relative
+        # error on permuted statistics where one product has 1e-6.
+        y_sq = (yt * yt).sum(1)
+        sums = torch.empty(m + n, dtype=torch.float64, device=yt.device)
+        total = torch.zeros((plan.lhs.shape[0], n), dtype=torch.float64, device=yt.device)
+        for lo in range(0, m, step):
+            hi = min(m, lo + step)
+            k = gaussian_kernel(ref.x[lo:hi], yt, ref.sigma, sq_a=ref.x_sq[lo:hi], sq_b=y_sq).sub_(ref.offset)
+            sums[lo:hi] = _row_sums_f64(k)
+            total += plan.lhs[:, lo:hi] @ k
+        k = gaussian_kernel(yt, yt, ref.sigma, same=True, sq_a=y_sq).sub_(ref.offset)
+        sums[m:] = _row_sums_f64(k)
+        total += plan.lhs[:, m:] @ k
+        product = total.to(torch.float32)
+    return _WindowSums(
+        rw_rows=sums[:m], rw_total=float(sums[:m].sum()), ww_total=float(sums[m:].sum()), product=product
     )
 
 
@@ -341,24 +479,23 @@ def _mmd2_from_sums(
     return rr / (m * (m - 1)) + ww / (n * (n - 1)) - 2.0 * rw / (m * n)
 
 
-def _permuted_mmd2(ref: MmdReference, blocks: _WindowBlocks, plan: PermutationPlan) -> torch.Tensor:
+def _permuted_mmd2(ref: MmdReference, sums: _WindowSums, plan: PermutationPlan) -> torch.Tensor:
     """(B,) float64 MMD^2 of each permutation in ``plan``. With u, v a permutation's indicators,
     [2u | v] @ [K_rw; K_ww] summed over v is 2 sum_ST K_rw + sum_TT K_ww: one product for all."""
-    n = blocks.window_rows
-    pooled_total = ref.rr_total + 2.0 * blocks.rw_total + blocks.ww_total
-    product = plan.lhs @ blocks.block                      # (1 + B, n)
-    window_pooled_rows = product[0]  # K_rw column + K_ww row sums
-    st2_tt = (product[1:] * plan.v).sum(1, dtype=torch.float64)
+    n = sums.window_rows
+    pooled_total = ref.rr_total + 2.0 * sums.rw_total + sums.ww_total
+    window_pooled_rows = sums.product[0]  # K_rw column + K_ww row sums
+    st2_tt = (sums.product[1:] * plan.v).sum(1, dtype=torch.float64)
     # sum over W' of the pooled row sums: K_rr's part (planned) + 2u @ (K_rw rows / 2) + v @ window rows
-    weights = torch.cat([(0.5 * blocks.rw_rows).to(torch.float32), window_pooled_rows])
+    weights = torch.cat([(0.5 * sums.rw_rows).to(torch.float32), window_pooled_rows])
     a = plan.s_rows + (plan.lhs[1:] @ weights).to(torch.float64)
     return _mmd2_from_sums(ref, n, pooled_total, a, plan.ss + st2_tt)
 
 
 def permuted_mmd2(ref: MmdReference, y: np.ndarray, window_sets: np.ndarray) -> np.ndarray:
     """Internal/testing: MMD^2 for explicit permuted window groups (see :meth:`PermutationPlan.from_window_sets`)."""
-    blocks = _window_blocks(ref, y)
-    return _permuted_mmd2(ref, blocks, PermutationPlan.from_window_sets(ref, window_sets)).cpu().numpy()
+    plan = PermutationPlan.from_window_sets(ref, window_sets)
+    return _permuted_mmd2(ref, _window_sums(ref, y, plan), plan).cpu().numpy()
 
 
 def mmd_test(ref: MmdReference, y: np.ndarray, *, plan: PermutationPlan) -> MmdResult:
@@ -367,19 +504,11 @@ def mmd_test(ref: MmdReference, y: np.ndarray, *, plan: PermutationPlan) -> MmdR
     permutations of ``plan`` (drawn for n = len(y) rows). Raises ValueError on bad ``y`` or a
     plan for another window size.
     """
-    blocks = _window_blocks(ref, y)
-    n = blocks.window_rows
-    if plan.reference is not ref:
-        raise ValueError("permutation plan was drawn for another reference; draw it for this one")
-    if plan.window_rows != n:
-        raise ValueError(
-            f"permutation plan is for {plan.window_rows} window rows, the window has {n}; draw the plan for this window"
-        )
-    pooled_total = ref.rr_total + 2.0 * blocks.rw_total + blocks.ww_total
-    observed = float(
-        _mmd2_from_sums(ref, n, pooled_total, blocks.rw_total + blocks.ww_total, blocks.ww_total)
-    )
-    stats = _permuted_mmd2(ref, blocks, plan)
+    sums = _window_sums(ref, y, plan)
+    n = sums.window_rows
+    pooled_total = ref.rr_total + 2.0 * sums.rw_total + sums.ww_total
+    observed = float(_mmd2_from_sums(ref, n, pooled_total, sums.rw_total + sums.ww_total, sums.ww_total))
+    stats = _permuted_mmd2(ref, sums, plan)
     # A permutation that maps the window onto itself (likely only when both samples are tiny) ties the observed
     # statistic but is summed along another float path: differences below the float32 kernels'
     # resolution count as ties, and ties as exceedances (the conservative convention). The

@@ -11,8 +11,11 @@ statistics among bootstraps that did not cross an earlier threshold. From step W
 threshold holds. An alarm (statistic > threshold) resets the detector: t = 0, the window is the
 initial test window again.
 
-Calibration needs the full reference kernel once plus, per bootstrap, only the (2W-1)^2 block of
-its extended window: sub-reference sums are the reference totals minus that block's share.
+Calibration needs the reference kernel's column sums once plus, per bootstrap, only the
+(2W-1)^2 block of its extended window: sub-reference sums are the reference totals minus that
+block's share. Up to DENSE_KERNEL_ROWS reference rows the kernel is kept whole and the blocks are
+gathered from it; a larger reference sums it in blocks (monitor.signals.mmd.kernel_row_sums) and
+computes each bootstrap's block from its rows, so memory stays linear in the reference rows.
 ``update`` takes b rows at once: one kernel block between the batch and the sub-reference, and
 for stride 1 the kernel band |i - j| < W of the row sequence (window then batch), from which the
 window's off-diagonal kernel sum S follows row by row (``_every_row``):
@@ -34,7 +37,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from monitor.signals.mmd import default_device, gaussian_kernel
+from monitor.signals.mmd import BLOCK_ENTRIES, DENSE_KERNEL_ROWS, default_device, gaussian_kernel, kernel_row_sums
 from monitor.signals.projection import check_matrix
 from monitor.signals.results import OnlineMmdStatus
 
@@ -232,21 +235,42 @@ def _gather_blocks(k: torch.Tensor, idx: np.ndarray) -> torch.Tensor:
     return torch.take(k, torch.from_numpy(flat).to(k.device))
 
 
+def _bootstrap_blocks(x: torch.Tensor, idx: torch.Tensor, sigma: float) -> torch.Tensor:
+    """k(x[idx_i], x[idx_j]) for each row of ``idx`` (c, L), unit diagonal: (c, L, L) float32
+    computed from the rows (a reference too large to keep its kernel)."""
+    rows = x[idx]
+    sq = (rows * rows).sum(-1)
+    k = torch.baddbmm(sq[:, :, None] + sq[:, None, :], rows, rows.transpose(1, 2), alpha=-2.0)
+    k.clamp_(min=0.0).mul_(-0.5 / (sigma * sigma)).exp_()
+    k.diagonal(dim1=1, dim2=2).fill_(1.0)
+    return k
+
+
 def _bootstrap_thresholds(
-    k: torch.Tensor, window: int, ert: float, bootstraps: int, rng: np.random.Generator, stride: int = 1
+    x: torch.Tensor,
+    sigma: float,
+    col_full: torch.Tensor,
+    window: int,
+    ert: float,
+    bootstraps: int,
+    rng: np.random.Generator,
+    stride: int = 1,
+    kernel: torch.Tensor | None = None,
 ) -> np.ndarray:
     """Thresholds for the tested steps after a (re)start (see module docstring): a step is tested
     every ``stride`` rows, at a per-step false-alarm rate of stride / ERT rows; threshold k holds
-    for the test after k * stride rows. Raises ValueError when too few bootstraps survive."""
-    n, ext = int(k.shape[0]), 2 * window - 1
+    for the test after k * stride rows. ``col_full``: float64 column sums of the reference's
+    kernel; ``kernel``: that kernel when kept (blocks are gathered from it), else None (blocks
+    are computed from the rows ``x``). Raises ValueError when too few bootstraps survive."""
+    n, ext = int(x.shape[0]), 2 * window - 1
     sub_rows = n - ext
-    col_full = k.sum(0, dtype=torch.float64)
     total = float(col_full.sum())
-    band_mask = _walk_mask(window, k.device)
+    band_mask = _walk_mask(window, x.device)
     stats = []
     for chunk in extended_windows(rng, n, bootstraps, ext):
-        idx = torch.from_numpy(chunk).to(k.device)
-        g = _gather_blocks(k, chunk)                         # (c, 2W-1, 2W-1) float32
+        idx = torch.from_numpy(chunk).to(x.device)
+        # (c, 2W-1, 2W-1) float32
+        g = _gather_blocks(kernel, chunk) if kernel is not None else _bootstrap_blocks(x, idx, sigma)
         g_cols = g.sum(1).to(torch.float64)                  # <= 2W-1 terms each: float32 is accurate enough
         cross_cols = col_full[idx] - g_cols  # sum over sub-reference rows of k(., ext_j)
         sub_off = total - 2.0 * cross_cols.sum(1) - g_cols.sum(1) - sub_rows
@@ -412,17 +436,29 @@ class OnlineMmd:
         dev = device or default_device()
         rng = np.random.default_rng(seed)
         xt = torch.from_numpy(x).to(dev)
-        k = gaussian_kernel(xt, xt, float(sigma), same=True)
-        thresholds = _bootstrap_thresholds(k, window_rows, float(ert_rows), int(bootstraps), rng, int(stride_rows))
+        sigma = float(sigma)
+        if x.shape[0] <= DENSE_KERNEL_ROWS:
+            k = gaussian_kernel(xt, xt, sigma, same=True)
+            col_full = k.sum(0, dtype=torch.float64)
+        else:  # never the N x N kernel: column sums in blocks, bootstrap blocks from the rows
+            k, col_full = None, kernel_row_sums(xt, sigma)
+        thresholds = _bootstrap_thresholds(
+            xt, sigma, col_full, window_rows, float(ert_rows), int(bootstraps), rng, int(stride_rows), kernel=k
+        )
+        del k
+        total = float(col_full.sum())
         n, sub_rows = x.shape[0], x.shape[0] - (2 * window_rows - 1)
         for _ in range(_SPLIT_TRIES):
             perm = rng.permutation(n)
             sub, init = perm[:sub_rows], perm[n - window_rows:]
-            sub_t = torch.from_numpy(sub).to(dev)
-            sub_mean = (float(k[sub_t][:, sub_t].sum(dtype=torch.float64)) - sub_rows) / (sub_rows * (sub_rows - 1))
-            init_t = torch.from_numpy(init).to(dev)
-            colsums = k[sub_t][:, init_t].sum(0, dtype=torch.float64)
-            first = _window_statistics(k[init_t][:, init_t], colsums, window_rows, sub_mean, sub_rows)
+            # The 2W - 1 rows outside the sub-reference (the initial window is their last W): the
+            # sub-reference's sums are the reference's minus theirs, so no N x N kernel is needed.
+            rest = torch.from_numpy(perm[sub_rows:]).to(dev)
+            k_rest = gaussian_kernel(xt[rest], xt[rest], sigma, same=True)
+            sub_sum = total - 2.0 * float(col_full[rest].sum()) + float(k_rest.sum(dtype=torch.float64))
+            sub_mean = (sub_sum - sub_rows) / (sub_rows * (sub_rows - 1))
+            colsums = col_full[rest[-window_rows:]] - k_rest[:, -window_rows:].sum(0, dtype=torch.float64)
+            first = _window_statistics(k_rest[-window_rows:, -window_rows:], colsums, window_rows, sub_mean, sub_rows)
             if float(first[0]) < thresholds[0]:
                 return cls(
                     sigma=sigma,
@@ -447,8 +483,11 @@ class OnlineMmd:
         """
         rows = check_matrix(y, "online MMD rows", min_rows=1, dims=self.dims)
         yt = torch.from_numpy(np.require(rows, requirements="W")).to(self.device)  # Arrow views are read-only
+        # New rows per sub-reference kernel block: _UPDATE_CHUNK, fewer for a large sub-reference
+        # so a block stays ~BLOCK_ENTRIES floats.
+        part_rows = max(1, min(_UPDATE_CHUNK, BLOCK_ENTRIES // len(self._sub_np)))
         colsums = np.concatenate(
-            [_column_sums(gaussian_kernel(self._sub, part, self.sigma, sq_a=self._sub_sq)) for part in yt.split(_UPDATE_CHUNK)]
+            [_column_sums(gaussian_kernel(self._sub, part, self.sigma, sq_a=self._sub_sq)) for part in yt.split(part_rows)]
         )
         out = OnlineUpdate(statistics=np.empty(len(rows)), thresholds=np.empty(len(rows)), alarm_rows=[])
         if self.stride == 1:
