@@ -23,8 +23,9 @@ from monitor.ingest.records import InferenceBatch, JoinedLabel
 from monitor.reference import Reference
 from monitor.signals.accuracy import AccuracyTracker
 from monitor.signals.activations import activation_stats
-from monitor.signals.mmd import MmdReference, PermutationSchedule, mmd_test
+from monitor.signals.mmd import MmdReference, PermutationSchedule, median_bandwidth, mmd_test
 from monitor.signals.online_mmd import OnlineMmd
+from monitor.signals.projection import fit_projection
 from monitor.signals.predictions import normalised_entropy, prediction_stats
 from monitor.signals.results import EstimateStats, LabelEvaluation, OnlineMmdStatus, WindowSignals
 
@@ -110,6 +111,14 @@ class VersionMonitor:
             else None
         )
         self._projected_sample = projected
+        # The sequential detector pays its kernel per row: it gets its own small projection of the
+        # raw features (fitted here, deterministically from the reference sample and its seed, so a
+        # restart rebuilds the same one) and its own median bandwidth in that space, whatever the
+        # batch test uses (raw features by default, chosen by power: bench/README.md).
+        on = sig.online_mmd
+        self.online_projection = fit_projection(reference.sample, kind=on.projection, dims=on.projection_dims,
+                                                seed=on.seed)
+        self._online_sample = self.online_projection.apply(reference.sample[: on.max_reference_rows])
         self.online: OnlineMmd | None = None
         restored_online = state is not None and any(k.startswith("online.") for k in state[0])
         if sig.online_mmd.enabled and not restored_online:
@@ -127,8 +136,8 @@ class VersionMonitor:
     def _calibrate_online(self) -> OnlineMmd:
         on = self.config.signals.online_mmd
         return OnlineMmd.calibrate(
-            self._projected_sample[: on.max_reference_rows],
-            sigma=self.reference.bandwidth,
+            self._online_sample,
+            sigma=median_bandwidth(self._online_sample, seed=on.seed),
             window_rows=on.window_rows,
             ert_rows=on.ert_rows,
             stride_rows=on.stride_rows,
@@ -191,7 +200,7 @@ class VersionMonitor:
         w.sample_keys = all_keys[keep]
         w.sample = np.concatenate([w.sample, projected[lo:hi]])[keep]
         if self.online is not None:
-            self.online.update(projected[lo:hi])
+            self.online.update(self.online_projection.apply(batch.features[lo:hi]))
 
     def add_labels(self, joined: list[JoinedLabel]) -> list[LabelEvaluation]:
         """Feed joined labels in join order; returns an evaluation for every

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 
 from monitor.config import MmdConfig
-from monitor.policy import DEFAULT_RULES, Policy, PolicyConfig, RetrainBudget
+from monitor.policy import DEFAULT_RULES, Policy, PolicyConfig
 from monitor.signals.mmd import MmdReference, PermutationSchedule, median_bandwidth, mmd_test
 from daemon_helpers import make_window
 from mmd_helpers import gaussian_rows, one_thread
@@ -31,7 +31,6 @@ def test_a_shifted_stream_trips_the_default_rule_through_the_policy() -> None:
     ref = MmdReference.build(x, median_bandwidth(x))
     schedule = PermutationSchedule(ref, permutations=cfg.permutations, redraw_every=cfg.redraw_permutations_every, seed=0)
     policy = Policy(PolicyConfig(rules=(RULE,)))
-    budget = RetrainBudget(labelled_since=lambda since: 0, min_labelled_rows=100, busy_job=None)
     outcomes = []
     with one_thread():
         for i in range(6):
@@ -39,7 +38,7 @@ def test_a_shifted_stream_trips_the_default_rule_through_the_policy() -> None:
             y = gaussian_rows(rng, 100, 8, shift=0.5 if shifted else 0.0, shifted_dims=2 if shifted else 0)
             p = mmd_test(ref, y, plan=schedule.for_window(i, 100)).p_value
             window = make_window(index=i, mmd_p_value=p)
-            outcomes.append([d.outcome for d in policy.evaluate(window, reference_accuracy=None, now=NOW, budget=budget)])
+            outcomes.append([d.outcome for d in policy.evaluate(window)])
     # onset at window 2: the third shifted window (index 4) raises the alert
     assert outcomes[:4] == [[], [], [], []] and outcomes[4] == ["alert"]
 
