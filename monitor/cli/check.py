@@ -56,18 +56,25 @@ def format_table(windows: list[WindowSignals]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    config = config_from_flags(args, _FLAGS)
     from monitor.engine import Engine  # torch and scipy load only for commands that need them
 
-    config = config_from_flags(args, _FLAGS)
-    engine = Engine(config.monitor)
+    state_dir = config.monitor.state_dir
+    existed = state_dir.exists()
+    engine = Engine(config.monitor)  # a missing log directory fails here, before the state directory is made
     try:
         windows = engine.catch_up()
         counters = engine.counters()
     finally:
         engine.close()
+    # On stderr, so --json stays one document: where the cursor lives decides what the next run reads.
+    how = "continuing from its cursor" if existed else "created now"
+    print(f"state: {state_dir} ({how}; the next check starts after the rows read now; delete it, or pass "
+          "another --state, to start over)", file=sys.stderr)
     if args.json:
         json.dump(
             {
+                "state_dir": str(state_dir),
                 "windows": [to_jsonable(w) for w in windows],
                 "counters": [{"name": n, "key": k, "value": v} for (n, k), v in sorted(counters.items())],
             },
@@ -89,8 +96,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "check",
         help="process new log rows once and print each window's signals",
-        description="Process what is new since the cursor (kept in the state directory) and print "
-        "every closed window's drift signals. Run it again later to continue where it stopped.",
+        description="Process what is new since the cursor and print every closed window's drift signals. "
+        "The cursor and signal state live in the state directory: state_dir of --config (default "
+        "./driftd-state beside the config file), or --state DIR, else ./driftd-state in the current "
+        "directory; check says which on stderr. Run it again later to continue where it stopped.",
         epilog="examples:\n  driftd check --config driftd.yaml\n"
         "  driftd check --logs logs/inference --labels logs/labels --reference ref/ --state .driftd-state --json",
         formatter_class=argparse.RawDescriptionHelpFormatter,
