@@ -8,9 +8,12 @@ import math
 import sys
 import time
 
+from typing import TYPE_CHECKING
+
 from monitor.cli.common import add_config_argument, config_from_flags
 
-from monitor.signals.results import WindowSignals, to_jsonable
+if TYPE_CHECKING:
+    from monitor.signals.results import WindowSignals
 
 _FLAGS = {
     "logs": "logs.inference",
@@ -58,6 +61,7 @@ def format_table(windows: list[WindowSignals]) -> str:
 def run(args: argparse.Namespace) -> int:
     config = config_from_flags(args, _FLAGS)
     from monitor.engine import Engine  # torch and scipy load only for commands that need them
+    from monitor.signals.results import to_jsonable
 
     state_dir = config.monitor.state_dir
     existed = state_dir.exists()
