@@ -149,3 +149,15 @@ def test_check_says_where_it_keeps_its_state(logs: Path, capsys, monkeypatch):
     assert json.loads(captured.out)["state_dir"] == str(work / "driftd-state")
     assert main(["check", "--logs", str(logs / "logs"), "--reference", str(logs / "ref")]) == 0
     assert f"state: {work / 'driftd-state'} (continuing from its cursor;" in capsys.readouterr().err
+
+
+def test_config_validate_names_missing_retraining_paths(tmp_path: Path, capsys):
+    (tmp_path / "logs").mkdir()
+    cfg = tmp_path / "driftd.yaml"
+    cfg.write_text(yaml.safe_dump({"logs": {"inference": "logs"},
+                                   "retrain": {"replay_logs": "val-logs", "input_root": "inputs"}}))
+    assert main(["config", "validate", "--config", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert f"retrain.replay_logs: {tmp_path / 'val-logs'} does not exist" in err
+    assert f"retrain.input_root: {tmp_path / 'inputs'} does not exist" in err
+    assert "logs.inference" not in err
