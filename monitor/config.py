@@ -186,7 +186,7 @@ def resolve_location(value: str, base: Path) -> str:
 
 def _check_online(root: Section, online: OnlineMmdConfig) -> None:
     """Settings the detector could not calibrate are config errors, not a failure every cycle."""
-    from monitor.signals.online_mmd import required_bootstraps
+    from monitor.signals.bootstraps import required_bootstraps  # arithmetic only: no torch here
 
     key = "signals.online_mmd"
     if online.stride_rows > online.window_rows:

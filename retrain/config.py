@@ -8,6 +8,8 @@ file's directory.
 from __future__ import annotations
 
 import re
+import shlex
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -87,6 +89,16 @@ class KubernetesConfig:
 
 
 @dataclass(frozen=True)
+class OnPromoteConfig:
+    """What runs after every promotion and rollback (retrain.hooks): how the serving side hears."""
+
+    command: tuple[str, ...] = ()   # argv; the event's JSON on stdin, DRIFTD_* variables in the environment
+    webhook: str | None = None      # http(s) URL that gets the event as a JSON POST
+    webhook_token_env: str | None = None  # environment variable holding a bearer token for the webhook
+    timeout_seconds: float = 30.0   # per hook; a hook that overruns counts as failed
+
+
+@dataclass(frozen=True)
 class RetrainConfig:
     registry_dir: Path = Path("./driftd-registry")
     input_root: Path | None = None  # input_uri values must resolve under this directory
@@ -102,6 +114,7 @@ class RetrainConfig:
     launcher: str = "local"
     nproc_per_node: int = 1         # > 1 launches the job through torchrun (DDP)
     kubernetes: KubernetesConfig = field(default_factory=KubernetesConfig)
+    on_promote: OnPromoteConfig = field(default_factory=OnPromoteConfig)
 
 
 def _optional_path(section: Section, name: str, base: Path) -> Path | None:
@@ -200,6 +213,38 @@ def _parse_kubernetes(s: Section) -> KubernetesConfig:
     return k8s
 
 
+def _parse_on_promote(s: Section, base: Path) -> OnPromoteConfig:
+    d = OnPromoteConfig()
+    command: tuple[str, ...] = ()
+    if isinstance(s.data.get("command"), str):
+        text = s.str("command")
+        try:
+            command = tuple(shlex.split(text))  # split as a shell would, but never run by one
+        except ValueError as exc:
+            s.error("command", f"cannot split {text!r} into arguments ({exc}); give a list of strings instead")
+    else:
+        command = tuple(s.str_list("command", ()))
+    if command and command[0].startswith(("./", "../")):  # a relative program is relative to the config file
+        command = (str((base / command[0]).resolve()), *command[1:])
+    if s.has("command") and s.data.get("command") is not None and not command:
+        s.error("command", "is empty; remove the key or name the program to run")
+    webhook = s.optional_str("webhook")
+    if webhook is not None:
+        parts = urllib.parse.urlsplit(webhook)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            s.error("webhook", "expected an http:// or https:// URL")
+    config = OnPromoteConfig(
+        command=command,
+        webhook=webhook,
+        webhook_token_env=s.optional_str("webhook_token_env"),
+        timeout_seconds=s.float("timeout_seconds", d.timeout_seconds, minimum=0.1),
+    )
+    s.finish()
+    if config.webhook_token_env is not None and config.webhook is None:
+        s.error("webhook_token_env", "set without retrain.on_promote.webhook")
+    return config
+
+
 def parse_retrain(section: Section, base: Path) -> RetrainConfig:
     """Read the ``retrain`` section; errors are appended to the section's shared error list."""
     d = RetrainConfig()
@@ -219,6 +264,7 @@ def parse_retrain(section: Section, base: Path) -> RetrainConfig:
         launcher=section.choice("launcher", LAUNCHERS, d.launcher),
         nproc_per_node=section.int("nproc_per_node", d.nproc_per_node, minimum=1),
         kubernetes=_parse_kubernetes(section.section("kubernetes")),
+        on_promote=_parse_on_promote(section.section("on_promote"), base),
     )
     section.finish()
     if config.max_rows < config.min_labelled_rows:

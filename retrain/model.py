@@ -1,7 +1,9 @@
 """Building a registered model and its preprocessing: always timm's own, never retyped.
 
-The data config (input size, interpolation, mean/std, crop) is resolved by timm from the model
-when a version is first imported, stored in meta.json, and turned into transforms here.
+The data config (input size, interpolation, mean/std, crop) is recorded when a version is first
+imported (from the checkpoint, a file or flags: retrain.dataconfig), stored in meta.json, and
+turned into transforms here. The retrain job's data, the gate's slices and
+``retrain.serving.CurrentModel`` all go through :func:`build_transform`.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import timm.data
 import torch
 from torch import nn
 
-DataConfig = dict[str, Any]
+from retrain.dataconfig import DataConfig
 
 
 def resolve_data_config(model: nn.Module, input_size: int | None = None) -> DataConfig:

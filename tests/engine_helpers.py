@@ -129,6 +129,9 @@ def build_reference(tmp: Path, *, n: int = 3000, seed: int = 1, version: str = "
 
 
 def config_doc(tmp: Path, ref_dir: Path, **overrides) -> dict:
+    # driftd refuses to start on a log directory that does not exist (a typo would read as empty)
+    for name in ("logs", "labels"):
+        (tmp / name).mkdir(parents=True, exist_ok=True)
     doc = {
         "model": "test-model",
         "logs": {"inference": str(tmp / "logs"), "labels": str(tmp / "labels")},

@@ -17,6 +17,7 @@ def logs(tmp_path: Path) -> Path:
     write_inference(tmp_path / "val", make_rows(1500, seed=3, prefix="val"), per_file=500, with_label=True)
     write_inference(tmp_path / "logs", make_rows(400, seed=4), per_file=200, name="a")
     write_inference(tmp_path / "logs", make_rows(400, seed=5, shift=1.5, start=1_790_001_000), per_file=200, name="b")
+    (tmp_path / "labels").mkdir()  # a configured log directory must exist (see test_missing_log_directory_*)
     return tmp_path
 
 
@@ -84,8 +85,8 @@ def test_check_with_flags_only(logs: Path, capsys):
     [
         (["check"], "pass --config FILE", 2),
         (["check", "--config", "missing.yaml"], "config file not found", 2),
-        (["reference", "build", "--logs", "nowhere", "--out", "x"], "--logs nowhere: no such file or directory", 2),
-        (["reference", "build", "--logs", "val", "--out", "x", "--max-rows", "1"], "--max-rows must be at least 2", 1),
+        (["reference", "build", "--logs", "nowhere", "--out", "x"], "--logs: nowhere does not exist", 2),
+        (["reference", "build", "--logs", "val", "--out", "x", "--max-rows", "1"], "--max-rows must be at least 2", 2),
     ],
     ids=["no-config", "missing-config", "missing-logs", "bad-max-rows"],
 )
@@ -118,3 +119,45 @@ def test_toml_config_works_the_same(logs: Path, capsys):
     capsys.readouterr()
     assert main(["check", "--config", str(cfg), "--json"]) == 0
     assert len(json.loads(capsys.readouterr().out)["windows"]) == 2
+
+
+def test_a_missing_log_directory_is_a_start_up_error_naming_the_key(logs: Path, capsys):
+    cfg = _config(logs)
+    main(["reference", "build", "--logs", str(logs / "val"), "--config", str(cfg)])
+    capsys.readouterr()
+    doc = yaml.safe_load(cfg.read_text())
+    doc["logs"]["inference"] = "logz"  # a typo: it used to read as an empty log, and exit 0
+    cfg.write_text(yaml.safe_dump(doc))
+    assert main(["check", "--config", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert f"logs.inference: {logs / 'logz'} does not exist" in err and len(err.strip().splitlines()) == 1
+    assert not (logs / "state").exists()  # nothing was created
+    assert main(["config", "validate", "--config", str(cfg)]) == 2
+    assert f"logs.inference: {logs / 'logz'} does not exist" in capsys.readouterr().err
+    assert main(["config", "validate", "--config", str(cfg), "--skip-paths"]) == 0
+
+
+def test_check_says_where_it_keeps_its_state(logs: Path, capsys, monkeypatch):
+    main(["reference", "build", "--logs", str(logs / "val"), "--out", str(logs / "ref")])
+    capsys.readouterr()
+    work = logs / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    assert main(["check", "--logs", str(logs / "logs"), "--reference", str(logs / "ref"), "--json"]) == 0
+    captured = capsys.readouterr()
+    assert f"state: {work / 'driftd-state'} (created now;" in captured.err
+    assert json.loads(captured.out)["state_dir"] == str(work / "driftd-state")
+    assert main(["check", "--logs", str(logs / "logs"), "--reference", str(logs / "ref")]) == 0
+    assert f"state: {work / 'driftd-state'} (continuing from its cursor;" in capsys.readouterr().err
+
+
+def test_config_validate_names_missing_retraining_paths(tmp_path: Path, capsys):
+    (tmp_path / "logs").mkdir()
+    cfg = tmp_path / "driftd.yaml"
+    cfg.write_text(yaml.safe_dump({"logs": {"inference": "logs"},
+                                   "retrain": {"replay_logs": "val-logs", "input_root": "inputs"}}))
+    assert main(["config", "validate", "--config", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert f"retrain.replay_logs: {tmp_path / 'val-logs'} does not exist" in err
+    assert f"retrain.input_root: {tmp_path / 'inputs'} does not exist" in err
+    assert "logs.inference" not in err

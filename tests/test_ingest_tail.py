@@ -11,7 +11,7 @@ import pytest
 
 from ingest_helpers import inference_table, label_table, write
 from monitor.config import IngestConfig
-from monitor.errors import ContractError
+from monitor.errors import ConfigError, ContractError
 from monitor.ingest.store import FileProgress
 from monitor.ingest.tail import FileNotReady, Tailer
 
@@ -45,8 +45,12 @@ def test_discovery_excludes_finished_files_and_caps_count(tmp_path):
     assert [Path(f.path).name for f in tl.discover(known)] == ["p1.parquet", "p3.parquet"]
 
 
-def test_missing_location_is_empty_and_file_uri_works(tmp_path):
-    assert tailer(tmp_path / "nowhere").discover({}) == []
+def test_missing_location_is_an_error_naming_the_key_and_file_uri_works(tmp_path):
+    # A mistyped directory used to read as an empty log forever; now driftd refuses to start.
+    with pytest.raises(ConfigError, match=r"logs\.inference: .*nowhere does not exist"):
+        tailer(tmp_path / "nowhere")
+    with pytest.raises(ConfigError, match=r"logs\.labels: .*nowhere does not exist"):
+        Tailer((tmp_path / "nowhere").as_uri(), "labels", IngestConfig())
     write(inference_table(2), tmp_path / "a" / "x.parquet")
     tl = Tailer((tmp_path / "a").as_uri(), "inference", IngestConfig())
     [f] = tl.discover({})

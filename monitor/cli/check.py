@@ -12,9 +12,12 @@ import math
 import sys
 import time
 
+from typing import TYPE_CHECKING
+
 from monitor.cli.common import add_config_argument, config_from_flags
 
-from monitor.signals.results import WindowSignals, to_jsonable
+if TYPE_CHECKING:
+    from monitor.signals.results import WindowSignals
 
 _FLAGS = {
     "logs": "logs.inference",
@@ -68,10 +71,13 @@ def format_table(windows: list[WindowSignals], scored: list[tuple[int, int]] | N
 
 
 def run(args: argparse.Namespace) -> int:
-    from monitor.engine import Engine  # torch and scipy load only for commands that need them
-
     config = config_from_flags(args, _FLAGS)
-    engine = Engine(config.monitor)
+    from monitor.engine import Engine  # torch and scipy load only for commands that need them
+    from monitor.signals.results import to_jsonable
+
+    state_dir = config.monitor.state_dir
+    existed = state_dir.exists()
+    engine = Engine(config.monitor)  # a missing log directory fails here, before the state directory is made
     try:
         windows, evaluations = engine.catch_up_with_labels()
         scored = [engine.window_accuracy(w) for w in windows]  # join first, then score
@@ -79,9 +85,14 @@ def run(args: argparse.Namespace) -> int:
         watermark = engine.watermark
     finally:
         engine.close()
+    # On stderr, so --json stays one document: where the cursor lives decides what the next run reads.
+    how = "continuing from its cursor" if existed else "created now"
+    print(f"state: {state_dir} ({how}; the next check starts after the rows read now; delete it, or pass "
+          "another --state, to start over)", file=sys.stderr)
     if args.json:
         json.dump(
             {
+                "state_dir": str(state_dir),
                 "windows": [{**to_jsonable(w), "labelled": {"labels": n, "accuracy": hits / n if n else None}}
                             for w, (n, hits) in zip(windows, scored)],
                 "label_evaluations": [to_jsonable(e) for e in evaluations],
@@ -106,8 +117,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "check",
         help="process new log rows once and print each window's signals",
-        description="Process what is new since the cursor (kept in the state directory) and print "
-        "every closed window's drift signals. Run it again later to continue where it stopped.",
+        description="Process what is new since the cursor and print every closed window's drift signals. "
+        "The cursor and signal state live in the state directory: state_dir of --config (default "
+        "./driftd-state beside the config file), or --state DIR, else ./driftd-state in the current "
+        "directory; check says which on stderr. Run it again later to continue where it stopped.",
         epilog="examples:\n  driftd check --config driftd.yaml\n"
         "  driftd check --logs logs/inference --labels logs/labels --reference ref/ --state .driftd-state --json",
         formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -1,4 +1,8 @@
-"""Helpers shared by CLI commands: loading config from --config or from flags."""
+"""Helpers shared by CLI commands: loading config from --config or from flags.
+
+Imports here stay light (no torch, scipy, timm): every command module imports this when the
+parser is built, and `driftd --help` must answer at once.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,13 @@ from pathlib import Path
 from typing import Any
 
 from monitor.config import Config, load_config, parse_config
-from monitor.errors import ConfigError
+from monitor.errors import ConfigError, DriftdError
+
+
+class UsageError(DriftdError):
+    """A command was called wrongly (a flag out of range, a missing choice): exit 2, as argparse's own."""
+
+    exit_code = 2
 
 
 def add_config_argument(parser: argparse.ArgumentParser, *, required: bool = False) -> None:
@@ -41,4 +51,4 @@ def config_from_flags(args: argparse.Namespace, flag_to_key: dict[str, str]) -> 
     return parse_config(doc, source=source, base=base)
 
 
-__all__ = ["add_config_argument", "config_from_flags", "load_config"]
+__all__ = ["UsageError", "add_config_argument", "config_from_flags", "load_config"]

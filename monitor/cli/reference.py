@@ -7,13 +7,15 @@ import logging
 from dataclasses import replace
 from pathlib import Path
 
-from monitor.cli.common import add_config_argument
+from monitor.cli.common import UsageError, add_config_argument
 from monitor.config import IngestConfig, MmdConfig, load_config, redact_location
-from monitor.errors import ConfigError, ContractError, DriftdError
-from monitor.ingest.tail import FileNotReady, Tailer
-from monitor.reference import DEFAULT_MAX_ROWS, ReferenceBuilder, save_reference
+from monitor.errors import ContractError, DriftdError
 
 log = logging.getLogger(__name__)
+
+# monitor.reference.DEFAULT_MAX_ROWS, repeated so `--help` need not import torch
+# (tests/test_cli_imports.py checks the two agree).
+DEFAULT_MAX_ROWS = 2000
 
 
 def build(args: argparse.Namespace) -> int:
@@ -25,11 +27,16 @@ def build(args: argparse.Namespace) -> int:
         ingest = config.monitor.ingest
     out = Path(args.out) if args.out else (config.monitor.reference_dir if args.config else None)
     if out is None:
-        raise DriftdError("no output directory: pass --out DIR (or --config with reference_dir)")
+        raise UsageError("no output directory: pass --out DIR (or --config with reference_dir)")
     if args.max_rows < 2:
-        raise DriftdError(f"--max-rows must be at least 2, got {args.max_rows}")
+        raise UsageError(f"--max-rows must be at least 2, got {args.max_rows}")
+    from monitor.ingest.tail import FileNotReady, Tailer
+
     # Validation logs are complete by the time a reference is built: nothing to wait for.
-    tailer = Tailer(args.logs, "inference", replace(ingest, settle_seconds=0.0, max_files_per_cycle=10**9))
+    tailer = Tailer(args.logs, "inference", replace(ingest, settle_seconds=0.0, max_files_per_cycle=10**9),
+                    key="--logs")  # a missing local directory: exit 2 naming the flag
+    from monitor.reference import ReferenceBuilder, save_reference  # torch and scipy: only to build one
+
     builder = ReferenceBuilder(
         max_rows=args.max_rows,
         projection=mmd.projection,
@@ -37,8 +44,6 @@ def build(args: argparse.Namespace) -> int:
         seed=args.seed,
         source=redact_location(args.logs),  # stored in the reference's metadata
     )
-    if "://" not in args.logs and not Path(args.logs).exists():
-        raise ConfigError(f"--logs {args.logs}: no such file or directory")
     files = skipped = rejected = 0
     for info in tailer.discover({}):
         try:
@@ -89,7 +94,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--logs", metavar="PATH", required=True, help="validation inference logs (directory or URI)")
     b.add_argument("--out", metavar="DIR", help="reference directory (default: reference_dir of --config)")
     add_config_argument(b)
-    b.add_argument("--max-rows", type=int, default=DEFAULT_MAX_ROWS, help="rows kept in the feature sample")
+    b.add_argument("--max-rows", type=int, default=DEFAULT_MAX_ROWS, help=f"rows kept in the feature sample (default {DEFAULT_MAX_ROWS})")
     b.add_argument("--model-version", metavar="V", help="only this model_version")
     b.add_argument("--seed", type=int, default=0)
     b.set_defaults(func=build)

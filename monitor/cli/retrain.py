@@ -11,8 +11,6 @@ from typing import Any
 
 from monitor.cli.common import add_config_argument, load_config
 from monitor.errors import DriftdError
-from monitor.service.client import DaemonClient
-from monitor.service.config import load_token
 
 EPILOG = """examples:
   driftd retrain --config driftd.yaml --reason "new camera firmware" --wait
@@ -34,6 +32,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from monitor.service.client import DaemonClient  # urllib.request (and ssl): only when talking to the daemon
+    from monitor.service.config import load_token
+
     config = load_config(args.config)
     if args.local:
         return _local(config, args.reason)

@@ -25,10 +25,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from monitor.service.daemon import Daemon
-
     config = load_config(args.config)  # a bad config exits 2 before logging or anything else is set up
     setup_logging(args.log_format, getattr(args, "log_level", "INFO"))
+    # The engine (torch, scipy: seconds on a busy host) loads before Daemon() binds the API socket.
+    # The other way round, a readiness probe connects to a socket nobody serves yet, gives up, and
+    # its late answer fails with a broken pipe that lands in the log as a non-JSON traceback.
+    import monitor.engine  # noqa: F401
+    from monitor.service.daemon import Daemon
     code = Daemon(config, config_path=config.source).serve()
     if code != 0:
         # a job overran the shutdown grace: its thread would hold the interpreter open at exit

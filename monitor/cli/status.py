@@ -9,7 +9,6 @@ import time
 from typing import Any
 
 from monitor.cli.common import add_config_argument, load_config
-from monitor.service.client import DaemonClient
 
 EPILOG = """example:
   driftd status --config driftd.yaml
@@ -71,6 +70,8 @@ def format_status(s: dict[str, Any]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from monitor.service.client import DaemonClient  # urllib.request (and ssl): only when talking to the daemon
+
     config = load_config(args.config)
     status = DaemonClient(args.url or config.service.http.url).request("GET", "/api/v1/status")
     print(json.dumps(status, indent=2) if args.json else format_status(status))

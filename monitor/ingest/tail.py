@@ -28,7 +28,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from monitor.config import IngestConfig, redact_location
-from monitor.errors import ContractError
+from monitor.errors import ConfigError, ContractError
 from monitor.ingest.contract import (
     InferenceLayout,
     LabelLayout,
@@ -158,6 +158,20 @@ def _natural_key(path: str) -> tuple[tuple[tuple[int, int, str], ...], ...]:
     )
 
 
+def check_local_location(filesystem: pafs.FileSystem, root: str, key: str, shown: str) -> None:
+    """A local log directory must exist when driftd starts: a mistyped path would otherwise read
+    as an empty log forever. (Object stores: a missing bucket is reported at the first listing;
+    an empty prefix is normal before the first file.) Raises ConfigError naming ``key``."""
+    if filesystem.type_name != "local":
+        return
+    kind = filesystem.get_file_info(root).type
+    if kind == pafs.FileType.NotFound:
+        raise ConfigError(f"{key}: {shown} does not exist; fix the path, or create the directory the "
+                          "producer writes to (mkdir -p) before starting driftd")
+    if kind != pafs.FileType.Directory:
+        raise ConfigError(f"{key}: {shown} is not a directory; point it at the directory the producer writes to")
+
+
 # Reads of a settled file that fail with an I/O-level error before it is quarantined.
 IO_ATTEMPTS = 3
 
@@ -170,7 +184,7 @@ class Tailer:
     """Discovers and reads one log location (``kind`` = "inference" or "labels")."""
 
     def __init__(self, location: str, kind: Kind, config: IngestConfig, *, clock: Callable[[], float] = time.time,
-                 filesystem: pafs.FileSystem | None = None):
+                 filesystem: pafs.FileSystem | None = None, key: str | None = None):
         self.location = redact_location(location)  # for messages only: no credentials in logs
         self._bucket_seen = False  # an object store's bucket was seen to exist (see _check_bucket)
         self.kind = kind
@@ -180,6 +194,7 @@ class Tailer:
         self._listing: list[FileInfo] | None = None  # from the last discover()  # per file, this process: a restart grants fresh attempts
         if filesystem is None:
             self.filesystem, self.root = resolve_filesystem(location)
+            check_local_location(self.filesystem, self.root, key or f"logs.{kind}", self.location)
         else:
             self.filesystem, self.root = filesystem, location
 

@@ -37,6 +37,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from monitor.signals.bootstraps import calibrated_steps as _calibrated_steps
+from monitor.signals.bootstraps import required_bootstraps
 from monitor.signals.mmd import BLOCK_ENTRIES, DENSE_KERNEL_ROWS, default_device, gaussian_kernel, kernel_row_sums
 from monitor.signals.projection import check_matrix
 from monitor.signals.results import OnlineMmdStatus
@@ -182,39 +184,6 @@ def extended_windows(rng: np.random.Generator, rows: int, count: int, size: int)
             j = rng.integers(k, rows, size=chunk)
             perm[at, k], perm[at, j] = perm[at, j], perm[at, k]
         yield perm[:, :size]
-
-
-def required_bootstraps(ert_rows: float, window_rows: int, stride_rows: int = 1) -> int:
-    """Fewest bootstraps that let calibration estimate the 1 - stride/ert_rows quantile at each
-    calibrated step (each step keeps only the bootstraps below its threshold, and a quantile q
-    needs q <= (N - 1) / N of N values). About ert_rows / stride_rows; config validation calls
-    this to reject impossible settings early."""
-    ert_steps = ert_rows / stride_rows
-    steps = _calibrated_steps(window_rows, stride_rows)
-
-    def enough(n: int) -> bool:
-        q = 1.0 - 1.0 / ert_steps
-        for _ in range(steps):
-            if n < 2 or q > (n - 1) / n:
-                return False
-            # Values strictly below the type-7 quantile; h = (n-1)q landing on an integer keeps
-            # only h, and the 1e-9 counts near-integers that way too (never overestimates).
-            n = math.ceil((n - 1) * q - 1e-9)
-        return True
-
-    high = max(2, math.ceil(ert_steps))
-    while not enough(high):
-        high *= 2
-    low = high // 2
-    while low + 1 < high:
-        mid = (low + high) // 2
-        low, high = (low, mid) if enough(mid) else (mid, high)
-    return high
-
-
-def _calibrated_steps(window_rows: int, stride_rows: int) -> int:
-    """Thresholds kept: one per tested offset 0, s, 2s, ... below W (offset 0 is the restart)."""
-    return (window_rows - 1) // stride_rows + 1
 
 
 def _walk_mask(window: int, device: torch.device) -> torch.Tensor:
