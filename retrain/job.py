@@ -28,6 +28,7 @@ from monitor.config import Config, load_config
 from monitor.errors import ConfigError
 from retrain.data import NotEnoughData, RetrainData, load_training_data
 from retrain.gate import GateResult, choose_wise_alpha, evaluate_gate, too_small
+from retrain.hooks import run_on_promote
 from retrain.model import predict
 from retrain.progress import (JobResult, ProgressLog, ReferenceSummary, ShiftSummary, read_progress, read_result,
                               write_result)
@@ -205,6 +206,9 @@ def run_job(config: Config, job_dir: Path, *, reason: str, progress: Callable[[d
         # reference first: the monitor must never find a CURRENT version it has no reference for
         state["reference"] = _save_reference(config, candidate, state["candidate"], data, device)
         registry.promote(state["candidate"])
+        # the hand-off to serving (retrain.on_promote): logged and counted, never fails the job
+        run_on_promote(config, event="promotion", version=state["candidate"], previous=state["current"],
+                       by=f"retrain job {job_dir.name}")
         return finish("promoted", gate.reason)
     except Exception as exc:  # one catch point per job: the daemon must get a result, not a traceback
         log.exception("retrain job %s failed", job_dir.name)
@@ -231,7 +235,7 @@ def _meta(config: Config, parent: ModelVersion, plan: StrategyPlan, data: Retrai
         data_config=parent.meta.data_config, class_names=parent.meta.class_names, parent=parent.version,
         data_window=data.window, strategy=plan.name, strategy_reason=plan.reason,
         hyper={**config.retrain.hyper.__dict__, "layer_decay": plan.layer_decay}, gate=gate,
-        source=f"retrain:{job_id}",
+        source=f"retrain:{job_id}", data_config_source=f"inherited from {parent.version}",
     )
 
 

@@ -30,6 +30,7 @@ def _snapshot() -> MetricsSnapshot:
         alarms={("accuracy_drop", "v1"): True, ("mmd_p_value", "v1"): False, ("accuracy_drop", "v2"): False},
         thresholds={("accuracy_drop", "v1"): 0.88, ("mmd_p_value", "v1"): 0.01},
         watermark=1_799_999_990.0, pending_predictions=120.0, pending_labels=3.0,
+        on_promote={("webhook", "failed"): 2.0},
         breaches={"accuracy_drop": 3.0},
         retrain_runs={"promoted": 1.0},
         retrain_in_progress=True,
@@ -67,6 +68,8 @@ def test_values_users_see() -> None:
     assert v("driftd_labelled_rows_pruned_total", m) == 9 and v("driftd_predictions_expired_total", m) == 0
     assert v("driftd_pending_predictions", m) == 120 and v("driftd_pending_labels", m) == 3
     assert v("driftd_event_time_seconds", m) == 1_799_999_990.0
+    assert v("driftd_on_promote_runs_total", {**m, "kind": "webhook", "outcome": "failed"}) == 2
+    assert v("driftd_on_promote_runs_total", {**m, "kind": "command", "outcome": "ok"}) == 0
     assert v("driftd_threshold_breaches_total", {**m, "rule": "mmd_p_value"}) == 0
     assert v("driftd_retrain_runs_total", {**m, "outcome": "deferred"}) == 0
     assert v("driftd_retrain_runs_total", {**m, "outcome": "promoted"}) == 1

@@ -41,7 +41,10 @@ def run(args: argparse.Namespace) -> int:
     client = DaemonClient(args.url or config.service.http.url, load_token(config.service.http))
     answer = client.request("POST", "/api/v1/retrain", {"reason": args.reason})
     job_id = answer["job_id"]
-    print(f"retrain queued as job {job_id}")
+    if answer.get("joined"):
+        print(f"retrain already queued or running as job {job_id}: your request joined it")
+    else:
+        print(f"retrain queued as job {job_id}")
     if not args.wait:
         return 0
     deadline = None if args.timeout is None else time.monotonic() + args.timeout

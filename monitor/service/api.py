@@ -66,7 +66,7 @@ class Backend(Protocol):
     def healthy(self) -> tuple[bool, str]: ...
     def ready(self) -> tuple[bool, str]: ...
     def status(self) -> dict[str, Any]: ...
-    def request_retrain(self, reason: str) -> str: ...
+    def request_retrain(self, reason: str) -> dict[str, Any]: ...  # {"job_id", "joined"}
     def retrain_info(self, job_id: str) -> dict[str, Any] | None: ...
     def count_error(self, job: str) -> None: ...
 
@@ -206,8 +206,9 @@ class Api:
             raise HttpError(HTTPStatus.BAD_REQUEST, f"unknown field(s) {', '.join(map(repr, unknown))}; the body is "
                                                     '{"reason": "..."}')
         reason = check_reason(body.get("reason", "requested through the API"))
-        job_id = self.backend.request_retrain(reason)
-        return _json(HTTPStatus.ACCEPTED, {"job_id": job_id, "status_url": f"{RETRAIN_PATH}/{job_id}"})
+        ticket = self.backend.request_retrain(reason)
+        job_id = ticket["job_id"]
+        return _json(HTTPStatus.ACCEPTED, {**ticket, "status_url": f"{RETRAIN_PATH}/{job_id}"})
 
     def _retrain_info(self, environ: dict[str, Any], job_id: str) -> Response:
         self._authorize(environ)

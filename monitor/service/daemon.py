@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import importlib.metadata
 import logging
 import math
 import os
@@ -64,10 +63,9 @@ POLICY_STATE_FILE = "policy.json"
 
 
 def build_version() -> str:
-    try:
-        return importlib.metadata.version("driftd")
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown"
+    from monitor import __version__
+
+    return __version__
 
 
 @dataclasses.dataclass
@@ -616,7 +614,19 @@ class Daemon:
             watermark=math.nan if engine.watermark is None else engine.watermark,
             pending_predictions=float(pending_predictions),
             pending_labels=float(pending_labels),
+            on_promote=self._on_promote_counts(),
         )
+
+    def _on_promote_counts(self) -> dict[tuple[str, str], float]:
+        """retrain.on_promote runs, counted in the registry (the job and the CLI run the hooks)."""
+        from retrain.hooks import read_counts
+        from retrain.registry import RegistryError
+
+        try:
+            return {k: float(v) for k, v in read_counts(self.config.retrain.registry_dir).items()}
+        except RegistryError as exc:
+            log.warning("cannot read the on_promote counts: %s", exc)
+            return dict(self._snap.on_promote)
 
     # -- views (HTTP threads) -------------------------------------------------------------------------
     def metrics_snapshot(self) -> MetricsSnapshot:
@@ -718,9 +728,17 @@ class Daemon:
             "job_errors": job_errors,
         })
 
-    def request_retrain(self, reason: str) -> str:
+    def request_retrain(self, reason: str) -> dict[str, Any]:
+        """Queue a retrain of the served version, or join the one already queued or running (one
+        retrain at a time: a second job would retrain the same data, or a version that the first
+        is about to replace). Returns ``{"job_id", "joined"}``."""
         if self.queue is None:
             raise DriftdError("driftd is still starting; retry in a few seconds")
+        busy = self.queue.busy_job()
+        if busy is not None:
+            self.queue.note_joined(busy, [{"source": "api", "reason": reason, "outcome": "joined", "at": self.clock()}])
+            log.info("retrain requested through the API (%s): joined job %s, already queued or running", reason, busy)
+            return {"job_id": busy, "joined": True}
         with self._lock:
             served = sorted(self._served)
             version = self._current_version or (served[-1] if len(served) == 1 else None)
@@ -731,7 +749,7 @@ class Daemon:
             if version is not None:
                 self.policy.note_retrain(version, now=self.clock(), join_seq=join_seq, job_id=job_id)
             self._save_policy_state()
-        return job_id
+        return {"job_id": job_id, "joined": False}
 
     def retrain_info(self, job_id: str) -> dict[str, Any] | None:
         info = None if self.queue is None else self.queue.get(job_id)

@@ -24,6 +24,8 @@ FILE_KINDS = ("inference", "labels")
 JOB_NAMES = ("cycle", "retrain", "http")  # each has one catch point that counts here
 RETRAIN_OUTCOMES = ("promoted", "rejected", "failed", "dropped", "deferred")
 LABEL_OUTCOMES = ("joined", "unmatched", "duplicate")
+ON_PROMOTE_KINDS = ("command", "webhook")    # retrain.hooks.KINDS
+ON_PROMOTE_OUTCOMES = ("ok", "failed")       # retrain.hooks.OUTCOMES
 CYCLE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 LABEL_DELAY_BUCKETS = (1, 10, 60, 300, 900, 3600, 4 * 3600, 12 * 3600, 86400, 3 * 86400, 7 * 86400, 14 * 86400)
 RETRAIN_BUCKETS = (10, 30, 60, 300, 900, 1800, 3600, 2 * 3600, 4 * 3600, 12 * 3600)
@@ -61,6 +63,7 @@ class MetricsSnapshot:
     watermark: float = math.nan                         # the stream's clock: newest prediction time
     pending_predictions: float = math.nan               # predictions waiting for their labels
     pending_labels: float = math.nan                    # labels waiting for their predictions
+    on_promote: Mapping[tuple[str, str], float] = field(default_factory=dict)  # (kind, outcome) -> hook runs
 
 
 def _enum_counter(counters: Mapping[tuple[str, str], float], kind: str) -> dict[str, float]:
@@ -212,6 +215,12 @@ class SnapshotCollector(Collector):
         yield _gauge("driftd_retrain_backbone_grad_norm", "Backbone gradient norm of the running retrain", m, s.progress.grad_norm)
         yield _gauge("driftd_retrain_weight_drift", "L2 distance of the running retrain's backbone weights from its start", m, s.progress.weight_drift)
         yield _gauge("driftd_retrain_epoch", "Epoch of the running retrain", m, s.progress.epoch)
+        hooks = CounterMetricFamily("driftd_on_promote_runs", "retrain.on_promote runs after a promotion or rollback",
+                                    labels=["model", "kind", "outcome"])
+        for kind in ON_PROMOTE_KINDS:
+            for outcome in ON_PROMOTE_OUTCOMES:
+                hooks.add_metric([m, kind, outcome], s.on_promote.get((kind, outcome), 0.0))
+        yield hooks
         info = GaugeMetricFamily("driftd_model_info", "1 for the model version currently served", labels=["model", "model_version"])
         if s.current_version is not None:
             info.add_metric([m, s.current_version], 1.0)
