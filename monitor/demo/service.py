@@ -1,9 +1,10 @@
 """The demo's stand-in for a user's inference service: real model, real logs through LogWriter.
 
-It serves requests with whatever model the registry's CURRENT points at (so a promotion shows
-up in the logs as a new model_version), keeps each request's input as a PNG under the input
-root (what retraining reads), and writes the ground truth a fixed delay later, as a labelling
-team would.
+It serves requests with whatever model the registry's CURRENT points at, through the same
+hand-off an inference service uses (``retrain.serving.CurrentModel``: a new CURRENT is loaded
+beside the old one and swapped between requests, so a promotion shows up in the logs as a new
+model_version), keeps each request's input as a PNG under the input root (what retraining
+reads), and writes the ground truth a fixed delay later, as a labelling team would.
 """
 
 from __future__ import annotations
@@ -14,16 +15,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from monitor.ingest.writer import LabelWriter, LogWriter
 from retrain.digits import corrupt, write_images
-from retrain.model import images_to_tensor, predict
+from retrain.model import images_to_tensor
 from retrain.registry import Registry
+from retrain.serving import CurrentModel
 
 
 @dataclass(frozen=True)
-class Served:
+class Batch:
+    """One batch of requests as the demo served it."""
+
     rows: int               # in this batch
     timestamp: float        # the batch's timestamp in the logs
     model_version: str
@@ -58,42 +61,38 @@ class InferenceService:
         self.label_writer = LabelWriter(label_logs, roll_rows=10**9, roll_seconds=3600.0)
         self.label_delay_ticks = label_delay_ticks
         self._pending: collections.deque[tuple[int, list[str], np.ndarray]] = collections.deque()
-        self.model: torch.nn.Module | None = None
-        self.version: str | None = None
         self.switches: list[tuple[float, str]] = []
+        # check_seconds=0: the demo asks between batches, the way a service asks per request
+        self.current = CurrentModel(registry.path, check_seconds=0,
+                                    on_swap=lambda new, old: self.switches.append((time.time(), new.version)))
+        self.switches.append((time.time(), self.current.version))
+        self.version: str | None = self.current.version
         self.tick = 0
         self.rows = 0
         self.labels_written = 0
         self._closed = False
 
     def refresh_model(self) -> bool:
-        """Load CURRENT if it changed; True when the served version changed."""
-        current = self.registry.current()
-        if current is None:
-            raise RuntimeError(f"registry {self.registry.path} has no CURRENT version")
-        if current.version == self.version:
-            return False
-        self.model, mv = self.registry.load_model(current.version)
-        self.data_config = dict(mv.meta.data_config)
-        self.version = current.version
-        self.switches.append((time.time(), current.version))
-        return True
+        """Follow CURRENT (a promotion or rollback); True when the served version changed."""
+        before = self.version
+        self.version = self.current.get().version
+        return self.version != before
 
-    def serve(self, n: int, *, shifted: bool) -> Served:
+    def serve(self, n: int, *, shifted: bool) -> Batch:
         """One tick of traffic: n requests, logged and flushed as one Parquet file."""
-        if self.model is None:
-            self.refresh_model()
+        served = self.current.get()  # one version for the whole batch
+        self.version = served.version
         idx = self.rng.integers(0, len(self.images), size=n)
         batch = self.images[idx]
         if shifted:
             batch = corrupt(batch, self.corruption, self.severity, seed=self.seed * 100_003 + self.tick)
         ids = [f"req-{self.tick:06d}-{i:03d}" for i in range(n)]
         uris = write_images(self.inputs, batch, ids)
-        x = images_to_tensor(batch, self.data_config)
-        features, probs = predict(self.model, x)
+        x = images_to_tensor(batch, served.data_config)  # the version's own preprocessing (timm transforms)
+        features, probs = served.predict(x)
         now = time.time()
         self.writer.write_batch(
-            request_id=ids, timestamp=now, model_version=self.version, features=features, probs=probs, input_uri=uris
+            request_id=ids, timestamp=now, model_version=served.version, features=features, probs=probs, input_uri=uris
         )
         self.writer.flush()
         truth = self.labels[idx]
@@ -101,8 +100,8 @@ class InferenceService:
         self._release_labels()
         self.tick += 1
         self.rows += n
-        return Served(rows=n, timestamp=now, model_version=self.version, accuracy=float((probs.argmax(1) == truth).mean()),
-                      shifted=shifted)
+        return Batch(rows=n, timestamp=now, model_version=served.version,
+                     accuracy=float((probs.argmax(1) == truth).mean()), shifted=shifted)
 
     def _release_labels(self, *, all_of_them: bool = False) -> None:
         while self._pending and (all_of_them or self._pending[0][0] <= self.tick):
