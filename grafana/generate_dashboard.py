@@ -118,6 +118,7 @@ ROWS: tuple[tuple[str, tuple[Panel, ...]], ...] = (
         Panel("Predicted class distribution", (
             _per_version("driftd_predicted_class_tvd", "TVD"),
             _per_version("driftd_predicted_class_chi2_p_value", "chi² p-value"),
+            _per_version("driftd_estimated_class_prior_tvd", "class prior shift (BBSD)"),
         )),
         Panel("Policy alarms", (
             Query(f"driftd_alarm{{{MV}}}", "{{rule}} {{model_version}}"),
@@ -132,11 +133,16 @@ ROWS: tuple[tuple[str, tuple[Panel, ...]], ...] = (
         Panel("Accuracy vs estimated accuracy", (
             _per_version("driftd_window_accuracy", "labelled"),
             _per_version("driftd_estimated_accuracy", "estimated"),
+            _per_version("driftd_estimated_accuracy_lower", "estimate lower bound"),
+            _per_version("driftd_estimated_accuracy_upper", "estimate upper bound"),
             _per_version("driftd_reference_accuracy", "reference"),
             _threshold("accuracy_drop"),
             _threshold("estimated_accuracy_drop"),
-        ), unit="percentunit", width=16),
+        ), unit="percentunit", width=16,
+              description="Measured accuracy on delayed labels beside the label-free estimate and its interval."),
         Panel("Labels behind the accuracy", (_per_version("driftd_window_accuracy_labels", ""),)),
+        Panel("Estimator in force", (Query(f"driftd_estimate_method_info{{{MV}}} == 1", "{{method}} {{model_version}}",
+                                           instant=True),), kind="stat", width=8),
     )),
     ("Retraining", (
         Panel("Runs by outcome", (

@@ -105,6 +105,16 @@ class AccuracyConfig:
 
 
 @dataclass(frozen=True)
+class EstimateConfig:
+    # Lowest error on the real-backbone bench (bench/README.md, estimate_bench.py); every method
+    # is fitted into the reference, so changing this needs no rebuild.
+    method: str = "cott"            # cbpe | doc | atc_mc | atc_ne | cott
+    bootstraps: int = 200           # resamples behind the interval (~0.1 ms each on a 5000-row window)
+    interval: float = 0.9           # confidence level of [lower, upper]
+    seed: int = 0
+
+
+@dataclass(frozen=True)
 class SignalsConfig:
     # Signal matrices are small: more intra-op threads mostly contend with each other and with the
     # inference service next to driftd (measured: 2 threads ran 6x slower than 1 on a busy 2-core host).
@@ -113,6 +123,7 @@ class SignalsConfig:
     mmd: MmdConfig = field(default_factory=MmdConfig)
     online_mmd: OnlineMmdConfig = field(default_factory=OnlineMmdConfig)
     accuracy: AccuracyConfig = field(default_factory=AccuracyConfig)
+    estimate: EstimateConfig = field(default_factory=EstimateConfig)
 
 
 @dataclass(frozen=True)
@@ -299,6 +310,17 @@ def _parse_monitor(root: Section, base: Path) -> MonitorConfig:
         evaluate_every=acc.int("evaluate_every", ac.evaluate_every, minimum=1),
     )
     acc.finish()
+    est = sig.section("estimate")
+    e = EstimateConfig()
+    from monitor.signals.estimate import METHODS
+
+    estimate = EstimateConfig(
+        method=est.choice("method", METHODS, e.method),
+        bootstraps=est.int("bootstraps", e.bootstraps, minimum=10, maximum=100_000),
+        interval=est.float("interval", e.interval, minimum=0.5, maximum=0.999),
+        seed=est.int("seed", e.seed, minimum=0),
+    )
+    est.finish()
     threads = sig.int("threads", SignalsConfig.threads, minimum=1)
     sig.finish()
 
@@ -314,7 +336,8 @@ def _parse_monitor(root: Section, base: Path) -> MonitorConfig:
         reference_dir=Path(resolve_location(reference_dir, base)),
         ingest=ingest,
         window=window,
-        signals=SignalsConfig(threads=threads, activations=activations, mmd=mmd, online_mmd=online, accuracy=accuracy),
+        signals=SignalsConfig(threads=threads, activations=activations, mmd=mmd, online_mmd=online, accuracy=accuracy,
+                              estimate=estimate),
     )
 
 

@@ -56,11 +56,12 @@ STATE_VERSION = 3  # 2: evaluated windows; 3: per-version retrain state, label e
 ACTIONS = ("alert", "retrain")
 OPS = ("above", "below")
 # Signals a drop_from_reference rule may use; min_rows counts their labels rather than window rows.
-ACCURACY_SIGNALS = ("accuracy", "accuracy_last_seconds", "estimated_accuracy")
+ACCURACY_SIGNALS = ("accuracy", "accuracy_last_seconds", "estimated_accuracy", "estimated_accuracy_lower",
+                    "estimated_accuracy_upper")
 # Signals confined to [0, 1]: a rule whose threshold lies outside what its signal can take never fires.
 UNIT_SIGNALS = ("activation_share_significant", "entropy_mean", "entropy_p90", "max_prob_mean", "class_tvd",
                 "class_chi2_p_value", "online_mmd_alarm", "mmd_p_value", "accuracy", "accuracy_last_seconds",
-                "estimated_accuracy")
+                "estimated_accuracy", "estimated_accuracy_lower", "estimated_accuracy_upper", "class_prior_tvd")
 
 # What happened to a rule's observation or to a version's retrain ask: one log line each.
 OUTCOMES = ("alert", "ask", "retrain", "joined", "deferred", "cooldown", "dropped", "cleared")
@@ -585,12 +586,12 @@ def _binomial_errors(evaluation: LabelEvaluation) -> dict[str, float]:
 
 
 def _estimate_errors(window: WindowSignals) -> dict[str, float]:
-    """Standard error of the label-free estimate, from its interval when it carries one."""
+    """Standard error of the label-free estimate, from its bootstrap interval (signals.estimate.interval,
+    two-sided) when it carries one; the bounds themselves are taken as exact."""
     est = window.estimate
-    lower, upper = getattr(est, "lower", None), getattr(est, "upper", None)
-    if est is None or lower is None or upper is None:
+    if est is None or est.lower is None or est.upper is None:
         return {}
-    return {"estimated_accuracy": max(0.0, float(upper) - float(lower)) / (2 * NormalDist().inv_cdf(0.975))}
+    return {"estimated_accuracy": max(0.0, est.upper - est.lower) / (2 * NormalDist().inv_cdf(0.5 + est.interval / 2))}
 
 
 def _is_new(seen: Mapping[str, tuple[str, int]], version: str, reference_id: str, index: int) -> bool:

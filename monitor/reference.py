@@ -2,11 +2,14 @@
 
 A reference holds a capped uniform sample of backbone features (for the MMD tests), exact
 per-dimension mean/variance over every row it saw (for activation shifts), the predicted-class
-distribution, the projection and kernel bandwidth fixed at build time, and a confidence
-calibrator fitted on labelled rows (for the label-free accuracy estimate).
+distribution, the projection and kernel bandwidth fixed at build time, and, from labelled rows,
+every label-free accuracy estimator fitted (monitor/signals/estimate.py) with the confusion
+matrix behind the class-prior estimate.
 
 On disk: ``<reference_dir>/<model_version>/reference.json`` (metadata, format version) and
-``arrays.npz`` (numpy arrays only; loaded with ``allow_pickle=False``).
+``arrays.npz`` (numpy arrays only; loaded with ``allow_pickle=False``). Format 2 added the
+estimators (``estimate.*``); format 1 references (a CBPE calibrator only) still load, and use
+CBPE until rebuilt.
 """
 
 from __future__ import annotations
@@ -25,12 +28,17 @@ import numpy as np
 from monitor.config import MmdConfig
 from monitor.errors import ReferenceMissingError
 from monitor.ingest.records import InferenceBatch
-from monitor.signals.estimate import Calibrator, fit_calibrator
+from monitor.signals.estimate import Calibrator, EstimatorFit, LabelledRows, WindowEstimator, fit_estimators
 from monitor.signals.mmd import median_bandwidth
+from monitor.signals.predictions import normalised_entropy
 from monitor.signals.projection import Projection, fit_projection
+from monitor.signals.transport import top_k
+from monitor.signals.typicality import fit_typicality
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 DEFAULT_MAX_ROWS = 2000
+# Labelled rows kept (a uniform sample) to fit the estimators on: enough for 0.1% precision on
+# accuracy-like parameters, and bounded memory (~200 bytes a row) whatever the logs' size.
 _MAX_CALIBRATION_ROWS = 100_000
 
 
@@ -47,9 +55,14 @@ class Reference:
     projection: Projection         # fitted on the sample; applied before the MMD tests
     bandwidth: float               # Gaussian kernel sigma in the projected space (median heuristic)
     accuracy: float | None         # on labelled rows, when there were labels
-    calibrator: Calibrator | None  # max-prob -> P(correct), when there were labels
+    estimators: EstimatorFit | None  # the label-free accuracy estimators, when there were labels
     labelled_rows: int
     reference_id: str = ""         # content hash, to tell references apart in state and status
+
+    @property
+    def calibrator(self) -> Calibrator | None:
+        """CBPE's max-prob -> P(correct) map, when there were labels."""
+        return None if self.estimators is None else self.estimators.calibrator
 
     @property
     def feature_dim(self) -> int:
@@ -72,9 +85,10 @@ class _Accumulator:
         self.class_counts: np.ndarray | None = None
         self.sample_keys = np.zeros(0)
         self.sample: np.ndarray | None = None
+        self.sample_class = np.zeros(0, dtype=np.int64)  # the model's predicted class of each sample row
         self.cal_keys = np.zeros(0)
-        self.cal_conf = np.zeros(0)
-        self.cal_hit = np.zeros(0)
+        self.cal: dict[str, np.ndarray] = {}             # labelled rows for the estimators (bottom-k)
+        self.confusion: np.ndarray | None = None         # (predicted i, label j) over every labelled row
         self.labelled = 0
         self.correct = 0
 
@@ -88,6 +102,7 @@ class _Accumulator:
             self.m2 = np.zeros(x.shape[1])
             self.class_counts = np.zeros(probs.shape[1], dtype=np.int64)
             self.sample = np.zeros((0, x.shape[1]), dtype=np.float32)
+            self.confusion = np.zeros((probs.shape[1], probs.shape[1]), dtype=np.int64)
         elif x.shape[1] != self.mean.shape[0] or probs.shape[1] != self.class_counts.shape[0]:
             raise ValueError(
                 f"feature/probs width changed within one model_version: {x.shape[1]}/{probs.shape[1]} "
@@ -108,27 +123,46 @@ class _Accumulator:
         all_rows = np.concatenate([self.sample, features.astype(np.float32)])
         keep = np.argsort(all_keys, kind="stable")[: self.max_rows]
         self.sample_keys, self.sample = all_keys[keep], all_rows[keep]
+        self.sample_class = np.concatenate([self.sample_class, probs.argmax(axis=1).astype(np.int64)])[keep]
 
         if label is not None:
             has = label >= 0
             if has.any():
-                conf = probs[has].max(axis=1).astype(np.float64)
-                hit = (prediction[has] == label[has]).astype(np.float64)
-                self.labelled += int(has.sum())
-                self.correct += int(hit.sum())
-                ck = self.rng.random(conf.size)
-                all_ck = np.concatenate([self.cal_keys, ck])
-                keep = np.argsort(all_ck, kind="stable")[:_MAX_CALIBRATION_ROWS]
-                self.cal_keys = all_ck[keep]
-                self.cal_conf = np.concatenate([self.cal_conf, conf])[keep]
-                self.cal_hit = np.concatenate([self.cal_hit, hit])[keep]
+                self._add_labelled(probs[has], prediction[has], label[has])
+
+    def _add_labelled(self, probs: np.ndarray, prediction: np.ndarray, label: np.ndarray) -> None:
+        n_classes = self.class_counts.shape[0]
+        if label.max() >= n_classes:
+            row = int(np.argmax(label >= n_classes))
+            raise ValueError(f"label {int(label[row])} is not a class of the {n_classes} probabilities")
+        hit = (prediction == label).astype(np.float64)
+        self.labelled += label.size
+        self.correct += int(hit.sum())
+        np.add.at(self.confusion, (np.clip(prediction, 0, n_classes - 1), label), 1)
+        top_prob, top_class = top_k(probs, WindowEstimator.top_k(n_classes))
+        rows = {
+            "confidence": probs.max(axis=1).astype(np.float64),
+            "entropy": normalised_entropy(probs),
+            "correct": hit,
+            "label": label.astype(np.int64),
+            "top_prob": top_prob,
+            "top_class": top_class,
+        }
+        all_keys = np.concatenate([self.cal_keys, self.rng.random(label.size)])
+        keep = np.argsort(all_keys, kind="stable")[:_MAX_CALIBRATION_ROWS]
+        self.cal_keys = all_keys[keep]
+        self.cal = {k: (v if k not in self.cal else np.concatenate([self.cal[k], v]))[keep] for k, v in rows.items()}
 
     def finish(self, *, model_version: str, source: str, projection: str, projection_dims: int, seed: int) -> Reference:
         if self.n < 2 or self.mean is None or self.sample is None or self.class_counts is None:
             raise ValueError(f"model_version {model_version!r}: a reference needs at least 2 rows, got {self.n}")
         proj = fit_projection(self.sample, kind=projection, dims=projection_dims, seed=seed)
         sigma = median_bandwidth(proj.apply(self.sample), seed=seed)
-        calibrator = fit_calibrator(self.cal_conf, self.cal_hit) if self.labelled >= 2 else None
+        estimators = None
+        if self.labelled >= 2 and self.confusion is not None:
+            typicality = fit_typicality(self.sample, self.sample_class, n_classes=self.class_counts.size, seed=seed)
+            estimators = fit_estimators(LabelledRows(**self.cal), confusion=self.confusion, typicality=typicality,
+                                        seed=seed)
         return Reference(
             model_version=model_version,
             created_at=time.time(),
@@ -141,7 +175,7 @@ class _Accumulator:
             projection=proj,
             bandwidth=float(sigma),
             accuracy=(self.correct / self.labelled) if self.labelled else None,
-            calibrator=calibrator,
+            estimators=estimators,
             labelled_rows=self.labelled,
         )
 
@@ -256,9 +290,8 @@ def _arrays(ref: Reference) -> dict[str, np.ndarray]:
         "class_counts": ref.class_counts,
     }
     arrays.update({f"projection.{k}": v for k, v in ref.projection.to_arrays().items()})
-    if ref.calibrator is not None:
-        arrays["calibrator.x"] = ref.calibrator.x
-        arrays["calibrator.y"] = ref.calibrator.y
+    if ref.estimators is not None:
+        arrays.update({f"estimate.{k}": v for k, v in ref.estimators.to_arrays().items()})
     return arrays
 
 
@@ -283,6 +316,7 @@ def save_reference(ref: Reference, reference_dir: Path) -> Path:
         "feature_dim": ref.feature_dim,
         "n_classes": ref.n_classes,
         "sample_rows": int(ref.sample.shape[0]),
+        "estimators": [] if ref.estimators is None else list(ref.estimators.methods()),
         "reference_id": hashlib.sha256(data).hexdigest()[:16],
     }
     (tmp / "reference.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
@@ -321,9 +355,19 @@ def load_reference(path: Path) -> Reference:
             arrays = {k: npz[k] for k in npz.files}
     except (OSError, ValueError) as exc:
         raise ReferenceMissingError(f"{path / 'arrays.npz'}: unreadable ({exc}); rebuild the reference") from None
-    calibrator = None
-    if "calibrator.x" in arrays:
-        calibrator = Calibrator(x=arrays["calibrator.x"], y=arrays["calibrator.y"])
+    estimators = None
+    accuracy = meta.get("accuracy")
+    # Format 1 kept the CBPE calibrator at the top level; format 2 keeps every estimator under estimate.
+    prefix = "estimate." if fmt >= 2 else ""
+    if f"{prefix}calibrator.x" in arrays and accuracy is not None:
+        fitted = {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)} if prefix else {
+            k: arrays[k] for k in ("calibrator.x", "calibrator.y")}
+        try:
+            estimators = EstimatorFit.from_arrays(fitted, accuracy=float(accuracy))
+        except KeyError as exc:
+            raise ReferenceMissingError(
+                f"{path / 'arrays.npz'}: estimator array {prefix}{exc.args[0]} is missing; rebuild the reference"
+            ) from None
     projection = Projection.from_arrays({k.split(".", 1)[1]: v for k, v in arrays.items() if k.startswith("projection.")})
     return Reference(
         model_version=meta["model_version"],
@@ -336,8 +380,8 @@ def load_reference(path: Path) -> Reference:
         class_counts=arrays["class_counts"],
         projection=projection,
         bandwidth=float(meta["bandwidth"]),
-        accuracy=meta.get("accuracy"),
-        calibrator=calibrator,
+        accuracy=accuracy,
+        estimators=estimators,
         labelled_rows=int(meta.get("labelled_rows", 0)),
         reference_id=str(meta.get("reference_id", "")),
     )

@@ -23,11 +23,12 @@ from monitor.ingest.records import InferenceBatch, JoinedLabel
 from monitor.reference import Reference
 from monitor.signals.accuracy import AccuracyTracker
 from monitor.signals.activations import activation_stats
+from monitor.signals.estimate import WindowEstimator
 from monitor.signals.mmd import MmdReference, PermutationSchedule, median_bandwidth, mmd_test
 from monitor.signals.online_mmd import OnlineMmd
 from monitor.signals.projection import fit_projection
 from monitor.signals.predictions import normalised_entropy, prediction_stats
-from monitor.signals.results import EstimateStats, LabelEvaluation, OnlineMmdStatus, WindowSignals
+from monitor.signals.results import LabelEvaluation, OnlineMmdStatus, WindowSignals
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,9 @@ class _Window:
     entropy: np.ndarray
     max_prob: np.ndarray
     class_counts: np.ndarray
-    estimate_sum: float
+    top_prob: np.ndarray         # per row, the top-K probabilities (only when the estimator keeps rows)
+    top_class: np.ndarray        # and their classes
+    typical: np.ndarray          # and whether the row looks like the reference (monitor/signals/typicality.py)
     sample_keys: np.ndarray      # bottom-k keys: a uniform subsample for the MMD test
     sample: np.ndarray           # projected features of the subsample
     last_arrival: float          # wall time the last row was ingested (for idle close)
@@ -60,7 +63,9 @@ class _Window:
             entropy=np.zeros(0),
             max_prob=np.zeros(0),
             class_counts=np.zeros(classes, dtype=np.int64),
-            estimate_sum=0.0,
+            top_prob=np.zeros((0, WindowEstimator.top_k(classes)), dtype=np.float32),
+            top_class=np.zeros((0, WindowEstimator.top_k(classes)), dtype=np.int32),
+            typical=np.zeros(0, dtype=bool),
             sample_keys=np.zeros(0),
             sample=np.zeros((0, projected_dim), dtype=np.float32),
             last_arrival=0.0,
@@ -84,7 +89,10 @@ def _accumulate_moments(x: np.ndarray, total: np.ndarray, total_sq: np.ndarray) 
 
 
 _WINDOW_ARRAYS = ("feature_sum", "feature_sumsq", "entropy", "max_prob", "class_counts", "sample_keys", "sample")
-_WINDOW_SCALARS = ("rows", "start_time", "end_time", "estimate_sum", "last_arrival")
+# Per-row estimator data; checkpoints written before it existed lack it (the estimator then
+# skips that one window rather than guess).
+_ESTIMATE_ARRAYS = ("top_prob", "top_class", "typical")
+_WINDOW_SCALARS = ("rows", "start_time", "end_time", "last_arrival")
 
 
 class VersionMonitor:
@@ -124,6 +132,9 @@ class VersionMonitor:
         if sig.online_mmd.enabled and not restored_online:
             self.online = self._calibrate_online()
         self.accuracy = AccuracyTracker(last_n=sig.accuracy.last_n, last_seconds=sig.accuracy.last_seconds)
+        est = sig.estimate
+        self.estimator = WindowEstimator(reference.estimators, method=est.method, bootstraps=est.bootstraps,
+                                         interval=est.interval, seed=est.seed, model_version=reference.model_version)
         self.rng = np.random.default_rng([sig.mmd.seed, 7])
         self.index = 0
         self.evaluation_index = 0
@@ -190,8 +201,11 @@ class VersionMonitor:
         w.entropy = np.concatenate([w.entropy, normalised_entropy(probs)])
         w.max_prob = np.concatenate([w.max_prob, max_prob])
         w.class_counts += np.bincount(batch.prediction[lo:hi], minlength=w.class_counts.size)[: w.class_counts.size]
-        if self.reference.calibrator is not None:
-            w.estimate_sum += float(self.reference.calibrator(max_prob).sum())
+        if self.estimator.keeps_rows:
+            top_prob, top_class, typical = self.estimator.row_data(x, probs)
+            w.top_prob = np.concatenate([w.top_prob, top_prob])
+            w.top_class = np.concatenate([w.top_class, top_class])
+            w.typical = np.concatenate([w.typical, typical])
         w.last_arrival = now
         keys = self.rng.random(hi - lo)
         cap = self.config.signals.mmd.max_window_rows
@@ -257,9 +271,8 @@ class VersionMonitor:
             plan = self.mmd_permutations.for_window(self.index, w.sample.shape[0])
             mmd = mmd_test(self.mmd_permutations.ref, w.sample, plan=plan)
         online = self.online.status() if self.online is not None else _NO_ONLINE
-        estimate = None
-        if ref.calibrator is not None and ref.accuracy is not None:
-            estimate = EstimateStats(estimated_accuracy=w.estimate_sum / w.rows, reference_accuracy=ref.accuracy)
+        estimate = self.estimator.estimate(max_prob=w.max_prob, entropy=w.entropy, top_prob=w.top_prob,
+                                           top_class=w.top_class, typical=w.typical, index=self.index)
         signals = WindowSignals(
             model_version=ref.model_version,
             index=self.index,
@@ -277,7 +290,9 @@ class VersionMonitor:
                 top_k=sig.activations.top_k,
             ),
             predictions=prediction_stats(
-                entropy=w.entropy, max_prob=w.max_prob, class_counts=w.class_counts, ref_class_counts=ref.class_counts
+                entropy=w.entropy, max_prob=w.max_prob, class_counts=w.class_counts, ref_class_counts=ref.class_counts,
+                confusion=None if ref.estimators is None else ref.estimators.confusion,
+                rng=np.random.default_rng([self.index, 0xC1A55]),  # the exact test (small counts), per window
             ),
             mmd=mmd,
             online=online,
@@ -293,7 +308,7 @@ class VersionMonitor:
 
     def state_dict(self) -> tuple[dict[str, np.ndarray], dict]:
         """Arrays (for an npz) and JSON-able metadata."""
-        arrays: dict[str, np.ndarray] = {f"window.{k}": getattr(self.window, k) for k in _WINDOW_ARRAYS}
+        arrays: dict[str, np.ndarray] = {f"window.{k}": getattr(self.window, k) for k in _WINDOW_ARRAYS + _ESTIMATE_ARRAYS}
         arrays.update({f"accuracy.{k}": v for k, v in self.accuracy.state_dict().items()})
         if self.online is not None:
             arrays.update({f"online.{k}": np.asarray(v) for k, v in self.online.state_dict().items()})
@@ -311,6 +326,11 @@ class VersionMonitor:
     def load_state_dict(self, arrays: dict[str, np.ndarray], meta: dict) -> None:
         for k in _WINDOW_ARRAYS:
             setattr(self.window, k, arrays[f"window.{k}"])
+        for k in _ESTIMATE_ARRAYS:
+            empty = getattr(self.window, k)
+            saved = arrays.get(f"window.{k}")
+            if saved is not None and saved.shape[1:] == empty.shape[1:]:
+                setattr(self.window, k, saved.astype(empty.dtype, copy=False))
         for k in _WINDOW_SCALARS:
             value = meta["window"][k]
             setattr(self.window, k, int(value) if k == "rows" else float(value))

@@ -276,3 +276,18 @@ def test_a_window_handed_over_twice_moves_a_streak_once() -> None:
     assert not restored.is_new(w)
     fired = restored.evaluate(make_window(max_abs_shift=5.0, index=4))
     assert [d.outcome for d in fired] == ["alert"]
+
+
+def test_the_estimates_interval_widens_the_margin_of_a_credible_drop() -> None:
+    import dataclasses
+
+    rule = Rule("est", "estimated_accuracy", "below", drop_from_reference=0.05, action="alert", confidence=0.95)
+    pol = Policy(PolicyConfig(rules=(rule,)))
+    base = make_window(estimated_accuracy=0.82)
+    narrow = dataclasses.replace(base, estimate=dataclasses.replace(base.estimate, lower=0.81, upper=0.83))
+    wide = dataclasses.replace(base, estimate=dataclasses.replace(base.estimate, lower=0.70, upper=0.94, interval=0.9))
+    # 0.82 < 0.9 - 0.05: a breach when the estimate is sharp, not when its interval spans the threshold
+    assert [d.outcome for d in pol.evaluate(narrow, reference=REF)] == ["alert"]
+    pol = Policy(PolicyConfig(rules=(rule,)))
+    assert pol.evaluate(wide, reference=REF) == []
+    assert pol.active() == [] and pol.thresholds({"v1": REF}, ["v1"])[("est", "v1")] < 0.82

@@ -167,7 +167,7 @@ def test_prometheus_scrapes_driftd_and_the_drift_alert_fires(tmp_path: Path) -> 
         _wait(lambda: (value(f'driftd_windows_total{{model="{MODEL}"}}') or 0) >= 3, "3 clean windows", procs)
         _wait(lambda: value(f'driftd_mmd_p_value{{model="{MODEL}",model_version="v1"}}') is not None, "MMD p-value", procs)
         assert value(f'driftd_alarm{{model="{MODEL}",model_version="v1",rule="mmd_p_value"}}') == 0
-        assert value(f'driftd_rule_threshold{{model="{MODEL}",model_version="v1",rule="mmd_p_value"}}') == pytest.approx(0.05)
+        assert value(f'driftd_rule_threshold{{model="{MODEL}",model_version="v1",rule="mmd_p_value"}}') == pytest.approx(0.01)
         assert alert_state() == "inactive"
         assert alert_state("DriftdFilesQuarantined") == "inactive"
 

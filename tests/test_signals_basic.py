@@ -74,11 +74,11 @@ def test_entropy_is_normalised_and_class_shift_detected():
     ref_counts = np.array([250, 250, 250, 250])
     same = prediction_stats(
         entropy=np.full(400, 0.3), max_prob=np.full(400, 0.8), class_counts=np.array([100, 100, 100, 100]),
-        ref_class_counts=ref_counts,
+        ref_class_counts=ref_counts, rng=np.random.default_rng(0),
     )
     shifted = prediction_stats(
         entropy=np.full(400, 0.3), max_prob=np.full(400, 0.8), class_counts=np.array([250, 50, 50, 50]),
-        ref_class_counts=ref_counts,
+        ref_class_counts=ref_counts, rng=np.random.default_rng(0),
     )
     assert same.class_tvd == pytest.approx(0.0) and same.class_chi2_p_value > 0.5
     assert shifted.class_tvd == pytest.approx(0.375) and shifted.class_chi2_p_value < 1e-10

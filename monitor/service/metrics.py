@@ -152,7 +152,8 @@ class SnapshotCollector(Collector):
             "driftd_prediction_entropy_p90": ("90th percentile of normalised prediction entropy", lambda w: w.predictions.entropy_p90),
             "driftd_prediction_max_prob_mean": ("Mean max class probability", lambda w: w.predictions.max_prob_mean),
             "driftd_predicted_class_tvd": ("Total variation distance of predicted classes vs reference", lambda w: w.predictions.class_tvd),
-            "driftd_predicted_class_chi2_p_value": ("Chi-square p-value of predicted classes vs reference", lambda w: w.predictions.class_chi2_p_value),
+            "driftd_predicted_class_chi2_p_value": ("Two-sample p-value of predicted-class counts vs the reference sample", lambda w: w.predictions.class_chi2_p_value),
+            "driftd_estimated_class_prior_tvd": ("Total variation of the BBSD-estimated class prior vs the reference's", lambda w: w.predictions.class_prior_tvd),
             "driftd_mmd2": ("Unbiased MMD^2 of the window vs the reference", lambda w: None if w.mmd is None else w.mmd.mmd2),
             "driftd_mmd_p_value": ("Permutation p-value of the MMD test", lambda w: None if w.mmd is None else w.mmd.p_value),
             "driftd_online_mmd_statistic": ("Sequential MMD statistic", lambda w: w.online.statistic),
@@ -160,6 +161,8 @@ class SnapshotCollector(Collector):
             "driftd_window_accuracy": ("Accuracy over the last N joined labels (ratio)", lambda w: w.accuracy.accuracy_last_n),
             "driftd_window_accuracy_labels": ("Labels behind driftd_window_accuracy", lambda w: float(w.accuracy.labels_last_n)),
             "driftd_estimated_accuracy": ("Label-free accuracy estimate (ratio)", lambda w: None if w.estimate is None else w.estimate.estimated_accuracy),
+            "driftd_estimated_accuracy_lower": ("Lower end of the estimate's bootstrap interval (ratio)", lambda w: None if w.estimate is None else w.estimate.lower),
+            "driftd_estimated_accuracy_upper": ("Upper end of the estimate's bootstrap interval (ratio)", lambda w: None if w.estimate is None else w.estimate.upper),
             "driftd_window_rows": ("Rows in the last closed window", lambda w: float(w.rows)),
         }
         versions = sorted(set(s.model_versions) | set(s.windows))
@@ -173,6 +176,14 @@ class SnapshotCollector(Collector):
         for mv in versions:
             ref.add_metric([m, mv], _value(s.reference_accuracy.get(mv)))
         yield ref
+        # Info-style: which estimator produced driftd_estimated_accuracy (signals.estimate.method, or
+        # the fallback a reference from an older driftd forces), one series per version at 1.
+        method = GaugeMetricFamily("driftd_estimate_method_info", "1 for the label-free estimator in force",
+                                   labels=["model", "model_version", "method"])
+        for mv, w in sorted(s.windows.items()):
+            if w.estimate is not None:
+                method.add_metric([m, mv, w.estimate.method], 1.0)
+        yield method
         alarms = CounterMetricFamily("driftd_online_mmd_alarms", "Sequential MMD alarms since the detector started", labels=["model", "model_version"])
         for mv in versions:
             w = s.windows.get(mv)

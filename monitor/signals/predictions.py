@@ -2,14 +2,14 @@
 
 Entropy is divided by log(C) so 0 means certain and 1 means uniform whatever the class count.
 The predicted-class distribution against the reference's is a label-shift proxy available
-before any ground truth arrives.
+before any ground truth arrives: a two-sample test of the counts and, when the reference has
+labels, the BBSD estimate of the window's class prior (monitor/signals/label_shift.py).
 """
 
 from __future__ import annotations
 
 import numpy as np
-from scipy import stats
-
+from monitor.signals.label_shift import class_count_test, estimate_class_prior, total_variation
 from monitor.signals.results import PredictionStats
 
 _EPS = 1e-12
@@ -25,28 +25,32 @@ def normalised_entropy(probs: np.ndarray) -> np.ndarray:
     return np.clip(h / np.log(c), 0.0, 1.0)
 
 
-def smoothed_share(counts: np.ndarray) -> np.ndarray:
-    """Class shares with add-half smoothing, so a class unseen in the reference is not impossible."""
-    counts = np.asarray(counts, dtype=np.float64)
-    return (counts + 0.5) / (counts.sum() + 0.5 * counts.size)
-
-
 def prediction_stats(
     *,
     entropy: np.ndarray,
     max_prob: np.ndarray,
     class_counts: np.ndarray,
     ref_class_counts: np.ndarray,
+    rng: np.random.Generator,
+    confusion: np.ndarray | None = None,
 ) -> PredictionStats:
-    """Window summaries from per-row entropy/max-prob and predicted-class counts."""
+    """Window summaries from per-row entropy/max-prob and predicted-class counts.
+
+    ``confusion`` (predicted i, label j counts on the labelled reference) enables the class-prior
+    estimate; ``rng`` drives the exact test when expected counts are small."""
     if entropy.size == 0:
         raise ValueError("prediction statistics need at least one row")
     counts = np.asarray(class_counts, dtype=np.float64)
+    ref_counts = np.asarray(ref_class_counts)
     n = counts.sum()
     share = counts / n if n > 0 else counts
-    ref_share = smoothed_share(ref_class_counts)
-    tvd = 0.5 * float(np.abs(share - np.asarray(ref_class_counts) / max(np.sum(ref_class_counts), 1)).sum())
-    chi2_p = float(stats.chisquare(counts, f_exp=ref_share * n).pvalue) if n > 0 else 1.0
+    tvd = total_variation(share, ref_counts / max(ref_counts.sum(), 1))
+    test = class_count_test(ref_counts, np.asarray(class_counts), rng=rng)
+    prior = prior_tvd = None
+    if confusion is not None and confusion.sum() > 0:
+        estimated = estimate_class_prior(confusion, counts)
+        prior = tuple(float(v) for v in estimated)
+        prior_tvd = total_variation(estimated, confusion.sum(axis=0) / confusion.sum())
     return PredictionStats(
         entropy_mean=float(entropy.mean()),
         entropy_p50=float(np.quantile(entropy, 0.5)),
@@ -55,6 +59,9 @@ def prediction_stats(
         max_prob_p10=float(np.quantile(max_prob, 0.1)),
         max_prob_p50=float(np.quantile(max_prob, 0.5)),
         class_tvd=tvd,
-        class_chi2_p_value=chi2_p,
+        class_chi2_p_value=test.p_value,
         class_share=tuple(float(s) for s in share),
+        class_test=test.method,
+        class_prior=prior,
+        class_prior_tvd=prior_tvd,
     )

@@ -44,8 +44,17 @@ class PredictionStats:
     max_prob_p10: float
     max_prob_p50: float
     class_tvd: float                # total variation distance of predicted classes vs reference
-    class_chi2_p_value: float       # chi-square test of predicted-class counts vs reference
+    class_chi2_p_value: float       # two-sample test of predicted-class counts, window vs reference sample
     class_share: tuple[float, ...]  # predicted-class distribution in the window
+    # Defaults keep checkpoints written before these fields loadable.
+    class_test: str = "chi2"        # "chi2" (asymptotic) or "exact" (small expected counts)
+    class_prior: tuple[float, ...] | None = None  # BBSD (MLLS) estimate of the window's class prior
+    class_prior_tvd: float | None = None          # its total variation from the reference's label prior
+
+    def __post_init__(self) -> None:
+        # A window read back from the checkpoint's JSON has lists; keep the tuple (hashable, equal).
+        if isinstance(self.class_prior, list):
+            object.__setattr__(self, "class_prior", tuple(self.class_prior))
 
 
 @dataclass(frozen=True)
@@ -81,8 +90,15 @@ class AccuracyStats:
 
 @dataclass(frozen=True)
 class EstimateStats:
-    estimated_accuracy: float       # mean calibrated P(correct) over the window (CBPE-style)
+    estimated_accuracy: float       # label-free estimate of the window's accuracy (``method``)
     reference_accuracy: float       # accuracy on the labelled reference, for scale
+    # Defaults keep checkpoints written before these fields (CBPE only, no interval) loadable.
+    lower: float | None = None      # bootstrap interval (signals.estimate.interval) over window rows
+    upper: float | None = None      # and reference refits
+    method: str = "cbpe"            # the estimator in force (signals.estimate.method, or its fallback)
+    typical_share: float | None = None  # cott: share of rows that look like reference rows of their class
+    target_shift: float | None = None   # cott: total variation of the label prior it assumed vs the reference's
+    interval: float = 0.9           # confidence level of [lower, upper] (two-sided)
 
 
 @dataclass(frozen=True)
@@ -150,6 +166,7 @@ def signal_values(window: WindowSignals) -> dict[str, float]:
         "max_prob_mean": window.predictions.max_prob_mean,
         "class_tvd": window.predictions.class_tvd,
         "class_chi2_p_value": window.predictions.class_chi2_p_value,
+        "class_prior_tvd": window.predictions.class_prior_tvd,
         "online_mmd_statistic": window.online.statistic,
         "online_mmd_threshold": window.online.threshold,
         "online_mmd_alarm": 1.0 if window.online.alarm else 0.0,
@@ -164,6 +181,8 @@ def signal_values(window: WindowSignals) -> dict[str, float]:
         out["accuracy_last_seconds"] = window.accuracy.accuracy_last_seconds
     if window.estimate is not None:
         out["estimated_accuracy"] = window.estimate.estimated_accuracy
+        out["estimated_accuracy_lower"] = window.estimate.lower
+        out["estimated_accuracy_upper"] = window.estimate.upper
     return {k: float(v) for k, v in out.items() if v is not None and math.isfinite(float(v))}
 
 
@@ -192,6 +211,7 @@ SIGNAL_NAMES: tuple[str, ...] = (
     "max_prob_mean",
     "class_tvd",
     "class_chi2_p_value",
+    "class_prior_tvd",
     "online_mmd_statistic",
     "online_mmd_threshold",
     "online_mmd_alarm",
@@ -201,4 +221,6 @@ SIGNAL_NAMES: tuple[str, ...] = (
     "accuracy_labels",
     "accuracy_last_seconds",
     "estimated_accuracy",
+    "estimated_accuracy_lower",
+    "estimated_accuracy_upper",
 )
