@@ -161,3 +161,11 @@ def test_config_validate_names_missing_retraining_paths(tmp_path: Path, capsys):
     assert f"retrain.replay_logs: {tmp_path / 'val-logs'} does not exist" in err
     assert f"retrain.input_root: {tmp_path / 'inputs'} does not exist" in err
     assert "logs.inference" not in err
+
+
+def test_reference_build_warns_when_few_labels_back_its_accuracy(tmp_path: Path, capsys):
+    write_inference(tmp_path / "val", make_rows(300, seed=3, prefix="val"), per_file=300, with_label=True)
+    assert main(["reference", "build", "--logs", str(tmp_path / "val"), "--out", str(tmp_path / "ref")]) == 0
+    out = capsys.readouterr().out
+    assert "warning: only 300 labelled rows back the accuracy of v1 (standard error ~" in out
+    assert "build from >= 1000 labelled rows" in out

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 from dataclasses import replace
 from pathlib import Path
 
@@ -16,6 +17,11 @@ log = logging.getLogger(__name__)
 # monitor.reference.DEFAULT_MAX_ROWS, repeated so `--help` need not import torch
 # (tests/test_cli_imports.py checks the two agree).
 DEFAULT_MAX_ROWS = 2000
+
+
+# Below this many labelled rows the reference's accuracy has a standard error above ~0.01-0.015:
+# the accuracy rules' credible margin (monitor.policy) then costs real sensitivity.
+WELL_MEASURED_LABELS = 1000
 
 
 def build(args: argparse.Namespace) -> int:
@@ -74,6 +80,11 @@ def build(args: argparse.Namespace) -> int:
         )
         if ref.calibrator is None:
             print(f"  note: no `label` column for {version}: the label-free accuracy estimate is disabled")
+        elif ref.labelled_rows < WELL_MEASURED_LABELS:
+            se = math.sqrt(max(ref.accuracy * (1 - ref.accuracy), 0.01) / ref.labelled_rows)
+            print(f"  warning: only {ref.labelled_rows} labelled rows back the accuracy of {version} "
+                  f"(standard error ~{se:.3f}); the accuracy rules compare production with it, and their "
+                  f"margin widens to cover it: build from >= {WELL_MEASURED_LABELS} labelled rows for sharp rules")
     if rejected or skipped:
         print(f"{rejected} rows rejected, {skipped} files skipped (see warnings above)")
     return 0
