@@ -104,6 +104,11 @@ class AccuracyConfig:
     evaluate_every: int = 200
 
 
+# Label-free estimators (monitor.signals.estimate.METHODS is this tuple; named here so reading a
+# config imports neither the estimators nor scipy).
+ESTIMATE_METHODS: tuple[str, ...] = ("cbpe", "doc", "atc_mc", "atc_ne", "cott")
+
+
 @dataclass(frozen=True)
 class EstimateConfig:
     # Lowest error on the real-backbone bench (bench/README.md, estimate_bench.py); every method
@@ -312,10 +317,8 @@ def _parse_monitor(root: Section, base: Path) -> MonitorConfig:
     acc.finish()
     est = sig.section("estimate")
     e = EstimateConfig()
-    from monitor.signals.estimate import METHODS
-
     estimate = EstimateConfig(
-        method=est.choice("method", METHODS, e.method),
+        method=est.choice("method", ESTIMATE_METHODS, e.method),
         bootstraps=est.int("bootstraps", e.bootstraps, minimum=10, maximum=100_000),
         interval=est.float("interval", e.interval, minimum=0.5, maximum=0.999),
         seed=est.int("seed", e.seed, minimum=0),

@@ -28,6 +28,7 @@ def _with_closed_stdout(args: list[str]) -> subprocess.CompletedProcess[bytes]:
 def test_a_closed_stdout_is_a_quiet_exit(tmp_path: Path) -> None:
     config = tmp_path / "driftd.yaml"
     config.write_text(f"logs:\n  inference: {tmp_path / 'logs'}\n", encoding="utf-8")
+    (tmp_path / "logs").mkdir()  # a configured log directory must exist
     result = _with_closed_stdout(["config", "validate", "--config", str(config)])  # `... | head -2`
     assert result.returncode == 141, result.stderr.decode()
     assert result.stderr == b"", result.stderr.decode()  # no "internal error", no "Exception ignored"

@@ -70,7 +70,7 @@ def test_import_recorded_the_served_config(world) -> None:
 def test_training_and_both_gate_slices_see_the_served_transform(world) -> None:
     config = load_config(world.config_path)
     current = Registry(world.root / "registry").current()
-    data = load_training_data(config, current.meta.data_config, num_classes=10, now=NOW)
+    data = load_training_data(config, current.meta.data_config, num_classes=10)
     assert data.mode == "images"
     production = torch.stack([_by_hand(p) for p in sorted((world.root / "inputs" / "production").glob("*.png"))])
     source = torch.stack([_by_hand(p) for p in sorted((world.root / "inputs" / "source").glob("*.png"))])

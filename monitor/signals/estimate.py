@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.optimize import isotonic_regression
 
+from monitor.config import ESTIMATE_METHODS
 from monitor.signals.cott import CottFit, correct_mass, cott_window, fit_cott
 from monitor.signals.results import EstimateStats
 from monitor.signals.transport import TOP_K, top_k
@@ -34,7 +35,7 @@ from monitor.signals.typicality import TypicalityBank
 
 log = logging.getLogger(__name__)
 
-METHODS: tuple[str, ...] = ("cbpe", "doc", "atc_mc", "atc_ne", "cott")
+METHODS: tuple[str, ...] = ESTIMATE_METHODS  # the config's choices (monitor.config), in fitting order
 # When the configured method cannot be used with a reference (one built by an older driftd, or
 # without the rows a method needs), the best available one in this order is used instead: the
 # bench's ranking (bench/README.md).
