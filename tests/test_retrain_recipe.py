@@ -71,11 +71,16 @@ def test_gradient_explosion_trips_the_guard_and_restores_best_weights(setup) -> 
         calls["n"] += 1
         return output * 1e6 if calls["n"] == 20 else None  # mid phase 2, after the spike window warmed up
 
-    model.layer4.register_forward_hook(explode)
+    model.layer4[-1].register_forward_hook(explode)  # a block: the recipe runs blocks, not stage containers
     hyper = dataclasses.replace(FAST_HYPER, epochs_head=1, epochs_finetune=4, patience=5, schedule="onecycle")
-    report = fine_tune(model, training, hyper, choose_strategy(10, 1.0), device=CPU, progress=record)
+    events: list[dict] = []
+    report = fine_tune(model, training, hyper, choose_strategy(10, 1.0), device=CPU,
+                       progress=lambda e: (record(e), events.append(e)))
     finetune = report.phases[-1]
-    assert finetune.stopped.startswith("guard:") and report.guard_message
+    # the spike stopped the first attempt before it improved: the phase restarted at 1/10 the LR
+    assert len(report.trips) == 1 and "attempt 1 at lr 0.002" in report.trips[0] and "running median" in report.trips[0]
+    assert [e["guard"] for e in events if e["event"] == "guard"] == ["grad_spike", "backoff"]
+    assert finetune.lr == pytest.approx(2e-4) and not finetune.stopped.startswith("guard:")
     best = snapshots[finetune.best_epoch]
     assert all(torch.equal(v, best[k]) for k, v in model.state_dict().items())
     assert all(torch.isfinite(p).all() for p in model.parameters())
