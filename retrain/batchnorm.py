@@ -87,7 +87,8 @@ def load_stats(layers: Iterable[nn.modules.batchnorm._BatchNorm], stats: list[di
 @torch.no_grad()
 def reestimate(layers: list[nn.modules.batchnorm._BatchNorm], forward: Callable[[torch.Tensor], object],
                batches: Iterable[torch.Tensor]) -> int:
-    """Replace the statistics of ``layers`` by their exact average over ``batches`` (AdaBN).
+    """Replace the statistics of ``layers`` by the plain average of their batch statistics over
+    ``batches`` (AdaBN; equal-sized batches weigh equally).
 
     Only those layers run in train mode (cumulative averaging, momentum None); everything
     else keeps the caller's modes. Returns the number of rows seen.
