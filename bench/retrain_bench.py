@@ -192,6 +192,11 @@ def run_case(world: World, kind: str, severity: float, args: argparse.Namespace,
     plan = choose_strategy(labelled, gap)
     report = fine_tune(model, training, hyper, plan, device=CPU)
     record("driftd default", model, time.perf_counter() - t, _describe(plan.name, report))
+    for name in args.strategies:
+        t = time.perf_counter()
+        other = copy.deepcopy(world.source)
+        report = fine_tune(other, training, hyper, choose_strategy(labelled, gap, requested=name), device=CPU)
+        record(f"driftd {name}", other, time.perf_counter() - t, _describe(name, report))
     for mode in args.bn_study:
         t = time.perf_counter()
         study = copy.deepcopy(world.source)
@@ -349,6 +354,8 @@ def main() -> int:
     parser.add_argument("--oracle-epochs", type=int, default=6)
     parser.add_argument("--bn-study", nargs="*", default=[], choices=("frozen", "adapt", "floor"),
                         help="also run the recipe with these BatchNorm treatments (BN decision by measurement)")
+    parser.add_argument("--strategies", nargs="*", default=[], choices=("top_blocks", "all_but_stem", "full"),
+                        help="also run the recipe with these strategies forced")
     parser.add_argument("--hyper", nargs="*", default=[], metavar="KEY=VALUE", help="override HyperConfig fields")
     parser.add_argument("--no-speed", action="store_true")
     parser.add_argument("--speed-only", action="store_true")

@@ -25,7 +25,7 @@ for every row (retrain.trunk), so an epoch runs only the trainable part.
 from __future__ import annotations
 
 import copy
-import math
+import logging
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -48,6 +48,7 @@ from retrain.strategy import StrategyPlan, layer_groups
 from retrain.trunk import Suffix, Trunk, activation_bytes, find_trunk, prefix_activations
 
 Progress = Callable[[dict], None]
+log = logging.getLogger(__name__)
 
 PROGRESS_EVERY = 25      # steps between "step" events: the daemon's guard gauges read the last line
 CHECK_EVERY = 50         # steps between validation checks of the val_rise guard inside an epoch
@@ -109,6 +110,10 @@ class _Ctx:
             self.history.append(event)
         if self.rank == 0:
             self.progress(event)
+            if event["event"] == "guard":  # every trip is a line in the job's log too
+                log.warning("retrain guard (%s, %s): %s", event.get("phase"), event.get("guard"), event["message"])
+            elif event["event"] == "phase" and event.get("phase") != "head" and event.get("phase") != "finetune":
+                log.info("retrain %s: %s", event.get("phase"), event.get("message"))
 
 
 def resolve_device(name: str) -> torch.device:
@@ -476,6 +481,7 @@ def _finetune_phase(model: nn.Module, data: TrainingSet, plan: StrategyPlan, ctx
                   + (f" after {len(trips)} backoff(s)" if trips else ""))
         why = f"fine-tuning did not improve validation loss (head phase {head_val:.3f}; {detail})"
         record["head_only_reason"] = why
+        log.warning("retrain: kept the head-phase weights: %s", why)
         ctx.emit({"event": "phase", "phase": "finetune", "val_loss": head_val,
                   "message": f"kept the head-phase weights: {why}"})
     record.update(report=report, trips=trips, drift=anchor.drift(), kept=improved, lr=lr)
