@@ -177,6 +177,8 @@ def run_case(world: World, kind: str, severity: float, args: argparse.Namespace,
                         accuracy(model, world.clean_test, CPU), g.promote, g.forgetting, seconds, note))
         print(f"  {case:12s} seed {world.seed} {method:15s} target {rows[-1].target:.3f} source {rows[-1].source:.3f} "
               f"gate {'promote' if g.promote else 'reject':7s} {seconds:6.1f}s {note}", flush=True)
+        if args.gate_reasons:
+            print(f"    gate: {g.reason}", flush=True)
 
     record("no retrain", world.source, 0.0, f"gap {gap:.2f}, {labelled} labelled rows")
     t = time.perf_counter()
@@ -417,6 +419,7 @@ def main() -> int:
                         help="also run the recipe with these strategies forced")
     parser.add_argument("--hyper", nargs="*", default=[], metavar="KEY=VALUE", help="override HyperConfig fields")
     parser.add_argument("--no-speed", action="store_true")
+    parser.add_argument("--gate-reasons", action="store_true", help="print each gate decision's reason")
     parser.add_argument("--speed-rounds", type=int, default=5)
     parser.add_argument("--speed-retrain", action="store_true",
                         help="also time whole 2000-image retrains, quiet and beside a hog (slow on a busy box)")
