@@ -51,7 +51,7 @@ from retrain.batches import Split, TrainingSet  # noqa: E402
 from retrain.config import GateConfig, HyperConfig  # noqa: E402
 from retrain.digits import CORRUPTIONS, corrupt, train_digits_model  # noqa: E402
 from retrain.gate import accuracy, evaluate_gate  # noqa: E402
-from retrain.model import images_to_tensor, predict, resolve_data_config  # noqa: E402
+from retrain.model import images_to_tensor, predict  # noqa: E402
 from retrain.recipe import RecipeReport, fine_tune  # noqa: E402
 from retrain.strategy import choose_strategy, domain_gap  # noqa: E402
 
