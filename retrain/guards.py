@@ -2,6 +2,9 @@
 
 - :class:`SpikeDetector`: a gradient-norm spike (factor over the running median) or a non-finite
   loss means the step diverged; the recipe stops the phase and restores its best weights.
+- :class:`BaselineGuard`: the fine-tune phase judged against the head-trained model it started
+  from: a gradient norm ``factor`` x the norm measured there (a running median follows a slow
+  climb; a fixed baseline does not), or a validation loss ``val_rise`` x the head phase's best.
 - :class:`Anchor`: L2-SP (pull toward the starting weights) and optional EWC (the same pull
   weighted by a Fisher diagonal estimated on reference data), plus the weight drift that is
   reported to the progress callback.
@@ -67,6 +70,48 @@ class SpikeDetector:
     def load_state_dict(self, state: dict[str, list[float]]) -> None:
         self._norms.clear()
         self._norms.extend(state["norms"])
+
+
+class BaselineGuard:
+    """Fixed baselines from the head phase; ``check_step`` and ``check_val`` raise GuardTripped.
+
+    ``grad_baseline``: median gradient norm of the trainable parameters at the head-trained
+    weights (measured before any fine-tune step); ``val_baseline``: the head phase's best
+    validation loss. A gradient norm over ``factor`` x baseline on ``consecutive`` steps in a
+    row trips "grad_ratio" (one step can be an outlier; two in a row is a trend).
+    """
+
+    def __init__(self, grad_baseline: float, val_baseline: float, *, factor: float, val_rise: float,
+                 consecutive: int = 2):
+        self.grad_baseline = grad_baseline
+        self.val_baseline = val_baseline
+        self.factor = factor
+        self.val_rise = val_rise
+        self.consecutive = consecutive
+        self._over = 0
+        self.max_ratio = 0.0
+
+    def ratio(self, norm: float) -> float:
+        return norm / self.grad_baseline if self.grad_baseline > 0 else 0.0
+
+    def check_step(self, norm: float) -> None:
+        ratio = self.ratio(norm)
+        self.max_ratio = max(self.max_ratio, ratio)
+        self._over = self._over + 1 if ratio > self.factor else 0
+        if self._over >= self.consecutive:
+            raise GuardTripped(
+                "grad_ratio",
+                f"gradient norm {norm:.3g} is {ratio:.0f}x the head-trained model's {self.grad_baseline:.3g} "
+                f"for {self._over} steps (limit {self.factor:g}x)")
+
+    def check_val(self, val_loss: float) -> None:
+        if not torch.isfinite(torch.tensor(val_loss)):
+            raise GuardTripped("non_finite", f"validation loss is {val_loss}")
+        if val_loss > self.val_rise * self.val_baseline:
+            raise GuardTripped(
+                "val_rise",
+                f"validation loss {val_loss:.3g} rose above {self.val_rise:g}x the head phase's "
+                f"{self.val_baseline:.3g}")
 
 
 @dataclass(frozen=True)

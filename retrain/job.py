@@ -198,18 +198,19 @@ def run_job(config: Config, job_dir: Path, *, reason: str, progress: Callable[[d
             return finish("rejected", "non-zero rank: rank 0 gates and records")
         gate = _gate(config, candidate, current_model, start, data, device)
         state["gate"] = {**gate.to_json(), "guard": report.guard_message, "weight_drift": report.weight_drift,
-                         "phases": [p.__dict__ for p in report.phases], "train_seconds": report.seconds}
+                         "phases": [p.__dict__ for p in report.phases], "train_seconds": report.seconds,
+                         "recipe": report.to_json()}
         emit({"event": "gate", "message": gate.reason, **gate.to_json()})
         state["candidate"] = registry.add(candidate, _meta(config, current, plan, data, state["gate"], job_dir.name))
         if not gate.promote:
-            return finish("rejected", gate.reason)
+            return finish("rejected", report.outcome_reason("rejected", gate.reason))
         # reference first: the monitor must never find a CURRENT version it has no reference for
         state["reference"] = _save_reference(config, candidate, state["candidate"], data, device)
         registry.promote(state["candidate"])
         # the hand-off to serving (retrain.on_promote): logged and counted, never fails the job
         run_on_promote(config, event="promotion", version=state["candidate"], previous=state["current"],
                        by=f"retrain job {job_dir.name}")
-        return finish("promoted", gate.reason)
+        return finish("promoted", report.outcome_reason("promoted", gate.reason))
     except Exception as exc:  # one catch point per job: the daemon must get a result, not a traceback
         log.exception("retrain job %s failed", job_dir.name)
         return finish("failed", f"{type(exc).__name__}: {exc}")

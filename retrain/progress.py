@@ -1,7 +1,9 @@
 """The files a retrain job leaves in its job directory, which the daemon reads.
 
 ``progress.jsonl``: one JSON object per line, appended as the job runs:
-``{"time": epoch s, "event": "started"|"phase"|"epoch"|"guard"|"gate"|"promoted"|"rejected"|"failed", ...}``.
+``{"time": epoch s, "event": "started"|"phase"|"epoch"|"step"|"guard"|"gate"|"promoted"|"rejected"|"failed", ...}``;
+"step" comes every 25 fine-tune steps with ``epoch``, ``grad_norm`` and ``weight_drift`` (the
+daemon's guard gauges read the last line), "guard" on every trip.
 ``result.json``: the :class:`JobResult`, written once, atomically, at the end.
 """
 
@@ -18,7 +20,7 @@ from retrain.files import write_atomic
 
 PROGRESS_FILE = "progress.jsonl"
 RESULT_FILE = "result.json"
-EVENTS = ("started", "phase", "epoch", "guard", "gate", "promoted", "rejected", "failed")
+EVENTS = ("started", "phase", "epoch", "step", "guard", "gate", "promoted", "rejected", "failed")
 
 
 @dataclass(frozen=True)

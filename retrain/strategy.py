@@ -7,7 +7,10 @@
 
 Layer decay belongs to the strategy: input-level shifts need early layers to move, so the
 dissimilar strategies decay the learning rate less with depth. Defaults chosen with
-``bench/retrain_bench.py`` (see bench/README.md).
+``bench/retrain_bench.py`` (see bench/README.md). On the pretrained MobileNetV2 (noise:1,
+seed 0, 600 rows) all_but_stem reached 0.408 target accuracy against top_blocks' 0.332 at the
+same source accuracy, so the table stands, at a cost: all_but_stem freezes only the stem, so the
+activation cache saves little, and "full" (large + dissimilar) nothing.
 """
 
 from __future__ import annotations

@@ -214,3 +214,17 @@ def test_external_job_is_left_running_and_reattached(tmp_path: Path) -> None:
     assert again.attached == [{"kind": "fake", "name": job_id}] and again.launched == []
     info = again.queue.get(job_id)
     assert (info["attempts"], info["resumed"], info["outcome"]) == (1, True, "promoted")
+
+
+def test_the_gauges_keep_their_last_value_between_progress_lines(tmp_path: Path) -> None:
+    from monitor.service.retrain_queue import last_progress
+
+    (tmp_path / "progress.jsonl").write_text("\n".join(json.dumps(e) for e in (
+        {"event": "step", "epoch": 1, "grad_norm": 2.5, "weight_drift": 0.1},
+        {"event": "epoch", "epoch": 1, "grad_norm": 3.0, "weight_drift": 0.2},
+        {"event": "phase", "phase": "finetune"},
+        {"event": "guard", "message": "spike"},
+    )) + "\n{\"event\": \"ste")  # a line being written
+    assert last_progress(tmp_path) == {"event": "guard", "message": "spike", "epoch": 1, "grad_norm": 3.0,
+                                       "weight_drift": 0.2}
+    assert last_progress(tmp_path / "nowhere") == {}

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
+import math
+
 import pytest
 import timm
 import torch
@@ -58,3 +61,91 @@ def test_wise_ft_interpolates_and_keeps_the_chosen_mix() -> None:
     assert result.wise_alpha in (0.25, 0.5, 0.75, 1.0)
     kept = interpolate(start, original, result.wise_alpha)
     assert all(torch.equal(v, kept[k]) for k, v in tuned.state_dict().items())
+
+
+def test_baseline_guard_trips_on_a_sustained_jump_and_on_a_validation_rise() -> None:
+    from retrain.guards import BaselineGuard
+
+    guard = BaselineGuard(2.0, 0.25, factor=10.0, val_rise=1.5)
+    for norm in (3.0, 30.0, 5.0, 4.0):  # a single outlier passes: the ratio must hold for 2 steps
+        guard.check_step(norm)
+    guard.check_step(140.0)
+    with pytest.raises(GuardTripped) as err:
+        guard.check_step(150.0)  # 70x the head-trained model's norm, twice in a row
+    assert err.value.kind == "grad_ratio" and "75x the head-trained model's 2" in str(err.value)
+    assert guard.max_ratio == 75.0
+    guard.check_val(0.37)
+    with pytest.raises(GuardTripped) as err:
+        guard.check_val(1.46)
+    assert err.value.kind == "val_rise" and "1.46 rose above 1.5x the head phase's 0.25" in str(err.value)
+    with pytest.raises(GuardTripped, match="validation loss is nan"):
+        guard.check_val(float("nan"))
+
+
+def test_lr_range_test_suggests_a_third_of_the_divergence_onset_and_stops_there() -> None:
+    from retrain.lr_finder import range_test
+
+    seen: list[float] = []
+
+    def step(lr: float) -> float:  # loss falls until lr 1e-2, then blows up
+        seen.append(lr)
+        return 1.0 - 0.1 * math.log10(lr / 1e-7) if lr <= 1e-2 else 10.0 * (lr / 1e-2)
+
+    test = range_test(step, start=1e-7, end=1.0, steps=36)
+    assert test.lrs[0] == pytest.approx(1e-7) and len(seen) < 36  # stopped once the loss ran away
+    onset = max(lr for lr in test.lrs if lr <= 1e-2)  # the last LR before the loss turned up
+    assert test.suggestion == pytest.approx(onset / 3) and "using 1/3" in test.reason
+    flip = itertools.count()
+    noisy = range_test(lambda lr: 1.0 + 0.05 * (-1) ** next(flip) if lr < 1e-4 else 5.0, steps=30)
+    assert 3e-5 < noisy.suggestion * 3 < 1e-4  # a flat, noisy start does not pull it down
+    nan = range_test(lambda lr: float("nan"), steps=5)
+    assert nan.suggestion == 1e-7 and "diverged" in nan.reason
+    with pytest.raises(ValueError, match="0 < start < end"):
+        range_test(step, start=1.0, end=1e-3)
+
+
+def test_batchnorm_inspection_counts_collapsed_channels_and_reestimation_is_exact() -> None:
+    from retrain.batchnorm import batchnorm_layers, inspect_batchnorm, reestimate
+
+    torch.manual_seed(0)
+    model = timm.create_model("test_resnet", num_classes=10).eval()
+    layers = batchnorm_layers(model)
+    name, bn = layers[3]
+    bn.running_var[:5] = 5.6e-45
+    report = inspect_batchnorm(model)
+    assert report.near_zero == 5 and report.channels == sum(b.num_features for _, b in layers)
+    assert report.worst_layers[0] == (name, 5, bn.num_features) and report.smallest_var < 1e-44
+    assert "5/" in report.message() and name in report.message()
+    # AdaBN: the plain average of the batches' statistics, whatever the momentum was
+    stem = model.conv1[0]
+    first_bn = model.conv1[1]
+    x = torch.randn(24, 3, 16, 16)
+    rows = reestimate([first_bn], lambda inp: first_bn(stem(inp)), [x[:8], x[8:16], x[16:]])
+    with torch.no_grad():
+        h = stem(x)
+    assert rows == 24 and first_bn.momentum == 0.1 and not first_bn.training
+    assert torch.allclose(first_bn.running_mean, h.mean((0, 2, 3)), atol=1e-5)
+    per_batch = torch.stack([h[i : i + 8].var((0, 2, 3)) for i in (0, 8, 16)]).mean(0)
+    assert torch.allclose(first_bn.running_var, per_batch, rtol=1e-4)
+
+
+def test_trunk_is_forward_features_as_a_chain_and_the_suffix_is_the_rest() -> None:
+    from retrain.trunk import Suffix, find_trunk, prefix_activations
+
+    torch.manual_seed(0)
+    model = timm.create_model("test_resnet", num_classes=10).eval()
+    x = torch.randn(4, 3, 16, 16)
+    trunk = find_trunk(model, x)
+    assert trunk is not None and trunk.names[0] == "conv1.0" and trunk.names[-1].startswith("layer4")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in model.layer3.parameters():
+        p.requires_grad_(True)
+    start = trunk.first_trainable()
+    assert trunk.names[start] == "layer3.0"
+    h = prefix_activations(trunk, start, x, device=torch.device("cpu"))
+    with torch.no_grad():
+        assert torch.allclose(Suffix(model, trunk, start)(h), model(x), atol=1e-5)
+    vit = timm.create_model("test_vit", num_classes=10).eval()
+    size = vit.pretrained_cfg["input_size"][1:]
+    assert find_trunk(vit, torch.randn(2, 3, *size)) is None  # position embeddings: not a chain

@@ -70,11 +70,16 @@ def test_gradient_explosion_trips_the_guard_and_restores_best_weights(setup) -> 
         calls["n"] += 1
         return output * 1e6 if calls["n"] == 20 else None  # mid phase 2, after the spike window warmed up
 
-    model.layer4.register_forward_hook(explode)
+    model.layer4[-1].register_forward_hook(explode)  # a block: the recipe runs blocks, not stage containers
     hyper = dataclasses.replace(FAST_HYPER, epochs_head=1, epochs_finetune=4, patience=5, schedule="onecycle")
-    report = fine_tune(model, training, hyper, choose_strategy(10, 1.0), device=CPU, progress=record)
+    events: list[dict] = []
+    report = fine_tune(model, training, hyper, choose_strategy(10, 1.0), device=CPU,
+                       progress=lambda e: (record(e), events.append(e)))
     finetune = report.phases[-1]
-    assert finetune.stopped.startswith("guard:") and report.guard_message
+    # the spike stopped the first attempt before it improved: the phase restarted at 1/10 the LR
+    assert len(report.trips) == 1 and "attempt 1 at lr 0.002" in report.trips[0] and "running median" in report.trips[0]
+    assert [e["guard"] for e in events if e["event"] == "guard"] == ["grad_spike", "backoff"]
+    assert finetune.lr == pytest.approx(2e-4) and not finetune.stopped.startswith("guard:")
     best = snapshots[finetune.best_epoch]
     assert all(torch.equal(v, best[k]) for k, v in model.state_dict().items())
     assert all(torch.isfinite(p).all() for p in model.parameters())
@@ -87,3 +92,49 @@ def test_strategy_table_and_override() -> None:
     assert choose_strategy(5000, 0.9).name == "full"
     plan = choose_strategy(100, 0.0, requested="full", layer_decay=0.5)
     assert plan.name == "full" and plan.layer_decay == 0.5 and "set in config" in plan.reason
+
+
+@pytest.mark.slow
+def test_cached_prefix_trains_like_the_whole_network_and_the_lr_comes_from_a_range_test(setup) -> None:
+    source, training, _, _ = setup
+    hyper = dataclasses.replace(FAST_HYPER, epochs_head=2, epochs_finetune=2, lr_backbone=None)
+    plan = choose_strategy(len(training.train), 0.0, requested="top_blocks")
+    runs = {}
+    for cache_mb in (2048, 0):
+        model, events = copy.deepcopy(source), []
+        report = fine_tune(model, training, dataclasses.replace(hyper, cache_mb=cache_mb), plan, device=CPU,
+                           progress=events.append)
+        runs[cache_mb] = (model, report, events)
+    (cached, report, events), (whole, whole_report, _) = runs[2048], runs[0]
+    assert report.prefix_cache["cached"] and report.prefix_cache["at"].startswith("layer")
+    assert not whole_report.prefix_cache["cached"] and "cache_mb 0" in whole_report.prefix_cache["reason"]
+    # the same steps on the same batches: only where the frozen layers' output came from differs
+    assert report.lr_search["suggestion"] == pytest.approx(whole_report.lr_search["suggestion"], rel=1e-3)
+    assert report.phases[-1].lr == report.lr_search["suggestion"]
+    assert report.phases[-1].best_val_loss == pytest.approx(whole_report.phases[-1].best_val_loss, rel=1e-2)
+    assert any(e["event"] == "phase" and e["phase"] == "lr_range_test" for e in events)
+    steps = [e for e in events if e["event"] == "step"]
+    assert steps and all({"epoch", "grad_norm", "weight_drift"} <= e.keys() for e in steps)
+    assert all(b["step"] - a["step"] <= 25 for a, b in zip(steps, steps[1:]))
+    assert report.phases[-1].images_per_second > 0 and report.batchnorm["inspection"]["channels"] > 0
+
+
+@pytest.mark.slow
+def test_a_diverging_fine_tune_backs_off_then_keeps_the_head_phase_and_says_so(setup) -> None:
+    source, training, _, _ = setup
+    hyper = dataclasses.replace(FAST_HYPER, epochs_head=2, epochs_finetune=2, lr_backbone=10.0, max_backoffs=1)
+    model, events = copy.deepcopy(source), []
+    report = fine_tune(model, training, hyper, choose_strategy(len(training.train), 0.0, requested="top_blocks"),
+                       device=CPU, progress=events.append)
+    assert len(report.trips) == 2 and "attempt 1 at lr 10" in report.trips[0] and "attempt 2 at lr 1" in report.trips[1]
+    guards = [e for e in events if e["event"] == "guard"]
+    assert "backoff" in [e["guard"] for e in guards] and all(e["message"] for e in guards)
+    assert not report.finetune_kept
+    assert report.head_only_reason.startswith("fine-tuning did not improve validation loss (head phase ")
+    assert report.outcome_reason("promoted", "promote: x").startswith(
+        "promoted head-only: fine-tuning did not improve validation loss (")
+    # what is left is the head-only model (its features came through the cached prefix: float rounding apart)
+    head_only = copy.deepcopy(source)
+    fine_tune(head_only, training, hyper, choose_strategy(10, 0.0, requested="head"), device=CPU)
+    assert all(torch.allclose(v.float(), head_only.state_dict()[k].float(), atol=1e-3)
+               for k, v in model.state_dict().items())

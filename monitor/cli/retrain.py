@@ -77,22 +77,31 @@ def _local(config: Any, reason: str) -> int:
     budget = {"head": hyper.epochs_head, "finetune": hyper.epochs_finetune}  # upper bounds: early stop may end sooner
 
     def progress(event: dict[str, Any]) -> None:
-        kind, phase = event.get("event"), event.get("phase")
-        if kind == "epoch" and phase in budget:
-            done, total = int(event.get("epoch", 0)) + 1, max(1, budget[phase])
-            filled = min(20, round(20 * done / total))
-            line = (f"[retrain] {phase:<8} [{'#' * filled}{'.' * (20 - filled)}] epoch {done}/{total}"
-                    f" train_loss={event.get('train_loss', float('nan')):.4g} val_loss={event.get('val_loss', float('nan')):.4g}"
-                    f" grad_norm={event.get('grad_norm', float('nan')):.3g} weight_drift={event.get('weight_drift', float('nan')):.3g}")
-            print("\r" + line + " " * 4, end="", file=sys.stderr, flush=True)
-        elif kind == "started":
-            print(f"[retrain] started on {event.get('device')} ({event.get('world_size')} process(es))",
-                  end="", file=sys.stderr, flush=True)
-        elif kind in ("phase", "guard", "gate", "promoted", "rejected", "failed"):
-            print(f"\n[retrain] {kind}: {event.get('message', '')}", end="", file=sys.stderr, flush=True)
+        line = progress_line(event, budget)
+        if line is not None:
+            print(line, end="", file=sys.stderr, flush=True)
 
     result = run_job(config, job_dir, reason=reason, progress=progress)
     print(file=sys.stderr)
     print(json.dumps(result.to_json(), default=str, indent=1))
     print(f"job {job_id}: {result.outcome} ({result.reason})")
     return 0 if result.outcome in ("promoted", "rejected") else 1
+
+
+def progress_line(event: dict[str, Any], budget: dict[str, int]) -> str | None:
+    """What ``--local`` prints for one progress event (None: nothing). An "epoch" event carries
+    the number of the epoch just finished (1-based), which is what the bar shows."""
+    kind, phase = event.get("event"), event.get("phase")
+    if kind in ("epoch", "step") and phase in budget:
+        done, total = int(event.get("epoch", 0)), max(1, budget[phase])
+        filled = min(20, round(20 * (done if kind == "epoch" else done - 1) / total))
+        losses = (f" train_loss={event.get('train_loss', float('nan')):.4g}"
+                  + (f" val_loss={event['val_loss']:.4g}" if "val_loss" in event else f" step {event.get('step')}"))
+        return (f"\r[retrain] {phase:<8} [{'#' * filled}{'.' * (20 - filled)}] epoch {done}/{total}{losses}"
+                f" grad_norm={event.get('grad_norm', float('nan')):.3g}"
+                f" weight_drift={event.get('weight_drift', float('nan')):.3g}    ")
+    if kind == "started":
+        return f"[retrain] started on {event.get('device')} ({event.get('world_size')} process(es))"
+    if kind in ("phase", "guard", "gate", "promoted", "rejected", "failed"):
+        return f"\n[retrain] {kind}: {event.get('message', '')}"
+    return None

@@ -169,20 +169,35 @@ def read_json(path: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
+# The gauges' keys keep their last reported value while lines without them (a phase starting,
+# a guard trip) come in between; otherwise driftd_retrain_* would read NaN between epochs.
+GAUGE_KEYS = ("epoch", "grad_norm", "weight_drift")
+
+
 def last_progress(job_dir: Path) -> dict[str, Any]:
-    """The last complete JSON line of ``progress.jsonl`` ({} when none yet)."""
+    """The last complete JSON line of ``progress.jsonl``, with the last value reported for each
+    of ``GAUGE_KEYS`` filled in ({} when none yet)."""
     try:
         lines = (job_dir / "progress.jsonl").read_text(encoding="utf-8").splitlines()
     except OSError:
         return {}
+    last: dict[str, Any] | None = None
+    gauges: dict[str, Any] = {}
     for line in reversed(lines):
         try:
             data = json.loads(line)
         except ValueError:
             continue  # a line being written right now
-        if isinstance(data, dict):
-            return data
-    return {}
+        if not isinstance(data, dict):
+            continue
+        if last is None:
+            last = data
+        for key in GAUGE_KEYS:
+            if key not in gauges and key in data:
+                gauges[key] = data[key]
+        if len(gauges) == len(GAUGE_KEYS):
+            break
+    return {} if last is None else {**gauges, **last}
 
 
 class RetrainQueue:
