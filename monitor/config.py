@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import os
 import tomllib
-import urllib.parse
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 import yaml
 
-from monitor.configutil import Section
+from monitor.configutil import Section, comparable_location, redact_location, resolve_location
 from monitor.errors import ConfigError
 
 
@@ -155,51 +154,6 @@ class Config:
     retrain: Any
 
 
-_SECRET_QUERY_KEYS = ("access_key", "secret_key", "session_token")
-
-
-def redact_location(location: str) -> str:
-    """A location fit for logs and error messages: credentials a URI may carry (user:secret@ or
-    access_key/secret_key/session_token options) replaced by ***.
-
-    Works on the raw text, not a URI parse: an unencoded secret may contain "/" (AWS keys do),
-    which would end a parser's authority early and leave the secret in the "path"."""
-    if "://" not in location:
-        return location
-    scheme, rest = location.split("://", 1)
-    head, sep, query = rest.partition("?")
-    at = head.rfind("@")
-    # user@ / user:secret@ before the bucket; an "@" deeper in a path without ":" before it is
-    # taken as part of an object key (over-redacting a message is the safe mistake)
-    if at >= 0 and ("/" not in head[:at] or ":" in head[:at]):
-        head = "***" + head[at:]
-    if query:
-        query = "&".join(
-            f"{item.partition('=')[0]}=***" if item.partition("=")[0] in _SECRET_QUERY_KEYS else item
-            for item in query.split("&")
-        )
-    return f"{scheme}://{head}{sep}{query}"
-
-
-def _comparable(location: str) -> PurePosixPath:
-    """A location as a path for containment checks: a URI becomes scheme/bucket/key (its query,
-    e.g. an S3 endpoint, dropped), a local path stays itself."""
-    if "://" not in location:
-        return PurePosixPath(location)
-    parts = urllib.parse.urlsplit(location)
-    if parts.scheme == "file":  # the same files as the local path
-        return PurePosixPath(parts.path)
-    return PurePosixPath("/", parts.scheme, parts.netloc.rpartition("@")[2], parts.path.lstrip("/"))
-
-
-def resolve_location(value: str, base: Path) -> str:
-    """A path relative to the config file, or a URI (``s3://``, ``gs://``, ``file://``) unchanged."""
-    if "://" in value:
-        return value
-    path = Path(os.path.expanduser(value))
-    return str(path if path.is_absolute() else (base / path).resolve())
-
-
 def _check_online(root: Section, online: OnlineMmdConfig) -> None:
     """Settings the detector could not calibrate are config errors, not a failure every cycle."""
     from monitor.signals.bootstraps import required_bootstraps  # arithmetic only: no torch here
@@ -243,7 +197,7 @@ def _parse_monitor(root: Section, base: Path) -> MonitorConfig:
     for location in (inference, labels):
         if ingest.quarantine_dir is None or not location:
             continue
-        q, logs_root = _comparable(ingest.quarantine_dir), _comparable(resolve_location(location, base))
+        q, logs_root = comparable_location(ingest.quarantine_dir), comparable_location(resolve_location(location, base))
         # The tailer skips names starting with "_" or "."; anything else inside the logs is read again.
         if q.is_relative_to(logs_root) and not any(p.startswith(("_", ".")) for p in q.relative_to(logs_root).parts):
             root.error(

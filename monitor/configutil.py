@@ -1,12 +1,18 @@
-"""Reading one config section into typed values, collecting every error with its key path.
+"""Reading one config section into typed values, collecting every error with its key path, and
+the locations a config names (paths relative to the config file, or URIs).
 
 Sections are parsed once at the edge (see ``monitor.config.load_config``); code inside
-driftd only sees the frozen dataclasses the parsers build.
+driftd only sees the frozen dataclasses the parsers build. Every section owner (the monitor
+core, the policy, the service, retrain) builds on this module, which imports nothing of
+driftd, so no owner needs another to read its own keys.
 """
 
 from __future__ import annotations
 
+import os
+import urllib.parse
 from collections.abc import Mapping, Sequence
+from pathlib import Path, PurePosixPath
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -131,3 +137,48 @@ class Section:
         for name in unknown:
             allowed = ", ".join(sorted(self._known)) or "(none)"
             self.errors.append(f"{self.key(name)}: unknown key; allowed keys here: {allowed}")
+
+
+_SECRET_QUERY_KEYS = ("access_key", "secret_key", "session_token")
+
+
+def redact_location(location: str) -> str:
+    """A location fit for logs and error messages: credentials a URI may carry (user:secret@ or
+    access_key/secret_key/session_token options) replaced by ***.
+
+    Works on the raw text, not a URI parse: an unencoded secret may contain "/" (AWS keys do),
+    which would end a parser's authority early and leave the secret in the "path"."""
+    if "://" not in location:
+        return location
+    scheme, rest = location.split("://", 1)
+    head, sep, query = rest.partition("?")
+    at = head.rfind("@")
+    # user@ / user:secret@ before the bucket; an "@" deeper in a path without ":" before it is
+    # taken as part of an object key (over-redacting a message is the safe mistake)
+    if at >= 0 and ("/" not in head[:at] or ":" in head[:at]):
+        head = "***" + head[at:]
+    if query:
+        query = "&".join(
+            f"{item.partition('=')[0]}=***" if item.partition("=")[0] in _SECRET_QUERY_KEYS else item
+            for item in query.split("&")
+        )
+    return f"{scheme}://{head}{sep}{query}"
+
+
+def comparable_location(location: str) -> PurePosixPath:
+    """A location as a path for containment checks: a URI becomes scheme/bucket/key (its query,
+    e.g. an S3 endpoint, dropped), a local path stays itself."""
+    if "://" not in location:
+        return PurePosixPath(location)
+    parts = urllib.parse.urlsplit(location)
+    if parts.scheme == "file":  # the same files as the local path
+        return PurePosixPath(parts.path)
+    return PurePosixPath("/", parts.scheme, parts.netloc.rpartition("@")[2], parts.path.lstrip("/"))
+
+
+def resolve_location(value: str, base: Path) -> str:
+    """A path relative to the config file, or a URI (``s3://``, ``gs://``, ``file://``) unchanged."""
+    if "://" in value:
+        return value
+    path = Path(os.path.expanduser(value))
+    return str(path if path.is_absolute() else (base / path).resolve())

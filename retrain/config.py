@@ -13,8 +13,7 @@ import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from monitor.config import resolve_location
-from monitor.configutil import Section
+from monitor.configutil import Section, resolve_location
 
 MODES = ("auto", "images", "features")
 STRATEGIES = ("auto", "head", "top_blocks", "all_but_stem", "full")

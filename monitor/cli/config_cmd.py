@@ -7,7 +7,7 @@ import urllib.parse
 from pathlib import Path
 
 from monitor.cli.common import add_config_argument, load_config
-from monitor.config import redact_location
+from monitor.configutil import redact_location
 from monitor.errors import ConfigError
 
 EPILOG = """examples:

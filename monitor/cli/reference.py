@@ -9,7 +9,8 @@ from dataclasses import replace
 from pathlib import Path
 
 from monitor.cli.common import UsageError, add_config_argument
-from monitor.config import IngestConfig, MmdConfig, load_config, redact_location
+from monitor.config import IngestConfig, MmdConfig, load_config
+from monitor.configutil import redact_location
 from monitor.errors import ContractError, DriftdError
 
 log = logging.getLogger(__name__)

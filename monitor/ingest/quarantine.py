@@ -32,7 +32,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from monitor.config import redact_location
+from monitor.configutil import redact_location
 from monitor.errors import ContractError
 from monitor.ingest.contract import RowRejections
 from monitor.ingest.store import FileProgress, StateStore

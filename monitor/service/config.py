@@ -13,8 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from monitor.config import resolve_location
-from monitor.configutil import Section
+from monitor.configutil import Section, resolve_location
 from monitor.errors import ConfigError
 
 
