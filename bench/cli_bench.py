@@ -44,7 +44,7 @@ def build_world(tmp: Path) -> Path:
     """Config, reference, logs directory and a registry with v1 and v2 (v2 CURRENT)."""
     import timm
 
-    from monitor.reference import build_reference, save_reference
+    from monitor.engine.reference import build_reference, save_reference
     from retrain.registry import ModelMeta, Registry
 
     rng = np.random.default_rng(0)

@@ -3,7 +3,7 @@
 The production model is bench/backbone.py's MobileNetV2 (torchvision's ImageNet weights in timm)
 with a head trained on clean digits (``train_source``, served at 64 px through
 ``SERVED_DATA_CONFIG``). The labelled reference is a held-out clean split, built into a reference
-by driftd's own builder (monitor.reference.build_reference); every estimator is then asked, with
+by driftd's own builder (monitor.engine.reference.build_reference); every estimator is then asked, with
 the code the daemon runs (monitor.signals.estimate.WindowEstimator), for the accuracy of a window
 of held-out images under each shift: retrain/digits.py's real corruptions (noise, blur, rotate,
 contrast) at several severities, label-prior shifts (classes resampled), and prior shifts on top
@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from backbone import SERVED_DATA_CONFIG, train_source  # noqa: E402
 
-from monitor.reference import build_reference  # noqa: E402
+from monitor.engine.reference import build_reference  # noqa: E402
 from monitor.signals.estimate import METHODS, WindowEstimator  # noqa: E402
 from monitor.signals.predictions import normalised_entropy  # noqa: E402
 from retrain.digits import corrupt, load_digits_images  # noqa: E402

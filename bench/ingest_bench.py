@@ -86,7 +86,7 @@ def raw_read(logs: Path) -> dict:
 def engine_run(work: Path, logs: Path) -> dict:
     """The engine with the default config, stage times measured by wrapping the stage functions."""
     from monitor import engine as engine_mod
-    from monitor import window as window_mod
+    from monitor.engine import window as window_mod
     from monitor.config import parse_config
     from monitor.ingest import labels as labels_mod
     from monitor.ingest import tail as tail_mod
@@ -173,7 +173,7 @@ def main() -> None:
     if args.child:
         _child(*args.child)
         return
-    from monitor.reference import ReferenceBuilder, save_reference
+    from monitor.engine.reference import ReferenceBuilder, save_reference
     from monitor.ingest.tail import Tailer
     from monitor.config import IngestConfig
 

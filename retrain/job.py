@@ -99,7 +99,7 @@ def _save_reference(config: Config, model: torch.nn.Module, version: str, data: 
     another distribution than the stream it watches makes the MMD tests alarm on unchanged
     traffic, and so does one that counts an input twice (it looks tighter than fresh traffic).
     """
-    from monitor.reference import build_reference, save_reference
+    from monitor.engine.reference import build_reference, save_reference
 
     rows = data.monitor_rows
     total = max(data.monitor_heldout, min(MIN_REFERENCE_ROWS, len(rows)))

@@ -118,7 +118,7 @@ def write_labels(directory: Path, rows: Rows, *, delay: float = 60.0, name: str 
 def build_reference(tmp: Path, *, n: int = 3000, seed: int = 1, version: str = "v1", projection: str = "pca",
                     dims: int = 8) -> Path:
     """Validation logs with labels -> a reference directory, through the real builder."""
-    from monitor.reference import build_reference as build, save_reference
+    from monitor.engine.reference import build_reference as build, save_reference
 
     rows = make_rows(n, seed=seed, version=version, prefix="val")
     ref = build(model_version=version, features=rows.features, probs=rows.probs, labels=rows.label,

@@ -82,7 +82,7 @@ def test_the_audit_sees_heavy_imports(world: dict) -> None:
 
 def test_reference_help_default_matches_the_builder() -> None:
     from monitor.cli.reference import DEFAULT_MAX_ROWS
-    from monitor.reference import DEFAULT_MAX_ROWS as BUILDER_DEFAULT
+    from monitor.engine.reference import DEFAULT_MAX_ROWS as BUILDER_DEFAULT
 
     assert DEFAULT_MAX_ROWS == BUILDER_DEFAULT
 

@@ -15,7 +15,7 @@ import pytest
 
 from engine_helpers import build_reference, config_doc, make_rows, write_inference, write_labels
 from monitor.config import parse_config
-from monitor.engine import Engine
+from monitor.engine.cycle import Engine
 from monitor.ingest.store import connect_readonly
 from monitor.errors import ReferenceMissingError
 
@@ -123,7 +123,7 @@ _CRASHY = textwrap.dedent(
     sys.path.insert(0, {tests!r})
     from engine_helpers import config_doc
     from monitor.config import parse_config
-    from monitor.engine import Engine
+    from monitor.engine.cycle import Engine
     tick = itertools.count()
     cfg = parse_config(json.loads({doc!r}), source="test", base=__import__("pathlib").Path({tmp!r}))
     # a clock that advances 1 s per reading forces frequent intermediate checkpoints
@@ -186,7 +186,7 @@ def test_an_unexpected_error_mid_cycle_rolls_back_to_the_checkpoint(tmp_path: Pa
     rows = make_rows(1000, seed=60)
     write_inference(tmp_path / "logs", rows, per_file=1000, row_group_size=250)
     engine = _engine(tmp_path, ref, **{"ingest.batch_rows": 250})
-    from monitor import window as window_mod
+    from monitor.engine import window as window_mod
 
     original = window_mod.VersionMonitor.add
     calls = {"n": 0}

@@ -18,7 +18,7 @@ import pytest
 from engine_helpers import make_rows
 from monitor.config import parse_config
 from monitor.errors import ConfigError
-from monitor.reference import FORMAT_VERSION, build_reference, load_reference, save_reference
+from monitor.engine.reference import FORMAT_VERSION, build_reference, load_reference, save_reference
 from monitor.signals.estimate import METHODS, WindowEstimator, atc_threshold
 from monitor.signals.predictions import normalised_entropy
 from monitor.signals.transport import top_k, transport_plan
@@ -186,7 +186,7 @@ def _batch(rows):
 
 def test_a_checkpointed_window_keeps_its_per_row_estimator_data(tmp_path: Path, reference):
     from engine_helpers import config_doc
-    from monitor.window import VersionMonitor
+    from monitor.engine.window import VersionMonitor
 
     # 600-row windows: COTT's error grows in small windows (transporting a few hundred rows onto
     # a prior they only match up to sampling noise counts that noise as error).

@@ -159,7 +159,7 @@ def test_sighup_with_the_reference_directory_gone_keeps_the_references(tmp_path:
     import shutil
 
     from monitor.config import parse_config
-    from monitor.engine import Engine
+    from monitor.engine.cycle import Engine
     from monitor.errors import ReferenceMissingError
 
     ref = build_reference(tmp_path)

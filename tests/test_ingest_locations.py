@@ -10,7 +10,7 @@ import pytest
 from engine_helpers import build_reference, config_doc
 from monitor.config import parse_config
 from monitor.configutil import redact_location
-from monitor.engine import Engine
+from monitor.engine.cycle import Engine
 from monitor.errors import ConfigError, ContractError
 from monitor.ingest.store import StateStore
 

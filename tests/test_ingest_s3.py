@@ -22,7 +22,7 @@ import yaml
 from engine_helpers import build_reference, config_doc, make_rows, write_inference, write_labels
 from monitor.cli import main
 from monitor.config import parse_config
-from monitor.engine import Engine
+from monitor.engine.cycle import Engine
 from monitor.ingest.quarantine import QuarantineRecord
 from s3_helpers import S3_ENV, S3Server, moto_server, object_keys, read_object, require_moto_server, upload
 

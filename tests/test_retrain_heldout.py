@@ -19,10 +19,10 @@ import torch
 import yaml
 
 from monitor.config import load_config
-from monitor.engine import Engine
+from monitor.engine.cycle import Engine
 from monitor.ingest.writer import LogWriter
 from monitor.policy import Policy, ReferenceFacts
-from monitor.reference import build_reference, load_references, save_reference
+from monitor.engine.reference import build_reference, load_references, save_reference
 from monitor.signals.results import WindowSignals
 from retrain.digits import corrupt
 from retrain.job import run_job

@@ -13,7 +13,7 @@ import torch
 import yaml
 
 from monitor.config import load_config
-from monitor.reference import load_references
+from monitor.engine.reference import load_references
 from retrain.data import DataError, resolve_input
 from retrain.job import main, read_progress, read_result, run_job
 from retrain.launch.local import launch_local

@@ -72,7 +72,7 @@ def format_table(windows: list[WindowSignals], scored: list[tuple[int, int]] | N
 
 def run(args: argparse.Namespace) -> int:
     config = config_from_flags(args, _FLAGS)
-    from monitor.engine import Engine  # torch and scipy load only for commands that need them
+    from monitor.engine.cycle import Engine  # torch and scipy load only for commands that need them
     from monitor.signals.results import to_jsonable
 
     state_dir = config.monitor.state_dir

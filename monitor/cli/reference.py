@@ -15,7 +15,7 @@ from monitor.errors import ContractError, DriftdError
 
 log = logging.getLogger(__name__)
 
-# monitor.reference.DEFAULT_MAX_ROWS, repeated so `--help` need not import torch
+# monitor.engine.reference.DEFAULT_MAX_ROWS, repeated so `--help` need not import torch
 # (tests/test_cli_imports.py checks the two agree).
 DEFAULT_MAX_ROWS = 2000
 
@@ -42,7 +42,7 @@ def build(args: argparse.Namespace) -> int:
     # Validation logs are complete by the time a reference is built: nothing to wait for.
     tailer = Tailer(args.logs, "inference", replace(ingest, settle_seconds=0.0, max_files_per_cycle=10**9),
                     key="--logs")  # a missing local directory: exit 2 naming the flag
-    from monitor.reference import ReferenceBuilder, save_reference  # torch and scipy: only to build one
+    from monitor.engine.reference import ReferenceBuilder, save_reference  # torch and scipy: only to build one
 
     builder = ReferenceBuilder(
         max_rows=args.max_rows,

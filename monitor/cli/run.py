@@ -30,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
     # The engine (torch, scipy: seconds on a busy host) loads before Daemon() binds the API socket.
     # The other way round, a readiness probe connects to a socket nobody serves yet, gives up, and
     # its late answer fails with a broken pipe that lands in the log as a non-JSON traceback.
-    import monitor.engine  # noqa: F401
+    import monitor.engine.cycle  # noqa: F401
     from monitor.service.daemon import Daemon
     code = Daemon(config, config_path=config.source).serve()
     if code != 0:

@@ -133,7 +133,7 @@ def _prepare(s: DemoSettings, say: Callable[[str], None]) -> dict[str, Any]:
     from safetensors.torch import save_file
 
     from monitor.ingest.writer import LogWriter
-    from monitor.reference import build_reference, save_reference
+    from monitor.engine.reference import build_reference, save_reference
     from retrain.digits import load_digits_images, train_digits_model, write_images
     from retrain.model import images_to_tensor, predict
     from retrain.registry import Registry, import_safetensors
@@ -200,7 +200,7 @@ def _evaluate(registry: Any, versions: list[str], images: np.ndarray, labels: np
 def _replay_windows(config_path: Path, state: Path) -> list[dict[str, Any]]:
     """Every window of the run, recomputed from the logs with the same config and references."""
     from monitor.config import load_config
-    from monitor.engine import Engine
+    from monitor.engine.cycle import Engine
     from monitor.signals.results import to_jsonable
 
     config = load_config(config_path)

@@ -201,7 +201,7 @@ class Daemon:
     # -- lifecycle -----------------------------------------------------------------------------
     def start(self) -> None:
         """Serve HTTP, load references and state, start the scheduler (first cycle runs at once)."""
-        from monitor.engine import Engine
+        from monitor.engine.cycle import Engine
 
         cfg = self.config
         self.api.start()

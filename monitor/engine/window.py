@@ -20,7 +20,7 @@ import numpy as np
 
 from monitor.config import MonitorConfig
 from monitor.ingest.records import InferenceBatch, JoinedLabel
-from monitor.reference import Reference
+from monitor.engine.reference import Reference
 from monitor.signals.accuracy import AccuracyTracker
 from monitor.signals.activations import activation_stats
 from monitor.signals.estimate import WindowEstimator
@@ -30,7 +30,7 @@ from monitor.signals.projection import fit_projection
 from monitor.signals.predictions import normalised_entropy, prediction_stats
 from monitor.signals.results import LabelEvaluation, OnlineMmdStatus, WindowSignals
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("monitor.window")  # the logger name from before the move: log filters keep working
 
 
 @dataclass

@@ -36,11 +36,11 @@ from monitor.ingest.quarantine import Quarantine
 from monitor.ingest.records import InferenceBatch, JoinedLabel
 from monitor.ingest.store import WATERMARK, FileProgress, StateStore, connect_readonly
 from monitor.ingest.tail import Chunk, FileNotReady, Tailer
-from monitor.reference import Reference, load_references
+from monitor.engine.reference import Reference, load_references
 from monitor.signals.results import LabelEvaluation, WindowSignals
-from monitor.window import VersionMonitor
+from monitor.engine.window import VersionMonitor
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("monitor.engine")  # the logger name from before the move: log filters keep working
 
 STATE_BLOB = "engine"
 STATE_FORMAT = 3  # 2: unacknowledged windows; 3: label evaluations, per-version event times
