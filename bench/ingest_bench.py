@@ -124,8 +124,8 @@ def engine_run(work: Path, logs: Path) -> dict:
 
     timed_iter(tail_mod.Tailer, "read", "read+validate")
     timed(labels_mod.LabelJoiner, "add_predictions", "label-join buffer")
-    timed(window_mod.VersionMonitor, "_absorb", "window stats+online MMD")
-    timed(window_mod.VersionMonitor, "_close", "window close (MMD test etc.)")
+    timed(window_mod.WindowTracker, "_absorb", "window stats+online MMD")
+    timed(window_mod.WindowTracker, "_close", "window close (MMD test etc.)")
     timed(engine_mod.Engine, "_checkpoint", "checkpoint")
 
     cfg = parse_config(

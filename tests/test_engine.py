@@ -188,7 +188,7 @@ def test_an_unexpected_error_mid_cycle_rolls_back_to_the_checkpoint(tmp_path: Pa
     engine = _engine(tmp_path, ref, **{"ingest.batch_rows": 250})
     from monitor.engine import window as window_mod
 
-    original = window_mod.VersionMonitor.add
+    original = window_mod.WindowTracker.add
     calls = {"n": 0}
 
     def flaky(self, batch, *, now):
@@ -197,7 +197,7 @@ def test_an_unexpected_error_mid_cycle_rolls_back_to_the_checkpoint(tmp_path: Pa
             raise RuntimeError("device lost")  # e.g. a CUDA error in a signal
         return original(self, batch, now=now)
 
-    monkeypatch.setattr(window_mod.VersionMonitor, "add", flaky)
+    monkeypatch.setattr(window_mod.WindowTracker, "add", flaky)
     try:
         with pytest.raises(RuntimeError, match="device lost"):
             engine.run_cycle()

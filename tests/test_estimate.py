@@ -186,7 +186,7 @@ def _batch(rows):
 
 def test_a_checkpointed_window_keeps_its_per_row_estimator_data(tmp_path: Path, reference):
     from engine_helpers import config_doc
-    from monitor.engine.window import VersionMonitor
+    from monitor.engine.window import WindowTracker
 
     # 600-row windows: COTT's error grows in small windows (transporting a few hundred rows onto
     # a prior they only match up to sampling noise counts that noise as error).
@@ -196,19 +196,19 @@ def test_a_checkpointed_window_keeps_its_per_row_estimator_data(tmp_path: Path, 
                        source="t", base=tmp_path).monitor
     rows = make_rows(1200, seed=56, shift=10.0)
     first, second, third = _batch(rows.slice(0, 450)), _batch(rows.slice(450, 600)), _batch(rows.slice(600, 1200))
-    live = VersionMonitor(reference, cfg)
+    live = WindowTracker(reference, cfg)
     assert live.estimator.method == "cott"
     assert live.add(first, now=0.0) == []
     saved, meta = live.state_dict()
     arrays = {k: np.array(v, copy=True) for k, v in saved.items()}  # as the engine's npz would hold them
-    restored = VersionMonitor(reference, cfg, state=({k: v.copy() for k, v in arrays.items()}, meta))
+    restored = WindowTracker(reference, cfg, state=({k: v.copy() for k, v in arrays.items()}, meta))
     (a,), (b,) = live.add(second, now=1.0), restored.add(second, now=1.0)
     assert a.estimate == b.estimate and a.estimate.method == "cott"
     assert a.estimate.estimated_accuracy == pytest.approx(_accuracy(rows.slice(0, 600)), abs=0.05)
     # A checkpoint from before the per-row data existed: that window goes without an estimate,
     # the next one has it again.
     old = {k: v.copy() for k, v in arrays.items() if k not in ("window.top_prob", "window.top_class", "window.typical")}
-    upgraded = VersionMonitor(reference, cfg, state=(old, meta))
+    upgraded = WindowTracker(reference, cfg, state=(old, meta))
     (c,) = upgraded.add(second, now=1.0)
     assert c.estimate is None and c.predictions == a.predictions
     (d,) = upgraded.add(third, now=2.0)

@@ -1,7 +1,7 @@
 """The monitoring engine: new log rows in, WindowSignals out, with an exactly-once checkpoint.
 
 One cycle tails the inference logs then the label logs, validates each bounded chunk against
-the contract, joins labels, feeds each model_version's :class:`VersionMonitor`, and commits.
+the contract, joins labels, feeds each model_version's :class:`WindowTracker`, and commits.
 The ingest cursor, the label buffers and every signal's state live in one SQLite transaction
 (``monitor.ingest.store``): a crash or ``kill -9`` anywhere rolls back to the last commit, and
 the rows after it are read again exactly once, because the state they changed rolled back too.
@@ -38,7 +38,7 @@ from monitor.ingest.store import WATERMARK, FileProgress, StateStore, connect_re
 from monitor.ingest.tail import Chunk, FileNotReady, Tailer
 from monitor.engine.reference import Reference, load_references
 from monitor.signals.results import LabelEvaluation, WindowSignals
-from monitor.engine.window import VersionMonitor
+from monitor.engine.window import WindowTracker
 
 log = logging.getLogger("monitor.engine")  # the logger name from before the move: log filters keep working
 
@@ -67,7 +67,7 @@ class CycleReport:
 
 
 class Engine:
-    """Owns the state store, the tailers and one VersionMonitor per model_version with a reference."""
+    """Owns the state store, the tailers and one WindowTracker per model_version with a reference."""
 
     def __init__(self, config: MonitorConfig, *, clock: Callable[[], float] = time.time):
         self.config = config
@@ -87,7 +87,7 @@ class Engine:
             self.quarantine = Quarantine(self.store, config.ingest.quarantine_dir, clock=clock)
             self.joiner = LabelJoiner(self.store, config.ingest)
             self.watermark: float | None = self.store.get_mark(WATERMARK)
-            self.monitors: dict[str, VersionMonitor] = {}
+            self.trackers: dict[str, WindowTracker] = {}
             self._latest: dict[str, WindowSignals] = {}
             self._unacked: list[WindowSignals] = []  # closed windows the consumer has not acknowledged
             self._unacked_evaluations: list[LabelEvaluation] = []
@@ -120,7 +120,7 @@ class Engine:
             return self._cycle(should_stop, on_checkpoint)
         except BaseException:
             self.store.rollback()
-            self.monitors.clear()
+            self.trackers.clear()
             self._latest, self._unacked, self._unacked_evaluations = {}, [], []
             self.version_times = {}
             self.joiner = LabelJoiner(self.store, self.config.ingest)  # its join number rolled back too
@@ -185,13 +185,13 @@ class Engine:
                 "%d predictions expired unlabelled, %d early labels never matched, %d predictions and %d labels "
                 "dropped over the caps", _iso(self.watermark), expired.labelled_pruned, expired.predictions_expired,
                 expired.labels_unmatched, expired.predictions_dropped, expired.labels_dropped)
-        for monitor in self.monitors.values():
-            flushed = monitor.flush_labels()
+        for tracker in self.trackers.values():
+            flushed = tracker.flush_labels()
             if flushed is not None:
                 evaluations += self._record_evaluations([flushed])
         now = self.clock()
-        for monitor in self.monitors.values():
-            idle = monitor.close_if_idle(now)
+        for tracker in self.trackers.values():
+            idle = tracker.close_if_idle(now)
             if idle is not None:
                 windows += self._record([idle])
         self._checkpoint()
@@ -273,7 +273,7 @@ class Engine:
             old = self.references.get(version)
             if old is None or old.reference_id != ref.reference_id:
                 log.info("reference for model_version %s %s", version, "loaded" if old is None else "replaced")
-                self.monitors.pop(version, None)
+                self.trackers.pop(version, None)
                 self._warned_missing.discard(version)
         self.references = fresh
 
@@ -331,11 +331,11 @@ class Engine:
             part = batch if versions.size == 1 else batch.take(batch.model_version == version)
             self.store.add_counter("rows", str(version), len(part))
             self._note_version_time(str(version), part.timestamp)
-            monitor = self._monitor(str(version))
-            if monitor is None:
+            tracker = self._tracker(str(version))
+            if tracker is None:
                 self.store.add_counter("rows_without_reference", str(version), len(part))
                 continue
-            windows += self._record(monitor.add(part, now=now))
+            windows += self._record(tracker.add(part, now=now))
         return len(batch), windows, joined, evaluations
 
     def _advance_watermark(self, newest: float) -> None:
@@ -388,12 +388,12 @@ class Engine:
             by_version.setdefault(j.model_version, []).append(j)
         evaluations: list[LabelEvaluation] = []
         for version, items in by_version.items():
-            monitor = self._monitor(version)
-            if monitor is not None:
-                evaluations += self._record_evaluations(monitor.add_labels(items))
+            tracker = self._tracker(version)
+            if tracker is not None:
+                evaluations += self._record_evaluations(tracker.add_labels(items))
                 # Labels arrive after their window closed: keep the latest view's accuracy current.
                 if version in self._latest:
-                    self._latest[version] = dataclasses.replace(self._latest[version], accuracy=monitor.accuracy.stats())
+                    self._latest[version] = dataclasses.replace(self._latest[version], accuracy=tracker.accuracy.stats())
         return evaluations
 
     def _record_evaluations(self, evaluations: list[LabelEvaluation]) -> list[LabelEvaluation]:
@@ -403,10 +403,10 @@ class Engine:
             del self._unacked_evaluations[:-_MAX_UNACKED]
         return evaluations
 
-    def _monitor(self, version: str) -> VersionMonitor | None:
-        monitor = self.monitors.get(version)
-        if monitor is not None:
-            return monitor
+    def _tracker(self, version: str) -> WindowTracker | None:
+        tracker = self.trackers.get(version)
+        if tracker is not None:
+            return tracker
         if version not in self.references and version not in self._looked_up:
             self._looked_up.add(version)  # once a cycle: the disk is not re-read for every chunk
             try:
@@ -424,8 +424,8 @@ class Engine:
                     version, self.config.reference_dir, version, self.config.reference_dir,
                 )
             return None
-        monitor = self.monitors[version] = VersionMonitor(ref, self.config)
-        return monitor
+        tracker = self.trackers[version] = WindowTracker(ref, self.config)
+        return tracker
 
     def _maybe_checkpoint(self) -> bool:
         """Commit when the last commit is a couple of seconds old; True when it did."""
@@ -445,8 +445,8 @@ class Engine:
     def _serialize(self) -> bytes:
         arrays: dict[str, np.ndarray] = {}
         versions = {}
-        for i, (version, monitor) in enumerate(sorted(self.monitors.items())):
-            a, meta = monitor.state_dict()
+        for i, (version, tracker) in enumerate(sorted(self.trackers.items())):
+            a, meta = tracker.state_dict()
             arrays.update({f"{i}.{k}": v for k, v in a.items()})
             versions[version] = {"slot": i, **meta}
         latest = {v: dataclasses.asdict(w) for v, w in self._latest.items()}
@@ -494,7 +494,7 @@ class Engine:
             state = {k[len(prefix) :]: v for k, v in arrays.items() if k.startswith(prefix)}
             if not keep_online:
                 state = {k: v for k, v in state.items() if not k.startswith("online.")}
-            self.monitors[version] = VersionMonitor(ref, self.config, state=(state, meta))
+            self.trackers[version] = WindowTracker(ref, self.config, state=(state, meta))
         self._latest = {v: _window_from_dict(d) for v, d in header["latest"].items()}
         self._unacked = [_window_from_dict(d) for d in header["unacked"]] if header["format"] >= 2 else []
         if header["format"] >= 3:

@@ -3,9 +3,9 @@
 A window closes after ``window.rows`` rows or once it spans ``window.seconds`` of event time,
 whichever comes first; a window left open because traffic stopped closes ``window.seconds``
 after its last row *arrived* (that is the one wall-clock rule: it is about arrivals, not ages).
-Joined labels are judged in label time: :meth:`VersionMonitor.add_labels` returns a
+Joined labels are judged in label time: :meth:`WindowTracker.add_labels` returns a
 :class:`LabelEvaluation` every ``signals.accuracy.evaluate_every`` labels and
-:meth:`VersionMonitor.flush_labels` one for the rest at the end of a cycle.
+:meth:`WindowTracker.flush_labels` one for the rest at the end of a cycle.
 Everything here is plain numpy state with ``state_dict``/``load_state_dict`` so the engine can
 checkpoint it with the ingest cursor.
 """
@@ -95,7 +95,7 @@ _ESTIMATE_ARRAYS = ("top_prob", "top_class", "typical")
 _WINDOW_SCALARS = ("rows", "start_time", "end_time", "last_arrival")
 
 
-class VersionMonitor:
+class WindowTracker:
     """Signals for the rows of one model_version against its reference."""
 
     def __init__(
@@ -107,8 +107,9 @@ class VersionMonitor:
         sig = config.signals
         projected = reference.projection.apply(reference.sample)
         self.projected_dim = int(projected.shape[1])
-        # The batch test's reference lives in its schedule (``.ref``), the one place that uses it.
-        self.mmd_permutations = (
+        # The batch MMD test: its reference lives in its permutation schedule (``.ref``), the one
+        # place that uses it. None when signals.mmd is disabled.
+        self.batch_mmd = (
             PermutationSchedule(
                 MmdReference.build(projected[: sig.mmd.max_reference_rows], reference.bandwidth),
                 permutations=sig.mmd.permutations,
@@ -267,9 +268,9 @@ class VersionMonitor:
         ref = self.reference
         sig = self.config.signals
         mmd = None
-        if self.mmd_permutations is not None and w.rows >= self.config.window.min_rows and w.sample.shape[0] >= 2:
-            plan = self.mmd_permutations.for_window(self.index, w.sample.shape[0])
-            mmd = mmd_test(self.mmd_permutations.ref, w.sample, plan=plan)
+        if self.batch_mmd is not None and w.rows >= self.config.window.min_rows and w.sample.shape[0] >= 2:
+            plan = self.batch_mmd.for_window(self.index, w.sample.shape[0])
+            mmd = mmd_test(self.batch_mmd.ref, w.sample, plan=plan)
         online = self.online.status() if self.online is not None else _NO_ONLINE
         estimate = self.estimator.estimate(max_prob=w.max_prob, entropy=w.entropy, top_prob=w.top_prob,
                                            top_class=w.top_class, typical=w.typical, index=self.index)
