@@ -3,7 +3,7 @@
 Every error names its key (``signals.mmd.permutations: must be >= 1, got 0``) and all of them
 are reported together. Relative paths are resolved against the config file's directory.
 Sections owned by other layers are parsed by their own modules: ``http``/``scheduler`` by
-``monitor.service.config``, ``policy`` by ``monitor.policy``, ``retrain`` by ``retrain.config``.
+``monitor.service.config``, ``policy`` by ``monitor.policy.config``, ``retrain`` by ``retrain.config``.
 """
 
 from __future__ import annotations
@@ -300,7 +300,7 @@ def _parse_monitor(root: Section, base: Path) -> MonitorConfig:
 
 def parse_config(data: Any, *, source: str, base: Path) -> Config:
     """Validate a parsed document; raises ConfigError listing every bad key."""
-    from monitor.policy import parse_policy, unreachable_rules
+    from monitor.policy.config import parse_policy, unreachable_rules
     from monitor.service.config import parse_service
     from retrain.config import parse_retrain
 

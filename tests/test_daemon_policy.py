@@ -9,15 +9,10 @@ import pytest
 from monitor.config import parse_config
 from monitor.configutil import Section
 from monitor.errors import ConfigError, StateError
-from monitor.policy import (
-    DEFAULT_RULES,
-    Policy,
-    PolicyConfig,
-    ReferenceFacts,
-    RetrainPreconditions,
-    Rule,
-    parse_policy,
-)
+from monitor.policy.config import PolicyConfig, parse_policy
+from monitor.policy.decisions import ReferenceFacts, RetrainPreconditions
+from monitor.policy.policy import Policy
+from monitor.policy.rules import DEFAULT_RULES, Rule
 from daemon_helpers import make_evaluation, make_window
 
 NOW = 1_800_000_000.0

@@ -7,7 +7,9 @@ from __future__ import annotations
 import numpy as np
 
 from monitor.config import MmdConfig
-from monitor.policy import DEFAULT_RULES, Policy, PolicyConfig
+from monitor.policy.config import PolicyConfig
+from monitor.policy.policy import Policy
+from monitor.policy.rules import DEFAULT_RULES
 from monitor.signals.mmd import MmdReference, PermutationSchedule, median_bandwidth, mmd_test
 from daemon_helpers import make_window
 from mmd_helpers import gaussian_rows, one_thread

@@ -18,7 +18,7 @@ import yaml
 
 from cli_helpers import audit_records, audited_driftd, cli_env
 from monitor.config import parse_config
-from monitor.policy import DEFAULT_RULES
+from monitor.policy.rules import DEFAULT_RULES
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()

@@ -21,7 +21,8 @@ import yaml
 from monitor.config import load_config
 from monitor.engine.cycle import Engine
 from monitor.ingest.writer import LogWriter
-from monitor.policy import Policy, ReferenceFacts
+from monitor.policy.decisions import ReferenceFacts
+from monitor.policy.policy import Policy
 from monitor.engine.reference import build_reference, load_references, save_reference
 from monitor.signals.results import WindowSignals
 from retrain.digits import corrupt

@@ -38,7 +38,8 @@ from prometheus_client import CollectorRegistry
 from monitor.config import Config, load_config
 from monitor.errors import ConfigError, DriftdError, ReferenceMissingError
 from monitor.ingest.store import claim_state_dir, classify_fault
-from monitor.policy import Decision, Policy, ReferenceFacts, RetrainPlan, RetrainPreconditions
+from monitor.policy.decisions import Decision, ReferenceFacts, RetrainPlan, RetrainPreconditions
+from monitor.policy.policy import Policy
 from monitor.service.api import ApiServer
 from monitor.service.config import HttpConfig, load_token
 from monitor.service.health import Health
