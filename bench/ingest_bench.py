@@ -175,7 +175,7 @@ def main() -> None:
         return
     from monitor.engine.reference import ReferenceBuilder, save_reference
     from monitor.ingest.tail import Tailer
-    from monitor.config import IngestConfig
+    from monitor.ingest.config import IngestConfig
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

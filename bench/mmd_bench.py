@@ -34,7 +34,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from monitor.config import MmdConfig  # noqa: E402
+from monitor.signals.config import MmdConfig  # noqa: E402
 from monitor.signals.mmd import (  # noqa: E402
     MmdReference,
     PermutationPlan,

@@ -30,7 +30,7 @@ import torch
 
 from real_features import ServedModel
 
-from monitor.config import MmdConfig
+from monitor.signals.config import MmdConfig
 from monitor.signals.mmd import (
     _TIE_TOLERANCE,
     MmdReference,

@@ -1,124 +1,183 @@
-"""Reading one config section into typed values, collecting every error with its key path, and
-the locations a config names (paths relative to the config file, or URIs).
+"""Reading config sections into typed values, collecting every error with its key path, and the
+locations a config names (paths relative to the config file, or URIs).
 
-Sections are parsed once at the edge (see ``monitor.config.load_config``); code inside
-driftd only sees the frozen dataclasses the parsers build. Every section owner (the monitor
-core, the policy, the service, retrain) builds on this module, which imports nothing of
-driftd, so no owner needs another to read its own keys.
+A section is declared once, as a frozen dataclass whose fields carry their defaults and, in
+their metadata (:func:`setting`), their bounds, choices, whether they name a location, or a
+reader of their own for the few keys no generic rule fits. :func:`parse_section` reads any such
+dataclass from a :class:`Section`. Sections are parsed once at the edge (see
+``monitor.config.load_config``); code inside driftd only sees the frozen dataclasses. Every
+section owner (ingest, signals, the engine, the policy, the service, retrain) builds on this
+module, which imports nothing of driftd, so no owner needs another to read its own keys.
 """
 
 from __future__ import annotations
 
+import builtins
+import dataclasses
 import os
+import types
+import typing
 import urllib.parse
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Final, TypeVar, cast, overload
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
 
 T = TypeVar("T")
+D = TypeVar("D", bound="DataclassInstance")
 
-_MISSING: Any = object()
+
+class _Missing:
+    """The default of a required key (a distinct type, so accessors can be typed by it)."""
+
+    def __repr__(self) -> builtins.str:
+        return "MISSING"
+
+
+MISSING: Final = _Missing()
 
 
 class Section:
     """A mapping from a config file plus the dotted path it came from.
 
     Every accessor records the key as known; :meth:`finish` reports keys nobody asked for,
-    so a typo such as ``windw`` is an error rather than a silently ignored setting.
+    so a typo such as ``windw`` is an error rather than a silently ignored setting. A
+    required key that is missing is recorded as an error and read as a placeholder of its
+    type ("" or 0): ``load_config`` raises before any placeholder is used.
     """
 
-    def __init__(self, data: Any, path: str, errors: list[str]):
+    def __init__(self, data: object, path: builtins.str, errors: list[builtins.str]):
         self.path = path
         self.errors = errors
-        self._known: set[str] = set()
+        self._known: set[builtins.str] = set()
         if data is None:
             data = {}
         if not isinstance(data, Mapping):
             errors.append(f"{path or '<top>'}: expected a table/mapping, got {type(data).__name__}")
             data = {}
-        self.data: Mapping[str, Any] = data
+        self.data: Mapping[builtins.str, object] = data
 
-    def key(self, name: str) -> str:
+    def key(self, name: builtins.str) -> builtins.str:
         return f"{self.path}.{name}" if self.path else name
 
-    def has(self, name: str) -> bool:
+    def has(self, name: builtins.str) -> builtins.bool:
         return name in self.data
 
-    def _get(self, name: str, default: Any) -> Any:
+    def _get(self, name: builtins.str, required: builtins.bool) -> object:
+        """The value, or None when absent or null (recording the error when it is required)."""
         self._known.add(name)
-        if name in self.data and self.data[name] is not None:
-            return self.data[name]
-        if default is _MISSING:
+        value = self.data.get(name)
+        if value is None and required:
             self.errors.append(f"{self.key(name)}: required key is missing")
-            return None  # accessors turn this into a typed placeholder; load_config raises before use
-        return default
-
-    def str(self, name: str, default: Any = _MISSING) -> Any:
-        value = self._get(name, default)
-        if value is default or value is None:
-            return "" if default is _MISSING else value
-        if not isinstance(value, str) or not value:
-            self.errors.append(f"{self.key(name)}: expected a non-empty string, got {value!r}")
-            return default if default is not _MISSING else ""
         return value
 
-    def optional_str(self, name: str) -> str | None:
+    @overload
+    def str(self, name: builtins.str) -> builtins.str: ...
+    @overload
+    def str(self, name: builtins.str, default: builtins.str) -> builtins.str: ...
+    @overload
+    def str(self, name: builtins.str, default: None) -> builtins.str | None: ...
+
+    def str(self, name: builtins.str, default: builtins.str | None | _Missing = MISSING) -> builtins.str | None:
+        return self._text(name, default)
+
+    def _text(self, name: builtins.str, default: builtins.str | None | _Missing,
+              options: Sequence[builtins.str] = ()) -> builtins.str | None:
+        """A string, or one of ``options`` when given (the generic reader of both accessors)."""
+        fallback = (options[0] if options else "") if isinstance(default, _Missing) else default
+        value = self._get(name, isinstance(default, _Missing))
+        if value is None:
+            return fallback
+        if options:
+            if not isinstance(value, builtins.str) or value not in options:
+                self.errors.append(f"{self.key(name)}: must be one of {', '.join(map(repr, options))}, got {value!r}")
+                return fallback
+        elif not isinstance(value, builtins.str) or not value:
+            self.errors.append(f"{self.key(name)}: expected a non-empty string, got {value!r}")
+            return fallback
+        return value
+
+    def optional_str(self, name: builtins.str) -> builtins.str | None:
         return self.str(name, None)
 
-    def _number(self, name: str, default: Any, kind: type, minimum: float | None, maximum: float | None) -> Any:
-        value = self._get(name, default)
-        if value is default or value is None:
-            return kind(0) if default is _MISSING else value
-        ok_types = (int,) if kind is int else (int, float)
-        if isinstance(value, bool) or not isinstance(value, ok_types):
-            self.errors.append(f"{self.key(name)}: expected {'an integer' if kind is int else 'a number'}, got {value!r}")
-            return default if default is not _MISSING else kind(0)
-        if minimum is not None and value < minimum:
+    def _number(self, name: builtins.str, default: builtins.float | None | _Missing, integer: builtins.bool,
+                minimum: builtins.float | None, maximum: builtins.float | None) -> builtins.float | None:
+        fallback = (0 if integer else 0.0) if isinstance(default, _Missing) else default
+        value = self._get(name, isinstance(default, _Missing))
+        if value is None:
+            return fallback
+        ok = isinstance(value, builtins.int) if integer else isinstance(value, (builtins.int, builtins.float))
+        if isinstance(value, builtins.bool) or not ok:
+            self.errors.append(f"{self.key(name)}: expected {'an integer' if integer else 'a number'}, got {value!r}")
+            return fallback
+        number = cast("builtins.int | builtins.float", value)
+        if minimum is not None and number < minimum:
             self.errors.append(f"{self.key(name)}: must be >= {minimum}, got {value!r}")
-        if maximum is not None and value > maximum:
+        if maximum is not None and number > maximum:
             self.errors.append(f"{self.key(name)}: must be <= {maximum}, got {value!r}")
-        return kind(value)
+        return builtins.int(number) if integer else builtins.float(number)
 
-    def int(self, name: str, default: Any = _MISSING, *, minimum: int | None = None, maximum: int | None = None) -> Any:
-        return self._number(name, default, int, minimum, maximum)
+    @overload
+    def int(self, name: builtins.str, default: builtins.int | _Missing = MISSING, *,
+            minimum: builtins.int | None = None, maximum: builtins.int | None = None) -> builtins.int: ...
+    @overload
+    def int(self, name: builtins.str, default: None, *,
+            minimum: builtins.int | None = None, maximum: builtins.int | None = None) -> builtins.int | None: ...
 
-    def float(
-        self, name: str, default: Any = _MISSING, *, minimum: float | None = None, maximum: float | None = None
-    ) -> Any:
-        return self._number(name, default, float, minimum, maximum)
+    def int(self, name: builtins.str, default: builtins.int | None | _Missing = MISSING, *,
+            minimum: builtins.int | None = None, maximum: builtins.int | None = None) -> builtins.int | None:
+        value = self._number(name, default, True, minimum, maximum)
+        return None if value is None else builtins.int(value)
 
-    def bool(self, name: str, default: Any = _MISSING) -> Any:
-        value = self._get(name, default)
-        if value is default or value is None:
-            return False if default is _MISSING else value
-        if not isinstance(value, bool):
+    @overload
+    def float(self, name: builtins.str, default: builtins.float | _Missing = MISSING, *,
+              minimum: builtins.float | None = None, maximum: builtins.float | None = None) -> builtins.float: ...
+    @overload
+    def float(self, name: builtins.str, default: None, *,
+              minimum: builtins.float | None = None, maximum: builtins.float | None = None) -> builtins.float | None: ...
+
+    def float(self, name: builtins.str, default: builtins.float | None | _Missing = MISSING, *,
+              minimum: builtins.float | None = None, maximum: builtins.float | None = None) -> builtins.float | None:
+        return self._number(name, default, False, minimum, maximum)
+
+    def bool(self, name: builtins.str, default: builtins.bool | _Missing = MISSING) -> builtins.bool:
+        fallback = False if isinstance(default, _Missing) else default
+        value = self._get(name, isinstance(default, _Missing))
+        if value is None:
+            return fallback
+        if not isinstance(value, builtins.bool):
             self.errors.append(f"{self.key(name)}: expected true or false, got {value!r}")
-            return bool(default) if default is not _MISSING else False
+            return fallback
         return value
 
-    def choice(self, name: str, options: Sequence[str], default: Any = _MISSING) -> Any:
-        value = self._get(name, default)
-        if value is default or value is None:
-            return options[0] if default is _MISSING else value
-        if value not in options:
-            self.errors.append(f"{self.key(name)}: must be one of {', '.join(map(repr, options))}, got {value!r}")
-            return default if default is not _MISSING else options[0]
-        return value
+    @overload
+    def choice(self, name: builtins.str, options: Sequence[builtins.str],
+               default: builtins.str | _Missing = MISSING) -> builtins.str: ...
+    @overload
+    def choice(self, name: builtins.str, options: Sequence[builtins.str], default: None) -> builtins.str | None: ...
 
-    def str_list(self, name: str, default: Any = _MISSING) -> Any:
-        value = self._get(name, default)
-        if value is default or value is None:
-            return () if default is _MISSING else value
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+    def choice(self, name: builtins.str, options: Sequence[builtins.str],
+               default: builtins.str | None | _Missing = MISSING) -> builtins.str | None:
+        return self._text(name, default, options)
+
+    def str_list(self, name: builtins.str, default: tuple[builtins.str, ...] | _Missing = MISSING) -> tuple[builtins.str, ...]:
+        fallback = () if isinstance(default, _Missing) else default
+        value = self._get(name, isinstance(default, _Missing))
+        if value is None:
+            return fallback
+        if not isinstance(value, list) or not all(isinstance(v, builtins.str) for v in value):
             self.errors.append(f"{self.key(name)}: expected a list of strings, got {value!r}")
-            return default if default is not _MISSING else []
-        return tuple(value)
+            return fallback
+        return tuple(cast("list[builtins.str]", value))
 
-    def section(self, name: str) -> "Section":
+    def section(self, name: builtins.str) -> Section:
         self._known.add(name)
         return Section(self.data.get(name), self.key(name), self.errors)
 
-    def sections(self, name: str) -> list["Section"]:
+    def sections(self, name: builtins.str) -> list[Section]:
         """A list of tables, e.g. ``policy.rules``."""
         self._known.add(name)
         value = self.data.get(name)
@@ -129,7 +188,7 @@ class Section:
             return []
         return [Section(item, f"{self.key(name)}[{i}]", self.errors) for i, item in enumerate(value)]
 
-    def error(self, name: str, message: str) -> None:
+    def error(self, name: builtins.str, message: builtins.str) -> None:
         self.errors.append(f"{self.key(name)}: {message}")
 
     def finish(self) -> None:
@@ -138,6 +197,121 @@ class Section:
             allowed = ", ".join(sorted(self._known)) or "(none)"
             self.errors.append(f"{self.key(name)}: unknown key; allowed keys here: {allowed}")
 
+
+# -- sections declared as dataclasses ---------------------------------------------------------
+
+@dataclass(frozen=True)
+class Reading:
+    """What a field's own reader (``setting(parse=...)``) gets: its section and key, the field's
+    default, the config file's directory, and the fields of the section read before it."""
+
+    section: Section
+    name: str
+    default: object
+    base: Path | None
+    parsed: Mapping[str, object]
+
+
+@dataclass(frozen=True)
+class Rules:
+    """A field's rules, kept in its metadata: bounds for numbers, choices for strings, whether a
+    string or path names a location (resolved against the config file's directory), a reader of
+    its own, or (``derived``) no key at all: the section's owner sets it after reading."""
+
+    minimum: float | None = None
+    maximum: float | None = None
+    choices: tuple[str, ...] = ()
+    location: bool = False
+    parse: Callable[[Reading], object] | None = None
+    derived: bool = False
+
+
+_RULES = "driftd.config"
+_PLAIN = Rules()
+
+
+def rules(*, minimum: float | None = None, maximum: float | None = None, choices: Sequence[str] = (),
+          location: bool = False, parse: Callable[[Reading], object] | None = None,
+          derived: bool = False) -> dict[str, Rules]:
+    """Field metadata for a key without a default: ``x: str = field(metadata=rules(location=True))``."""
+    return {_RULES: Rules(minimum, maximum, tuple(choices), location, parse, derived)}
+
+
+def setting(default: T, *, minimum: float | None = None, maximum: float | None = None, choices: Sequence[str] = (),
+            location: bool = False, parse: Callable[[Reading], object] | None = None, derived: bool = False) -> T:
+    """A field with its default and its rules: ``batch_rows: int = setting(16_384, minimum=1)``."""
+    return cast(T, dataclasses.field(default=default, metadata=rules(
+        minimum=minimum, maximum=maximum, choices=choices, location=location, parse=parse, derived=derived)))
+
+
+def parse_section(section: Section, cls: type[D], *, base: Path | None = None, finish: bool = True) -> D:
+    """Read every field of the dataclass ``cls`` from ``section`` by its type and rules (nested
+    dataclasses from the sub-section of the field's name), then report unknown keys unless
+    ``finish`` is false (a section other owners read keys of too). Errors are collected in the
+    section's error list; the result holds placeholders where a key was bad."""
+    hints = typing.get_type_hints(cls)
+    values: dict[str, object] = {}
+    for f in dataclasses.fields(cls):
+        field_rules = f.metadata.get(_RULES, _PLAIN)
+        if not isinstance(field_rules, Rules):
+            raise TypeError(f"{cls.__name__}.{f.name}: metadata {_RULES!r} must come from setting() or rules()")
+        if field_rules.derived:
+            continue
+        values[f.name] = _read(section, cls, f, hints[f.name], field_rules, base, values)
+    if finish:
+        section.finish()
+    return cls(**values)
+
+
+def _default(f: dataclasses.Field[object]) -> object:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return MISSING
+
+
+def _read(section: Section, cls: type, f: dataclasses.Field[object], hint: object, r: Rules, base: Path | None,
+          parsed: Mapping[str, object]) -> object:
+    default = _default(f)
+    if r.parse is not None:
+        return r.parse(Reading(section, f.name, default, base, parsed))
+    kind, optional = _unwrap(hint)
+    if isinstance(kind, type) and dataclasses.is_dataclass(kind):
+        return parse_section(section.section(f.name), kind, base=base)
+    required = isinstance(default, _Missing)
+    if not required and default is None and not optional:
+        raise TypeError(f"{cls.__name__}.{f.name}: a default of None needs an optional type")
+    if kind is bool:
+        return section.bool(f.name, cast("bool | _Missing", default))
+    if kind is int or kind is float:
+        number = cast("int | float | None | _Missing", default)
+        return section._number(f.name, number, kind is int, r.minimum, r.maximum)
+    if kind is str or kind is Path:
+        text_default = str(default) if isinstance(default, Path) else cast("str | None | _Missing", default)
+        text = section._text(f.name, text_default, r.choices)
+        if text is None:
+            return None
+        if r.location and text:
+            if base is None:
+                raise TypeError(f"{cls.__name__}.{f.name} names a location: parse it with base=")
+            text = resolve_location(text, base)
+        return Path(text) if kind is Path else text
+    if hint == tuple[str, ...]:
+        return section.str_list(f.name, cast("tuple[str, ...] | _Missing", default))
+    raise TypeError(f"{cls.__name__}.{f.name}: no generic reader for {hint!r}; give it setting(parse=...)")
+
+
+def _unwrap(hint: object) -> tuple[object, bool]:
+    """``X | None`` -> (X, True); anything else -> (hint, False)."""
+    if typing.get_origin(hint) in (types.UnionType, typing.Union):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if len(args) == 1 and len(typing.get_args(hint)) == 2:
+            return args[0], True
+    return hint, False
+
+
+# -- locations ------------------------------------------------------------------------------
 
 _SECRET_QUERY_KEYS = ("access_key", "secret_key", "session_token")
 

@@ -64,7 +64,7 @@ def consume(location: str, state_dir: Path, *, commit_every: int, batch_rows: in
     import sys
     import time
 
-    from monitor.config import IngestConfig
+    from monitor.ingest.config import IngestConfig
     from monitor.ingest.store import FileProgress, StateStore
     from monitor.ingest.tail import Tailer
 

@@ -13,7 +13,7 @@ import timm
 import torch
 import yaml
 
-from monitor.config import IngestConfig
+from monitor.ingest.config import IngestConfig
 from monitor.ingest.labels import LabelJoiner
 from monitor.ingest.records import InferenceBatch, LabelBatch
 from monitor.ingest.store import WATERMARK, StateStore

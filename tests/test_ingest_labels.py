@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from monitor.config import IngestConfig
+from monitor.ingest.config import IngestConfig
 from monitor.ingest.labels import LabelJoiner, count_labelled, labelled_rows
 from monitor.ingest.records import InferenceBatch, LabelBatch
 from monitor.ingest.store import StateStore, connect_readonly

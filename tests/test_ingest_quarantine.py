@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow as pa
 
 from ingest_helpers import inference_table, replace_column, write
-from monitor.config import IngestConfig
+from monitor.ingest.config import IngestConfig
 from monitor.errors import ContractError
 from monitor.ingest.contract import RowRejections
 from monitor.ingest.quarantine import Quarantine

@@ -10,7 +10,7 @@ import pyarrow as pa
 import pytest
 
 from ingest_helpers import inference_table, label_table, write
-from monitor.config import IngestConfig
+from monitor.ingest.config import IngestConfig
 from monitor.errors import ConfigError, ContractError
 from monitor.ingest.store import FileProgress
 from monitor.ingest.tail import FileNotReady, Tailer
@@ -176,7 +176,7 @@ def test_a_settled_file_with_an_io_error_is_retried_before_quarantine(tmp_path: 
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from monitor.config import IngestConfig
+    from monitor.ingest.config import IngestConfig
     from monitor.errors import ContractError
     from monitor.ingest.tail import IO_ATTEMPTS, FileNotReady, Tailer
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from ingest_helpers import probs_for
-from monitor.config import IngestConfig
+from monitor.ingest.config import IngestConfig
 from monitor.ingest.tail import Tailer
 from monitor.ingest.writer import LabelWriter, LogWriter
 from waiting import wait_until

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from monitor.config import MmdConfig
+from monitor.signals.config import MmdConfig
 from monitor.policy.config import PolicyConfig
 from monitor.policy.policy import Policy
 from monitor.policy.rules import DEFAULT_RULES

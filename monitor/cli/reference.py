@@ -9,7 +9,9 @@ from dataclasses import replace
 from pathlib import Path
 
 from monitor.cli.common import UsageError, add_config_argument
-from monitor.config import IngestConfig, MmdConfig, load_config
+from monitor.config import load_config
+from monitor.ingest.config import IngestConfig
+from monitor.signals.config import MmdConfig
 from monitor.configutil import redact_location
 from monitor.errors import ContractError, DriftdError
 

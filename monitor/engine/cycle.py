@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from monitor.config import MonitorConfig
+from monitor.engine.config import MonitorConfig
 from monitor.errors import ContractError, ReferenceMissingError, StateError
 from monitor.ingest.labels import ExpiryCounts, LabelJoiner, count_labelled, window_accuracy
 from monitor.ingest.quarantine import Quarantine

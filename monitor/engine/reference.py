@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from monitor.config import MmdConfig
+from monitor.signals.config import MmdConfig
 from monitor.errors import ReferenceMissingError
 from monitor.ingest.records import InferenceBatch
 from monitor.signals.estimate import Calibrator, EstimatorFit, LabelledRows, WindowEstimator, fit_estimators

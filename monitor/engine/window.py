@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from monitor.config import MonitorConfig
+from monitor.engine.config import MonitorConfig
 from monitor.ingest.records import InferenceBatch, JoinedLabel
 from monitor.engine.reference import Reference
 from monitor.signals.accuracy import AccuracyTracker

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from monitor.config import IngestConfig
+from monitor.ingest.config import IngestConfig
 from monitor.ingest.records import InferenceBatch, JoinedLabel, LabelBatch
 from monitor.ingest.store import JOIN_SEQ, StateStore, read_watermark
 

@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from monitor.config import IngestConfig
+from monitor.ingest.config import IngestConfig
 from monitor.configutil import redact_location
 from monitor.errors import ConfigError, ContractError
 from monitor.ingest.contract import (

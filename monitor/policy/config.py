@@ -4,73 +4,67 @@ and the rules that could never fire refused with both numbers named."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from monitor.configutil import Section
-from monitor.policy.rules import ACCURACY_SIGNALS, ACTIONS, DEFAULT_RULES, OPS, UNIT_SIGNALS, Rule, signal_floor
+from monitor.configutil import Reading, Section, parse_section, setting
+from monitor.policy.rules import ACCURACY_SIGNALS, DEFAULT_RULES, UNIT_SIGNALS, Rule, signal_floor
 from monitor.signals.results import SIGNAL_NAMES
 
 
-@dataclass(frozen=True)
-class PolicyConfig:
-    cooldown_seconds: float = 3600.0        # no new retrain of a version this long after one was queued
-    rules: tuple[Rule, ...] = DEFAULT_RULES
-    default_rules: bool = True              # True when policy.rules was absent
-
-
-def parse_policy(section: Section) -> PolicyConfig:
-    """Read the ``policy`` section; errors (naming the rule and key) are collected in ``section``."""
-    cooldown = section.float("cooldown_seconds", PolicyConfig.cooldown_seconds, minimum=0)
-    if not section.has("rules"):
-        section.finish()
-        return PolicyConfig(cooldown_seconds=cooldown)
+def _rules(r: Reading) -> tuple[Rule, ...]:
+    """``policy.rules``, each rule checked; absent: the default rules (present but empty: none)."""
+    if not r.section.has(r.name):
+        return DEFAULT_RULES
     rules: list[Rule] = []
     seen: set[str] = set()
-    for rs in section.sections("rules"):
-        rule = _parse_rule(rs)
-        rs.finish()
+    for rs in r.section.sections(r.name):
+        rule = parse_section(rs, Rule)
+        valid = _check_rule(rs, rule)
         name = rs.data.get("name")
         if isinstance(name, str) and name in seen:
             rs.error("name", f"duplicate rule name {name!r}; names must be unique")
         seen.add(name if isinstance(name, str) else "")
-        if rule is not None:
+        if valid:
             rules.append(rule)
-    section.finish()
-    return PolicyConfig(cooldown_seconds=cooldown, rules=tuple(rules), default_rules=False)
+    return tuple(rules)
 
 
-def _parse_rule(rs: Section) -> Rule | None:
-    name = rs.str("name")
-    signal = rs.str("signal")
-    op = rs.choice("op", OPS, "below" if rs.has("drop_from_reference") else "above")
-    threshold = rs.float("threshold", None)
-    drop = rs.float("drop_from_reference", None, minimum=0)
-    min_rows = rs.int("min_rows", 0, minimum=0)
-    consecutive = rs.int("consecutive", 1, minimum=1)
-    action = rs.choice("action", ACTIONS, "alert")
-    confidence = rs.float("confidence", 0.0, minimum=0.0, maximum=0.999)
-    where = f"rule {name!r}" if isinstance(name, str) and name else "rule"
+@dataclass(frozen=True)
+class PolicyConfig:
+    cooldown_seconds: float = setting(3600.0, minimum=0)  # no new retrain of a version this long after one was queued
+    rules: tuple[Rule, ...] = setting(DEFAULT_RULES, parse=_rules)
+    default_rules: bool = setting(True, derived=True)     # True when policy.rules was absent
+
+
+def parse_policy(section: Section) -> PolicyConfig:
+    """Read the ``policy`` section; errors (naming the rule and key) are collected in ``section``."""
+    return replace(parse_section(section, PolicyConfig), default_rules=not section.has("rules"))
+
+
+def _check_rule(rs: Section, rule: Rule) -> bool:
+    """What no single key can say: a known signal, exactly one of threshold or drop, a drop only
+    on an accuracy signal and below it, a confidence only on a drop. False when the rule is unusable."""
+    name, signal, drop = rule.name, rule.signal, rule.drop_from_reference
+    where = f"rule {name!r}" if name else "rule"
     ok = True
-    if isinstance(signal, str) and signal and signal not in SIGNAL_NAMES:
+    if signal and signal not in SIGNAL_NAMES:
         rs.error("signal", f"{where}: unknown signal {signal!r}; allowed: {', '.join(SIGNAL_NAMES)}")
         ok = False
-    if (threshold is None) == (drop is None):
+    if (rule.threshold is None) == (drop is None):
         rs.error("threshold", f"{where}: set exactly one of threshold or drop_from_reference")
         ok = False
     if drop is not None:
         if signal not in ACCURACY_SIGNALS:
             rs.error("drop_from_reference", f"{where}: only for {', '.join(ACCURACY_SIGNALS)}, not {signal!r}")
             ok = False
-        if op != "below":
+        if rule.op != "below":
             rs.error("op", f"{where}: drop_from_reference rules fire below the reference; use op: below")
             ok = False
-    elif confidence:
+    elif rule.confidence:
         rs.error("confidence", f"{where}: only for drop_from_reference rules (a fixed threshold has no reference "
                                "sample to be uncertain about)")
         ok = False
-    if not ok or not name or not signal:
-        return None
-    return Rule(name, signal, op, threshold, drop, min_rows, consecutive, action, confidence)
+    return ok and bool(name) and bool(signal)
 
 
 def unreachable_rules(policy: PolicyConfig, *, permutations: int) -> list[tuple[int | None, str]]:

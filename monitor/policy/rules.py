@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from monitor.configutil import Reading, setting
 from monitor.signals.results import LABEL_SIGNALS
 
 ACTIONS = ("alert", "retrain")
@@ -18,17 +19,24 @@ UNIT_SIGNALS = ("activation_share_significant", "entropy_mean", "entropy_p90", "
                 "estimated_accuracy", "estimated_accuracy_lower", "estimated_accuracy_upper", "class_prior_tvd")
 
 
+def _op(r: Reading) -> str:
+    """A drop_from_reference rule fires below the reference, so its op defaults to "below"."""
+    return r.section.choice(r.name, OPS, "below" if r.section.has("drop_from_reference") else "above")
+
+
 @dataclass(frozen=True)
 class Rule:
+    """One entry of ``policy.rules``; its keys and their bounds are read from these fields."""
+
     name: str
     signal: str
-    op: str = "above"                       # "above" | "below"
-    threshold: float | None = None          # fixed threshold, or ...
-    drop_from_reference: float | None = None  # ... fires when value < reference accuracy - drop
-    min_rows: int = 0                       # window rows (labels for accuracy) needed to judge
-    consecutive: int = 1                    # breaching observations to fire, observations inside to clear
-    action: str = "alert"                   # "alert" | "retrain"
-    confidence: float = 0.0                 # drop rules: one-sided confidence of "below" (0 = point values)
+    op: str = setting("above", parse=_op)   # "above" | "below"
+    threshold: float | None = setting(None)  # fixed threshold, or ...
+    drop_from_reference: float | None = setting(None, minimum=0)  # ... fires when value < reference accuracy - drop
+    min_rows: int = setting(0, minimum=0)    # window rows (labels for accuracy) needed to judge
+    consecutive: int = setting(1, minimum=1)  # breaching observations to fire, observations inside to clear
+    action: str = setting("alert", choices=ACTIONS)  # "alert" | "retrain"
+    confidence: float = setting(0.0, minimum=0.0, maximum=0.999)  # drop rules: one-sided confidence of "below" (0 = point values)
 
     @property
     def label_time(self) -> bool:

@@ -12,25 +12,26 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
-from monitor.configutil import Section, resolve_location
+from monitor.configutil import Reading, Section, parse_section, setting
 from monitor.errors import ConfigError
 
 
 @dataclass(frozen=True)
 class HttpConfig:
-    host: str = "127.0.0.1"
-    port: int = 9464
-    token_file: Path | None = None  # file whose stripped content is the bearer token
-    token_env: str | None = None    # or the name of an environment variable holding it
+    host: str = setting("127.0.0.1")
+    port: int = setting(9464, minimum=0, maximum=65535)
+    token_file: Path | None = setting(None, location=True)  # file whose stripped content is the bearer token
+    token_env: str | None = setting(None)     # or the name of an environment variable holding it
     # The server's bounds (monitor.service.api): a fixed pool runs requests; connections are read
     # by one event loop, so idle or slow sockets cost a file descriptor, never a thread.
-    threads: int = 16                     # worker threads answering requests
-    backlog: int = 1024                   # listen() queue for connection bursts (capped by net.core.somaxconn)
-    max_connections: int = 1000           # open connections beyond this wait in the backlog
-    header_timeout_seconds: float = 10.0  # a request's line and headers must arrive within this
-    body_timeout_seconds: float = 30.0    # and its body within this after the headers
-    idle_timeout_seconds: float = 75.0    # keep-alive connections idle longer than this are closed
+    threads: int = setting(16, minimum=1, maximum=256)       # worker threads answering requests
+    backlog: int = setting(1024, minimum=1, maximum=65535)   # listen() queue for connection bursts (capped by net.core.somaxconn)
+    max_connections: int = setting(1000, minimum=1, maximum=100_000)  # open connections beyond this wait in the backlog
+    header_timeout_seconds: float = setting(10.0, minimum=1.0)  # a request's line and headers must arrive within this
+    body_timeout_seconds: float = setting(30.0, minimum=1.0)    # and its body within this after the headers
+    idle_timeout_seconds: float = setting(75.0, minimum=1.0)    # keep-alive connections idle longer than this are closed
 
     @property
     def url(self) -> str:
@@ -47,14 +48,26 @@ class HttpConfig:
 UNHEALTHY_AFTER_INTERVALS = 5  # default scheduler.unhealthy_after_seconds, in cycle intervals
 
 
+def _unhealthy_after(r: Reading) -> float:
+    """Default 5 x interval_seconds; must exceed it, or the wait between two cycles is a stall."""
+    interval = cast(float, r.parsed["interval_seconds"])
+    value = r.section.float(r.name, None, minimum=0.1)
+    if value is None:
+        return UNHEALTHY_AFTER_INTERVALS * interval
+    if value <= interval:
+        r.section.error(r.name, f"must be more than interval_seconds ({interval:g}), or the wait "
+                        f"between two cycles would count as a stall; the default is {UNHEALTHY_AFTER_INTERVALS} x interval_seconds")
+    return value
+
+
 @dataclass(frozen=True)
 class SchedulerConfig:
-    interval_seconds: float = 30.0          # between ingest/evaluate cycles
-    shutdown_grace_seconds: float = 30.0    # SIGTERM: finish the batch and exit within this
-    retrain_poll_seconds: float = 5.0       # how often a running retrain's progress is read
+    interval_seconds: float = setting(30.0, minimum=0.05)        # between ingest/evaluate cycles
+    shutdown_grace_seconds: float = setting(30.0, minimum=0.1)   # SIGTERM: finish the batch and exit within this
+    retrain_poll_seconds: float = setting(5.0, minimum=0.05)     # how often a running retrain's progress is read
     # /healthz, /readyz and the systemd watchdog fail once no cycle has made progress (succeeded
     # or committed a checkpoint) for this long while work is pending; default 5 x interval_seconds.
-    unhealthy_after_seconds: float = 150.0
+    unhealthy_after_seconds: float = setting(150.0, parse=_unhealthy_after)
 
 
 @dataclass(frozen=True)
@@ -79,46 +92,14 @@ def parse_service(root: Section, base: Path) -> ServiceConfig:
     A non-loopback ``http.host`` without ``token_file``/``token_env`` is an error: the control
     endpoints would be open to the network.
     """
-    h = root.section("http")
-    d = HttpConfig()
-    token_file = h.optional_str("token_file")
-    http = HttpConfig(
-        host=h.str("host", d.host),
-        port=h.int("port", d.port, minimum=0, maximum=65535),
-        token_file=None if token_file is None else Path(resolve_location(token_file, base)),
-        token_env=h.optional_str("token_env"),
-        threads=h.int("threads", d.threads, minimum=1, maximum=256),
-        backlog=h.int("backlog", d.backlog, minimum=1, maximum=65535),
-        max_connections=h.int("max_connections", d.max_connections, minimum=1, maximum=100_000),
-        header_timeout_seconds=h.float("header_timeout_seconds", d.header_timeout_seconds, minimum=1.0),
-        body_timeout_seconds=h.float("body_timeout_seconds", d.body_timeout_seconds, minimum=1.0),
-        idle_timeout_seconds=h.float("idle_timeout_seconds", d.idle_timeout_seconds, minimum=1.0),
-    )
-    h.finish()
+    http = parse_section(root.section("http"), HttpConfig, base=base)
     if not is_loopback(http.host) and not http.has_token:
         root.error(
             "http.host",
             f"{http.host!r} is not a loopback address, so the control API needs a token: "
             "set http.token_file or http.token_env (or bind 127.0.0.1)",
         )
-
-    s = root.section("scheduler")
-    sd = SchedulerConfig()
-    interval = s.float("interval_seconds", sd.interval_seconds, minimum=0.05)
-    unhealthy_after = s.float("unhealthy_after_seconds", None, minimum=0.1)
-    if unhealthy_after is None:
-        unhealthy_after = UNHEALTHY_AFTER_INTERVALS * interval
-    elif unhealthy_after <= interval:
-        s.error("unhealthy_after_seconds", f"must be more than interval_seconds ({interval:g}), or the wait "
-                f"between two cycles would count as a stall; the default is {UNHEALTHY_AFTER_INTERVALS} x interval_seconds")
-    scheduler = SchedulerConfig(
-        interval_seconds=interval,
-        shutdown_grace_seconds=s.float("shutdown_grace_seconds", sd.shutdown_grace_seconds, minimum=0.1),
-        retrain_poll_seconds=s.float("retrain_poll_seconds", sd.retrain_poll_seconds, minimum=0.05),
-        unhealthy_after_seconds=unhealthy_after,
-    )
-    s.finish()
-    return ServiceConfig(http=http, scheduler=scheduler)
+    return ServiceConfig(http=http, scheduler=parse_section(root.section("scheduler"), SchedulerConfig))
 
 
 def load_token(http: HttpConfig, environ: Mapping[str, str] = os.environ) -> str | None:

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.optimize import isotonic_regression
 
-from monitor.config import ESTIMATE_METHODS
+from monitor.signals.config import ESTIMATE_METHODS
 from monitor.signals.cott import CottFit, correct_mass, cott_window, fit_cott
 from monitor.signals.results import EstimateStats
 from monitor.signals.transport import TOP_K, top_k
