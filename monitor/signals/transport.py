@@ -2,8 +2,11 @@
 
 Each row (mass 1/n) is moved onto the classes (mass ``target[c]``) at cost ``1 - p[c]``, half
 the L1 distance between the softmax vector and the one-hot of c. The plan solves the
-entropy-regularised problem through its semi-dual: C potentials, found by BFGS, so a window of
-n rows costs O(n K) per iteration (about 40 ms of CPU for 5000 rows, 10 classes). ``epsilon`` 0.03 on costs in
+entropy-regularised problem through its semi-dual: C potentials. When every row lists every class
+that takes mass (C <= TOP_K, the usual head), damped Newton on the dense n x C plan converges in a
+handful of steps (its Hessian is C x C); otherwise BFGS, at O(n K) per iteration. Measured on a
+5000-row, 10-class window: ~170 ms with BFGS alone (~100 iterations with line searches, 60% of
+the ingest's window-close time), ~15 ms with Newton, same plan. ``epsilon`` 0.03 on costs in
 [0, 1] reproduced the exact linear program's COTT estimates to 0.01 on the bench's shifts.
 
 Rows are kept as their top-K probabilities (K = min(C, 16)); the other classes are given
@@ -19,6 +22,7 @@ from scipy.optimize import minimize
 
 TOP_K = 16
 EPSILON = 0.03
+NEWTON_MAX_CLASSES = 64   # a C x C solve per step: cheap up to here, BFGS beyond
 
 
 def top_k(probs: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -72,8 +76,15 @@ def transport_plan(
 
     p_eps = p / epsilon
     flat_cls = safe_cls.ravel()
-    if not complete:
-        p_eps = np.where(listed, p_eps, -np.inf)
+    # Entries of classes that take no mass are out of the problem (not class 0's, which their
+    # safe index would make them), complete or not.
+    p_eps = np.where(listed, p_eps, -np.inf)
+    if complete and n_active <= NEWTON_MAX_CLASSES:
+        newton = _newton_plan(p_eps, safe_cls, listed, q, epsilon)
+        if newton is not None:
+            mass_full, converged = newton
+            mass = np.take_along_axis(mass_full, safe_cls, axis=1) * listed
+            return Plan(mass=mass, cost=1.0 - p, converged=converged)
 
     def parts(g: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Scaled terms of each row's log-sum-exp: (exp(b), listed terms, row sums, row shift)."""
@@ -117,3 +128,64 @@ def transport_plan(
     # Converged when the plan's class marginals match the target to 1e-4 of the total mass.
     converged = bool(np.abs(marginal(eb, terms, s, m) - q).max() < 1e-4)
     return Plan(mass=terms / s[:, None], cost=1.0 - p, converged=converged)
+
+
+def _newton_plan(p_eps: np.ndarray, cls: np.ndarray, listed: np.ndarray, q: np.ndarray, epsilon: float,
+                 *, max_steps: int = 100, tol: float = 1e-9) -> tuple[np.ndarray, bool] | None:
+    """Damped Newton on the semi-dual when every row lists every active class: returns the dense
+    plan (float64[n, C] of row masses, rows summing to 1) and whether the class marginals met the
+    target to 1e-4, or None when a step fails (the caller then falls back to BFGS).
+
+    F(g) = q.g - eps * mean_i logsumexp_c((g_c - 1 + p_ic) / eps) is concave with gradient
+    q - mean_i pi_i and Hessian -(1/eps) mean_i (diag pi_i - pi_i pi_i^T), singular only along
+    the all-ones direction (a constant shift of g changes nothing): adding 1 1^T / C makes the
+    system solvable without moving the step off the gradient's subspace."""
+    n, c = p_eps.shape[0], q.size
+    scores = np.full((n, c), -np.inf)
+    rows = np.broadcast_to(np.arange(n)[:, None], cls.shape)
+    scores[rows[listed], cls[listed]] = p_eps[listed]         # (p_ic) / eps for the classes each row lists
+    ones = np.full((c, c), 1.0 / c)
+
+    def evaluate(g: np.ndarray) -> tuple[float, np.ndarray]:
+        a = scores + g / epsilon
+        m = a.max(axis=1, keepdims=True)
+        e = np.exp(a - m)
+        s = e.sum(axis=1, keepdims=True)
+        lse = (m + np.log(s))[:, 0]
+        return float(q @ g - epsilon * lse.mean()), e / s
+
+    g = np.zeros(c)
+    value, pi = evaluate(g)
+    damping = 0.0  # Levenberg-Marquardt: near one-hot rows make the Hessian almost singular
+    eye = np.eye(c)
+    for _ in range(max_steps):
+        grad = q - pi.mean(axis=0)
+        if np.abs(grad).max() < tol:
+            break
+        hessian = (np.diag(pi.mean(axis=0)) - pi.T @ pi / n) / epsilon   # -(d2F), PSD
+        scale = float(np.trace(hessian)) / c + 1e-12
+        if scale * epsilon < 1e-6:
+            # rows (almost) one-hot: the semi-dual is flat between kinks, and Newton's curvature
+            # says nothing; BFGS builds its own from gradients
+            return None
+        while True:
+            try:
+                step = np.linalg.solve(hessian + ones + damping * scale * eye, grad)
+            except np.linalg.LinAlgError:
+                return None
+            slope = float(grad @ step)
+            t = 1.0
+            while t >= 1.0 / 64:  # backtracking: F must rise by a fair share of what the step promises
+                trial_value, trial_pi = evaluate(g + t * step)
+                if trial_value >= value + 1e-4 * t * slope:
+                    break
+                t *= 0.5
+            if t >= 1.0 / 64:
+                break
+            if damping > 1e6:
+                return None
+            damping = max(10.0 * damping, 1e-3)  # a shorter, more gradient-like step
+        g, value, pi = g + t * step, trial_value, trial_pi
+        damping /= 10.0
+    converged = bool(np.abs(pi.mean(axis=0) - q).max() < 1e-4)
+    return pi, converged
