@@ -235,3 +235,15 @@ def test_newton_and_bfgs_find_the_same_transport_plan(sharpness: float, monkeypa
     assert np.abs(plan.mass - bfgs.mass).max() < 1e-4
     per_class = np.bincount(top_class.ravel(), weights=plan.mass.ravel(), minlength=10) / len(probs)
     assert np.abs(per_class - target).max() < 1e-4
+
+
+def test_repeated_rows_solve_as_one_weighted_row():
+    rng = np.random.default_rng(4)
+    logits = rng.normal(scale=2.0, size=(300, 6))
+    probs = np.exp(logits - logits.max(1, keepdims=True))
+    probs /= probs.sum(1, keepdims=True)
+    target = rng.dirichlet(np.full(6, 8.0))
+    once = transport_plan(*top_k(probs, 6), target)
+    thrice = transport_plan(*top_k(np.repeat(probs, 3, axis=0), 6), target)
+    assert once.converged and thrice.converged
+    assert np.abs(thrice.mass - np.repeat(once.mass, 3, axis=0)).max() < 1e-6
