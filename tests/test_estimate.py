@@ -213,3 +213,37 @@ def test_a_checkpointed_window_keeps_its_per_row_estimator_data(tmp_path: Path, 
     assert c.estimate is None and c.predictions == a.predictions
     (d,) = upgraded.add(third, now=2.0)
     assert d.estimate is not None and d.estimate.method == "cott"
+
+
+@pytest.mark.parametrize("sharpness", [1.0, 4.0, 40.0], ids=["soft", "confident", "one-hot"])
+def test_newton_and_bfgs_find_the_same_transport_plan(sharpness: float, monkeypatch: pytest.MonkeyPatch):
+    """Newton serves the usual head (every row lists every class); (almost) one-hot rows, where its
+    curvature says nothing, fall back to BFGS. Either way the plan is the entropic optimum."""
+    from monitor.signals import transport
+
+    rng = np.random.default_rng(3)
+    logits = rng.normal(scale=sharpness, size=(1500, 10))
+    logits[np.arange(1500), rng.integers(0, 10, 1500)] += 3 * sharpness
+    probs = np.exp(logits - logits.max(1, keepdims=True))
+    probs /= probs.sum(1, keepdims=True)
+    target = rng.dirichlet(np.full(10, 8.0))
+    top_prob, top_class = top_k(probs, 10)
+    plan = transport_plan(top_prob, top_class, target)
+    monkeypatch.setattr(transport, "NEWTON_MAX_CLASSES", 0)  # BFGS only
+    bfgs = transport_plan(top_prob, top_class, target)
+    assert plan.converged and bfgs.converged
+    assert np.abs(plan.mass - bfgs.mass).max() < 1e-4
+    per_class = np.bincount(top_class.ravel(), weights=plan.mass.ravel(), minlength=10) / len(probs)
+    assert np.abs(per_class - target).max() < 1e-4
+
+
+def test_repeated_rows_solve_as_one_weighted_row():
+    rng = np.random.default_rng(4)
+    logits = rng.normal(scale=2.0, size=(300, 6))
+    probs = np.exp(logits - logits.max(1, keepdims=True))
+    probs /= probs.sum(1, keepdims=True)
+    target = rng.dirichlet(np.full(6, 8.0))
+    once = transport_plan(*top_k(probs, 6), target)
+    thrice = transport_plan(*top_k(np.repeat(probs, 3, axis=0), 6), target)
+    assert once.converged and thrice.converged
+    assert np.abs(thrice.mass - np.repeat(once.mass, 3, axis=0)).max() < 1e-6
