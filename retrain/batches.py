@@ -30,10 +30,6 @@ class Split:
     def take(self, index: torch.Tensor) -> "Split":
         return Split(self.x[index], self.y[index])
 
-    @staticmethod
-    def empty_like(other: "Split") -> "Split":
-        return Split(other.x[:0], other.y[:0])
-
 
 @dataclass(frozen=True)
 class TrainingSet:
