@@ -284,11 +284,11 @@ def prefix_speedup(source: nn.Module, plan, training: TrainingSet, *, rounds: in
     """Phase-2 steps (forward, backward, AdamW step; frozen BN in eval) on cached activations vs
     the whole network on images, in alternating rounds in this process, then the cached steps
     again beside a CPU hog: medians of the per-round ratios (the box's load moves by the minute)."""
-    from retrain.recipe import _set_trainable
+    from retrain.layer_lrs import set_trainable
     from retrain.trunk import Suffix, find_trunk, prefix_activations
 
     model = copy.deepcopy(source)
-    _set_trainable(model, plan)
+    set_trainable(model, plan)
     trunk = find_trunk(model, training.train.x[:4])
     if trunk is None or trunk.first_trainable() == 0:
         print("  prefix cache: nothing frozen to cache for this strategy")

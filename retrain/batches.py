@@ -30,10 +30,6 @@ class Split:
     def take(self, index: torch.Tensor) -> "Split":
         return Split(self.x[index], self.y[index])
 
-    @staticmethod
-    def empty_like(other: "Split") -> "Split":
-        return Split(other.x[:0], other.y[:0])
-
 
 @dataclass(frozen=True)
 class TrainingSet:
@@ -77,3 +73,8 @@ def mixed_batches(
 def steps_per_epoch(data: TrainingSet, batch_size: int, replay_fraction: float) -> int:
     n_replay = round(batch_size * replay_fraction) if len(data.replay) else 0
     return math.ceil(len(data.train) / max(1, batch_size - n_replay))
+
+
+def all_splits(data: TrainingSet) -> tuple[Split, Split, Split, Split]:
+    """The four splits in a fixed order (a TrainingSet rebuilt from them keeps their roles)."""
+    return data.train, data.val, data.replay, data.replay_val

@@ -22,7 +22,8 @@ from retrain.batches import Split, TrainingSet
 from retrain.config import GateConfig, HyperConfig
 from retrain.digits import corrupt, load_digits_images, train_digits_model, write_images
 from retrain.model import images_to_tensor, predict
-from retrain.registry import Registry, import_safetensors
+from retrain.model_import import import_safetensors
+from retrain.registry import Registry
 
 SIZE = 16
 SHIFT = ("contrast", 0.6)   # a real input-level shift that the source model fails on

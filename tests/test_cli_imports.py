@@ -23,7 +23,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict:
     import timm
     import torch
 
-    from retrain.registry import Registry, import_safetensors
+    from retrain.model_import import import_safetensors
+    from retrain.registry import Registry
 
     tmp = tmp_path_factory.mktemp("cli")
     (tmp / "logs").mkdir()

@@ -23,7 +23,8 @@ from daemon_helpers import REPO, TOKEN, DaemonProcess, daemon_doc, free_port, wr
 from engine_helpers import build_reference, make_rows, write_inference
 from monitor.config import parse_config
 from monitor.errors import StateError
-from monitor.service.api import MAX_BODY_BYTES, MAX_REASON_CHARS, Coalesced
+from monitor.service.api import Coalesced
+from monitor.service.http_messages import MAX_BODY_BYTES, MAX_REASON_CHARS
 from monitor.service.daemon import Daemon
 from monitor.service.notify import Notifier
 

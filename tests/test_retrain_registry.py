@@ -11,7 +11,8 @@ import safetensors.torch
 import timm
 import torch
 
-from retrain.registry import ModelMeta, Registry, RegistryError, import_safetensors, import_timm_checkpoint
+from retrain.model_import import import_safetensors, import_timm_checkpoint
+from retrain.registry import ModelMeta, Registry, RegistryError
 
 
 def _tiny(num_classes: int = 10, seed: int = 0) -> torch.nn.Module:

@@ -163,7 +163,7 @@ _FLAG_OF = {"input_size": "--input-size", "crop_pct": "--crop-pct", "interpolati
 def choose_data_config(args: argparse.Namespace, checkpoint: Any) -> tuple[dict[str, Any], str]:
     """(data config, where it came from) for an import; refuses to guess (UsageError naming the flags)."""
     from retrain.dataconfig import REQUIRED, describe, parse_data_config, read_data_config_file
-    from retrain.registry import architecture_data_config
+    from retrain.model_import import architecture_data_config
 
     overrides = _flag_overrides(args)
     base: dict[str, Any] | None
@@ -192,7 +192,7 @@ def choose_data_config(args: argparse.Namespace, checkpoint: Any) -> tuple[dict[
 
 def import_model(args: argparse.Namespace) -> int:
     from retrain.dataconfig import describe
-    from retrain.registry import import_safetensors, import_timm_checkpoint, read_checkpoint
+    from retrain.model_import import import_safetensors, import_timm_checkpoint, read_checkpoint
 
     if args.num_classes < 1:
         raise UsageError(f"--num-classes must be >= 1, got {args.num_classes}")

@@ -139,7 +139,8 @@ def _prepare(s: DemoSettings, say: Callable[[str], None]) -> dict[str, Any]:
     from monitor.engine.reference import build_reference, save_reference
     from retrain.digits import load_digits_images, train_digits_model, write_images
     from retrain.model import images_to_tensor, predict
-    from retrain.registry import Registry, import_safetensors
+    from retrain.model_import import import_safetensors
+    from retrain.registry import Registry
 
     torch.manual_seed(s.seed)
     images, labels = load_digits_images(IMAGE_SIZE)

@@ -40,7 +40,7 @@ from monitor.errors import ConfigError, DriftdError, ReferenceMissingError
 from monitor.ingest.store import claim_state_dir, classify_fault
 from monitor.policy.decisions import Decision, ReferenceFacts, RetrainPlan, RetrainPreconditions
 from monitor.policy.policy import Policy
-from monitor.service.api import ApiServer
+from monitor.service.http_server import ApiServer
 from monitor.service.config import HttpConfig, load_token
 from monitor.service.health import Health
 from monitor.service.metrics import Metrics, MetricsSnapshot, RetrainProgress
