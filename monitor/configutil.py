@@ -100,9 +100,6 @@ class Section:
             return fallback
         return value
 
-    def optional_str(self, name: builtins.str) -> builtins.str | None:
-        return self.str(name, None)
-
     def _number(self, name: builtins.str, default: builtins.float | None | _Missing, integer: builtins.bool,
                 minimum: builtins.float | None, maximum: builtins.float | None) -> builtins.float | None:
         fallback = (0 if integer else 0.0) if isinstance(default, _Missing) else default
@@ -240,8 +237,8 @@ def rules(*, minimum: float | None = None, maximum: float | None = None, choices
 def setting(default: T, *, minimum: float | None = None, maximum: float | None = None, choices: Sequence[str] = (),
             location: bool = False, parse: Callable[[Reading], object] | None = None, derived: bool = False) -> T:
     """A field with its default and its rules: ``batch_rows: int = setting(16_384, minimum=1)``."""
-    return cast(T, dataclasses.field(default=default, metadata=rules(
-        minimum=minimum, maximum=maximum, choices=choices, location=location, parse=parse, derived=derived)))
+    return dataclasses.field(default=default, metadata=rules(
+        minimum=minimum, maximum=maximum, choices=choices, location=location, parse=parse, derived=derived))
 
 
 def parse_section(section: Section, cls: type[D], *, base: Path | None = None, finish: bool = True) -> D:
