@@ -11,15 +11,11 @@ assembles the whole file, so every part of :class:`Config` has its owner's type.
 from __future__ import annotations
 
 import os
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
-from monitor.configutil import Section
+from monitor.configutil import Section, raise_config_errors, read_document
 from monitor.engine.config import MonitorConfig, parse_monitor
-from monitor.errors import ConfigError
 from monitor.policy.config import PolicyConfig, parse_policy, unreachable_rules
 from monitor.service.config import ServiceConfig, parse_service
 from retrain.config import RetrainConfig, parse_retrain
@@ -49,33 +45,12 @@ def parse_config(data: object, *, source: str, base: Path) -> Config:
     for index, message in unreachable_rules(policy, permutations=monitor.signals.mmd.permutations):
         key = "policy.rules" if index is None else f"policy.rules[{index}].threshold"
         errors.append(f"{key}: {message}" + (" (a default rule: set policy.rules to change it)" if index is None else ""))
-    if errors:
-        raise ConfigError(f"{source}: invalid configuration:\n  " + "\n  ".join(errors))
+    raise_config_errors(source, errors)
     return Config(source=source, monitor=monitor, service=service, policy=policy, retrain=retrain)
 
 
-def read_document(path: Path) -> object:
-    """Parse a YAML (.yaml/.yml) or TOML (.toml) file into plain Python data."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: config file not found; pass --config with an existing YAML or TOML file") from None
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read config file: {exc.strerror}") from None
-    try:
-        if path.suffix.lower() == ".toml":
-            return tomllib.loads(text)
-        return yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ConfigError(f"{path}: not valid YAML{where}: {problem}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
-
-
 def load_config(path: str | os.PathLike[str]) -> Config:
+    """Read and validate a config file; raises ConfigError naming the file and every bad key."""
     p = Path(path).expanduser().resolve()
     return parse_config(read_document(p), source=str(p), base=p.parent)
 

@@ -1,5 +1,5 @@
-"""Reading config sections into typed values, collecting every error with its key path, and the
-locations a config names (paths relative to the config file, or URIs).
+"""Reading config files and sections into typed values, collecting every error with its key path,
+and the locations a config names (paths relative to the config file, or URIs).
 
 A section is declared once, as a frozen dataclass whose fields carry their defaults and, in
 their metadata (:func:`setting`), their bounds, choices, whether they name a location, or a
@@ -7,7 +7,8 @@ reader of their own for the few keys no generic rule fits. :func:`parse_section`
 dataclass from a :class:`Section`. Sections are parsed once at the edge (see
 ``monitor.config.load_config``); code inside driftd only sees the frozen dataclasses. Every
 section owner (ingest, signals, the engine, the policy, the service, retrain) builds on this
-module, which imports nothing of driftd, so no owner needs another to read its own keys.
+module, which imports nothing of driftd but its errors, so no owner needs another to read its own
+keys, and a layer below the whole file (retrain's launcher) can read its own section of it.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import builtins
 import dataclasses
 import os
+import tomllib
 import types
 import typing
 import urllib.parse
@@ -22,6 +24,10 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Final, TypeVar, cast, overload
+
+import yaml
+
+from monitor.errors import ConfigError
 
 if TYPE_CHECKING:
     from _typeshed import DataclassInstance
@@ -99,9 +105,6 @@ class Section:
             self.errors.append(f"{self.key(name)}: expected a non-empty string, got {value!r}")
             return fallback
         return value
-
-    def optional_str(self, name: builtins.str) -> builtins.str | None:
-        return self.str(name, None)
 
     def _number(self, name: builtins.str, default: builtins.float | None | _Missing, integer: builtins.bool,
                 minimum: builtins.float | None, maximum: builtins.float | None) -> builtins.float | None:
@@ -240,8 +243,8 @@ def rules(*, minimum: float | None = None, maximum: float | None = None, choices
 def setting(default: T, *, minimum: float | None = None, maximum: float | None = None, choices: Sequence[str] = (),
             location: bool = False, parse: Callable[[Reading], object] | None = None, derived: bool = False) -> T:
     """A field with its default and its rules: ``batch_rows: int = setting(16_384, minimum=1)``."""
-    return cast(T, dataclasses.field(default=default, metadata=rules(
-        minimum=minimum, maximum=maximum, choices=choices, location=location, parse=parse, derived=derived)))
+    return dataclasses.field(default=default, metadata=rules(
+        minimum=minimum, maximum=maximum, choices=choices, location=location, parse=parse, derived=derived))
 
 
 def parse_section(section: Section, cls: type[D], *, base: Path | None = None, finish: bool = True) -> D:
@@ -309,6 +312,35 @@ def _unwrap(hint: object) -> tuple[object, bool]:
         if len(args) == 1 and len(typing.get_args(hint)) == 2:
             return args[0], True
     return hint, False
+
+
+# -- files -----------------------------------------------------------------------------------
+
+def read_document(path: Path) -> object:
+    """Parse a YAML (.yaml/.yml) or TOML (.toml) file into plain Python data."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found; pass --config with an existing YAML or TOML file") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config file: {exc.strerror}") from None
+    try:
+        if path.suffix.lower() == ".toml":
+            return tomllib.loads(text)
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{path}: not valid YAML{where}: {problem}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+
+
+def raise_config_errors(source: builtins.str, errors: Sequence[builtins.str]) -> None:
+    """Raise one ConfigError naming ``source`` and listing every error, when there are any."""
+    if errors:
+        raise ConfigError(f"{source}: invalid configuration:\n  " + "\n  ".join(errors))
 
 
 # -- locations ------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ reads (:class:`JobSettings`).
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 import urllib.parse
@@ -17,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, cast
 
-from monitor.configutil import Reading, Section, parse_section, setting
+from monitor.configutil import Reading, Section, parse_section, raise_config_errors, read_document, setting
 from monitor.engine.config import MonitorConfig
 
 MODES = ("auto", "images", "features")
@@ -227,3 +228,14 @@ def parse_retrain(section: Section, base: Path) -> RetrainConfig:
     if config.launcher == "kubernetes" and config.kubernetes.image is None:
         section.error("kubernetes.image", "required when launcher is 'kubernetes' (the image with driftd installed)")
     return config
+
+
+def load_retrain(path: str | os.PathLike[str]) -> RetrainConfig:
+    """The ``retrain`` section alone of a config file, for a launcher that needs only its own
+    settings below the layer that assembles the whole file; the job it starts validates the whole
+    file. Raises ConfigError naming the file and every bad key of the section."""
+    p = Path(path).expanduser().resolve()
+    errors: list[str] = []
+    retrain = parse_retrain(Section(read_document(p), "", errors).section("retrain"), p.parent)
+    raise_config_errors(str(p), errors)
+    return retrain

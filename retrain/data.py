@@ -30,12 +30,12 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import torch
 
-from monitor.config import Config
 from monitor.errors import DriftdError
 from monitor.ingest.labels import labelled_rows_by_prediction_time, prediction_watermark
 from monitor.ingest.records import JoinedLabel
 from monitor.ingest.store import connect_readonly
 from retrain.batches import Split, TrainingSet
+from retrain.config import JobSettings
 from retrain.model import build_transform
 from retrain.progress import DataSummary
 from retrain.split import bytes_content, features_content, split_rows
@@ -207,7 +207,7 @@ def _select(rows: list[JoinedLabel], onset: float | None, *, min_rows: int, wind
     return after, before, head_only
 
 
-def load_training_data(config: Config, data_config: dict[str, Any], *, num_classes: int,
+def load_training_data(config: JobSettings, data_config: dict[str, Any], *, num_classes: int,
                        model_version: str | None = None, onset: float | None = None) -> RetrainData:
     """Everything one retrain trains and gates on.
 

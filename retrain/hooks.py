@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from retrain.config import OnPromoteConfig
+from retrain.config import JobSettings, OnPromoteConfig
 from retrain.files import write_atomic
 from retrain.registry import Registry, RegistryError
 
@@ -192,7 +192,7 @@ def read_counts(registry_dir: Path) -> dict[tuple[str, str], int]:
     return {(k, o): int(data["counts"].get(k, {}).get(o, 0)) for k in KINDS for o in OUTCOMES}
 
 
-def run_on_promote(config: Any, *, event: str, version: str, previous: str | None, by: str,
+def run_on_promote(config: JobSettings, *, event: str, version: str, previous: str | None, by: str,
                    environ: Mapping[str, str] = os.environ, clock: Callable[[], float] = time.time
                    ) -> list[HookOutcome]:
     """Run ``config.retrain.on_promote`` for a change of CURRENT and count the outcomes.

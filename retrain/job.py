@@ -1,31 +1,28 @@
 """One retrain, end to end: data -> strategy -> guarded recipe -> gate -> registry -> reference.
 
-``python -m retrain.job --config CONFIG --job-dir DIR [--reason TEXT] [--onset SECONDS]
-[--domain-gap X] [--mmd X]`` appends events to ``DIR/progress.jsonl`` and writes
-``DIR/result.json`` (see retrain.progress). The daemon passes what it knows about the breach:
-its onset (event time of the start of the first breaching window) and its own shift measurement.
-Exit 0 when it finished with "promoted" or "rejected", 1 on "failed", 2 on a bad config.
+:func:`run_job` appends events to ``DIR/progress.jsonl`` and writes ``DIR/result.json`` (see
+retrain.progress). The daemon passes what it knows about the breach: its onset (event time of the
+start of the first breaching window) and its own shift measurement. Its process is
+``python -m monitor.cli.job`` (the launchers start it): loading the whole config file belongs to
+the top layer, so this module reads only what a retrain needs of it (``retrain.config.JobSettings``).
 Under torchrun (``WORLD_SIZE`` > 1) every rank trains; rank 0 alone gates and writes.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import copy
 import logging
 import os
-import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from monitor.config import Config, load_config
-from monitor.errors import ConfigError
+from retrain.config import JobSettings
 from retrain.data import NotEnoughData, RetrainData, load_training_data
 from retrain.gate import GateResult, choose_wise_alpha, evaluate_gate, too_small
 from retrain.hooks import run_on_promote
@@ -36,7 +33,7 @@ from retrain.recipe import fine_tune, resolve_device, snapshot
 from retrain.registry import ModelMeta, ModelVersion, Registry
 from retrain.strategy import StrategyPlan, choose_strategy, domain_gap
 
-__all__ = ["run_job", "read_progress", "read_result", "JobResult", "main"]
+__all__ = ["run_job", "read_progress", "read_result", "JobResult"]
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +61,7 @@ def _measure_gap(data: RetrainData, model: torch.nn.Module, device: torch.device
     return domain_gap(predict(model, ref, device=device)[0], predict(model, prod, device=device)[0]), len(prod)
 
 
-def _plan(config: Config, data: RetrainData, model: torch.nn.Module, device: torch.device,
+def _plan(config: JobSettings, data: RetrainData, model: torch.nn.Module, device: torch.device,
           monitor_gap: float | None, monitor_mmd: float | None) -> tuple[StrategyPlan, ShiftSummary]:
     hyper = config.retrain.hyper
     job_gap, gap_rows = _measure_gap(data, model, device)
@@ -88,7 +85,7 @@ def _plan(config: Config, data: RetrainData, model: torch.nn.Module, device: tor
     return dataclasses.replace(plan, reason=f"{plan.reason}, {gap_text}"), shift
 
 
-def _save_reference(config: Config, model: torch.nn.Module, version: str, data: RetrainData,
+def _save_reference(config: JobSettings, model: torch.nn.Module, version: str, data: RetrainData,
                     device: torch.device) -> ReferenceSummary:
     """The monitor's reference for the new version: what it will see, as it will see it.
 
@@ -137,7 +134,7 @@ def _distributed(device_name: str) -> tuple[int, int, torch.device]:
     return dist.get_rank(), world, device
 
 
-def run_job(config: Config, job_dir: Path, *, reason: str, progress: Callable[[dict], None] | None = None,
+def run_job(config: JobSettings, job_dir: Path, *, reason: str, progress: Callable[[dict], None] | None = None,
             domain_gap_value: float | None = None, onset: float | None = None, mmd_value: float | None = None,
             clock: Callable[[], float] = time.time) -> JobResult:
     """Run one retrain in this process; never raises for job failures (outcome "failed" instead).
@@ -219,7 +216,7 @@ def run_job(config: Config, job_dir: Path, *, reason: str, progress: Callable[[d
             dist.destroy_process_group()
 
 
-def _gate(config: Config, candidate: torch.nn.Module, current: torch.nn.Module, start: dict, data: RetrainData,
+def _gate(config: JobSettings, candidate: torch.nn.Module, current: torch.nn.Module, start: dict, data: RetrainData,
           device: torch.device) -> GateResult:
     features_only = data.mode == "features"
     if config.retrain.hyper.wise_ft:
@@ -229,7 +226,7 @@ def _gate(config: Config, candidate: torch.nn.Module, current: torch.nn.Module, 
                          device, features_only=features_only)
 
 
-def _meta(config: Config, parent: ModelVersion, plan: StrategyPlan, data: RetrainData, gate: dict,
+def _meta(config: JobSettings, parent: ModelVersion, plan: StrategyPlan, data: RetrainData, gate: dict,
           job_id: str) -> ModelMeta:
     return ModelMeta(
         architecture=parent.meta.architecture, num_classes=parent.meta.num_classes,
@@ -238,67 +235,3 @@ def _meta(config: Config, parent: ModelVersion, plan: StrategyPlan, data: Retrai
         hyper={**config.retrain.hyper.__dict__, "layer_decay": plan.layer_decay}, gate=gate,
         source=f"retrain:{job_id}", data_config_source=f"inherited from {parent.version}",
     )
-
-
-def _finite(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not np.isfinite(value):
-        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
-    return value
-
-
-def _event_time(text: str) -> float:
-    value = _finite(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected epoch seconds (> 0), got {text!r}")
-    return value
-
-
-def _share(text: str) -> float:
-    value = _finite(text)
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a share in [0, 1], got {text!r}")
-    return value
-
-
-def _non_negative(text: str) -> float:
-    value = _finite(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a value >= 0, got {text!r}")
-    return value
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m retrain.job", description="Run one guarded retrain and record the outcome.",
-        epilog="example: python -m retrain.job --config driftd.yaml --job-dir /var/lib/driftd/retrain/j1 "
-               "--reason 'accuracy below 0.8'")
-    parser.add_argument("--config", required=True, help="driftd config file (YAML or TOML)")
-    parser.add_argument("--job-dir", required=True, type=Path, help="where progress.jsonl and result.json go")
-    parser.add_argument("--reason", default="manual", help="why this retrain runs (recorded)")
-    parser.add_argument("--onset", type=_event_time, default=None, metavar="SECONDS",
-                        help="event time (epoch seconds) the breach began: train and judge on rows predicted after it")
-    parser.add_argument("--domain-gap", type=_share, default=None,
-                        help="the monitor's share of shifted feature dimensions in [0, 1]; chooses the strategy "
-                             "(default: measured by the job on the rows it trains on)")
-    parser.add_argument("--mmd", type=_non_negative, default=None,
-                        help="the monitor's batch MMD^2 on the breaching window (recorded in the result)")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        config = load_config(args.config)
-    except ConfigError as exc:
-        print(f"retrain.job: error: {exc}", file=sys.stderr)
-        return 2
-    from retrain.threads import configure_retrain_threads
-    configure_retrain_threads(config)  # measured: torch's thread-per-core default stalls on a shared host
-    result = run_job(config, args.job_dir, reason=args.reason, domain_gap_value=args.domain_gap, onset=args.onset,
-                     mmd_value=args.mmd)
-    return 0 if result.outcome in ("promoted", "rejected") else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

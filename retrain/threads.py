@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 if TYPE_CHECKING:
-    from monitor.config import Config
+    from retrain.config import JobSettings
 
 log = logging.getLogger(__name__)
 
@@ -225,7 +225,7 @@ def choose_for_training(model: nn.Module, batch: torch.Tensor, num_classes: int,
     return choose_threads(step, small_step=small_step, **kw)
 
 
-def configure_retrain_threads(config: "Config") -> ThreadChoice:
+def configure_retrain_threads(config: JobSettings) -> ThreadChoice:
     """The retrain job's thread count, measured on the CURRENT model's architecture at the
     configured batch size and the model's input size (random weights and inputs: a step costs
     the same). Logs the choice. Does not raise for a registry or model problem: the job reports

@@ -60,7 +60,7 @@ def test_rendered_job_is_valid_and_carries_the_gpu_settings(tmp_path) -> None:
     assert volumes["config"]["configMap"] == {"name": "driftd-config"}
     mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
     assert mounts == {"dshm": "/dev/shm", "tmp": "/tmp", "config": "/etc/driftd", "state": "/var/lib/driftd"}
-    assert container["command"] == ["python", "-m", "retrain.job", "--config", "/etc/driftd/driftd.yaml",
+    assert container["command"] == ["python", "-m", "monitor.cli.job", "--config", "/etc/driftd/driftd.yaml",
                                      "--job-dir", "/var/lib/driftd/state/retrain/r-20261126-1",
                                      "--reason", "accuracy_drop fired"]
 
@@ -69,7 +69,7 @@ def test_more_than_one_process_per_node_runs_torchrun(tmp_path) -> None:
     job = render_job(make_config(tmp_path, nproc=4), job_id="j1", reason="r")
     command = job["spec"]["template"]["spec"]["containers"][0]["command"]
     assert command[:3] == ["torchrun", "--standalone", "--nproc_per_node=4"]
-    assert command[3:6] == ["-m", "retrain.job", "--config"]
+    assert command[3:6] == ["-m", "monitor.cli.job", "--config"]
     validate_manifest(job)
 
 

@@ -69,7 +69,7 @@ def test_two_rank_ddp_fine_tune_ends_with_identical_weights(tmp_path: Path) -> N
 def test_torchrun_command_runs_the_job_module(tmp_path: Path) -> None:
     cmd = torchrun_command("c.yaml", tmp_path, reason="r", nproc_per_node=2, python="py")
     assert cmd[:5] == ["py", "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    assert cmd[5:] == ["-m", "retrain.job", "--config", "c.yaml", "--job-dir", str(tmp_path), "--reason", "r"]
+    assert cmd[5:] == ["-m", "monitor.cli.job", "--config", "c.yaml", "--job-dir", str(tmp_path), "--reason", "r"]
     with pytest.raises(ValueError, match="nproc_per_node >= 2"):
         torchrun_command("c.yaml", tmp_path, reason="r", nproc_per_node=1)
 

@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 import torch
 
+from monitor.cli.job import main
 from monitor.config import load_config
 from retrain.data import NotEnoughData, load_training_data
-from retrain.job import _measure_gap, main, run_job
+from retrain.job import _measure_gap, run_job
 from retrain.launch.ddp import torchrun_command
 from retrain.launch.job_args import Breach
 from retrain.launch.local import job_command

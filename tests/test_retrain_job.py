@@ -12,10 +12,11 @@ import pytest
 import torch
 import yaml
 
+from monitor.cli.job import main
 from monitor.config import load_config
 from monitor.engine.reference import load_references
 from retrain.data import DataError, resolve_input
-from retrain.job import main, read_progress, read_result, run_job
+from retrain.job import read_progress, read_result, run_job
 from retrain.launch.local import launch_local
 from retrain_helpers import NOW, build_world, digits, source_checkpoint
 

@@ -33,7 +33,7 @@ def config_from_flags(args: argparse.Namespace, flag_to_key: dict[str, str]) -> 
     overrides: dict[str, Any] = {k: getattr(args, d) for d, k in flag_to_key.items() if getattr(args, d, None) is not None}
     if getattr(args, "config", None):
         path = Path(args.config).expanduser().resolve()
-        from monitor.config import read_document
+        from monitor.configutil import read_document
 
         doc = read_document(path) or {}
         base = path.parent

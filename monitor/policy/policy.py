@@ -253,7 +253,7 @@ class Policy:
             "evaluated_labels": {mv: [ref, idx] for mv, (ref, idx) in sorted(self.evaluated_labels.items())},
             "rules": [
                 {"rule": n, "model_version": mv, "breach_streak": s.breach_streak, "ok_streak": s.ok_streak,
-                 "active": s.active, "value": _num(s.value), "threshold": _num(s.threshold), "onset": s.onset}
+                 "active": s.active, "value": _finite_or_none(s.value), "threshold": _finite_or_none(s.threshold), "onset": s.onset}
                 for (n, mv), s in sorted(self._state.items())
             ],
             "breaches": dict(self.breaches),
@@ -281,7 +281,7 @@ class Policy:
             self._state = {
                 (e["rule"], e["model_version"]): _RuleState(
                     int(e["breach_streak"]), int(e["ok_streak"]), bool(e["active"]),
-                    _float(e["value"]), _float(e["threshold"]), e.get("onset"),
+                    _nan_if_none(e["value"]), _nan_if_none(e["threshold"]), e.get("onset"),
                 )
                 for e in state["rules"]
                 if e["rule"] in self._rules
@@ -351,11 +351,13 @@ def _is_new(seen: Mapping[str, tuple[str, int]], version: str, reference_id: str
     return last is None or last[0] != reference_id or index > last[1]
 
 
-def _num(x: float) -> float | None:
+def _finite_or_none(x: float) -> float | None:
+    """A value for the state file: JSON has no NaN or infinity, so a non-finite value is null."""
     return x if math.isfinite(x) else None
 
 
-def _float(x: Any) -> float:
+def _nan_if_none(x: Any) -> float:
+    """Back from the state file: null is NaN again (the inverse of :func:`_finite_or_none`)."""
     return math.nan if x is None else float(x)
 
 

@@ -35,7 +35,7 @@ from monitor.signals.typicality import TypicalityBank
 
 log = logging.getLogger(__name__)
 
-METHODS: tuple[str, ...] = ESTIMATE_METHODS  # the config's choices (monitor.config), in fitting order
+METHODS: tuple[str, ...] = ESTIMATE_METHODS  # the config's choices (monitor.signals.config), in fitting order
 # Rows of a window COTT transports (a seeded uniform sample above it). The bench measured its
 # error on ~500-row windows; at 2000 rows its sampling error (~0.01) is within its bias, and a
 # 5000-row window's close no longer waits ~170 ms on the plan.

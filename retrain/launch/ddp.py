@@ -14,7 +14,7 @@ from retrain.launch.job_args import Breach, job_args
 
 def torchrun_command(config_path: str, job_dir: Path, *, reason: str, nproc_per_node: int,
                      breach: Breach | None = None, python: str = sys.executable) -> list[str]:
-    """``python -m torch.distributed.run --standalone --nproc_per_node N -m retrain.job ...``.
+    """``python -m torch.distributed.run --standalone --nproc_per_node N -m monitor.cli.job ...``.
 
     ``--standalone`` picks a free rendezvous port on this host, so two jobs never collide.
     Raises ValueError for fewer than 2 processes (use the plain job for one).

@@ -1,11 +1,15 @@
-"""The ``retrain.job`` arguments every launcher passes: config, job dir, reason, and what the
-monitor knows about the breach that asked for the retrain."""
+"""The job process's arguments (``python -m monitor.cli.job ...``) every launcher passes: config,
+job dir, reason, and what the monitor knows about the breach that asked for the retrain."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 from pathlib import PurePath
+
+# The job's command-line entry point: it loads the whole config file, so it sits in the top layer
+# (monitor.cli), above retrain; it calls retrain.job.run_job.
+JOB_MODULE = "monitor.cli.job"
 
 
 @dataclass(frozen=True)
@@ -43,6 +47,6 @@ class Breach:
 
 
 def job_args(config_path: str, job_dir: PurePath, *, reason: str, breach: Breach | None = None) -> list[str]:
-    """``-m retrain.job --config ... --job-dir ... --reason ... [--onset S] [--domain-gap X] [--mmd X]``."""
-    args = ["-m", "retrain.job", "--config", str(config_path), "--job-dir", str(job_dir), "--reason", reason]
+    """``-m monitor.cli.job --config ... --job-dir ... --reason ... [--onset S] [--domain-gap X] [--mmd X]``."""
+    args = ["-m", JOB_MODULE, "--config", str(config_path), "--job-dir", str(job_dir), "--reason", reason]
     return args + (breach.argv() if breach is not None else [])

@@ -25,8 +25,7 @@ from monitor.errors import ConfigError, DriftdError
 from retrain.launch.job_args import Breach, job_args
 
 if TYPE_CHECKING:
-    from monitor.config import Config
-    from retrain.config import KubernetesConfig
+    from retrain.config import JobSettings, KubernetesConfig
 
 CONFIG_MOUNT = PurePosixPath("/etc/driftd")
 STATE_MOUNT = PurePosixPath("/var/lib/driftd")
@@ -37,7 +36,7 @@ _LABEL_VALUE = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?")
 _MAX_ANNOTATION_REASON = 1024
 
 
-def job_dir_for(config: Config, job_id: str) -> PurePosixPath:
+def job_dir_for(config: JobSettings, job_id: str) -> PurePosixPath:
     """Where the job writes progress.jsonl/result.json: ``<state_dir>/retrain/<job_id>``."""
     return PurePosixPath(str(config.monitor.state_dir)) / "retrain" / job_id
 
@@ -56,14 +55,14 @@ def _check_job_id(job_id: str) -> None:
         )
 
 
-def _in_pod_config_path(config: Config) -> str:
+def _in_pod_config_path(config: JobSettings) -> str:
     k8s = config.retrain.kubernetes
     if k8s.config_map is None:  # the image is expected to carry the config at the same path
         return str(config.source)
     return str(CONFIG_MOUNT / PurePosixPath(str(config.source)).name)
 
 
-def _check_paths_on_data_volume(config: Config) -> None:
+def _check_paths_on_data_volume(config: JobSettings) -> None:
     """Training reads inputs (and the logs behind features-only mode) from the data PVC."""
     if config.retrain.kubernetes.data_pvc is None:
         return
@@ -78,7 +77,7 @@ def _check_paths_on_data_volume(config: Config) -> None:
         )
 
 
-def _check_paths_on_state_volume(config: Config, job_dir: PurePosixPath) -> None:
+def _check_paths_on_state_volume(config: JobSettings, job_dir: PurePosixPath) -> None:
     if config.retrain.kubernetes.state_pvc is None:
         return
     paths = {
@@ -97,7 +96,7 @@ def _check_paths_on_state_volume(config: Config, job_dir: PurePosixPath) -> None
         )
 
 
-def _command(config: Config, job_dir: PurePosixPath, reason: str, breach: Breach | None) -> list[str]:
+def _command(config: JobSettings, job_dir: PurePosixPath, reason: str, breach: Breach | None) -> list[str]:
     args = job_args(_in_pod_config_path(config), job_dir, reason=reason, breach=breach)
     nproc = config.retrain.nproc_per_node
     if nproc > 1:
@@ -118,7 +117,7 @@ def _tolerations(k8s: KubernetesConfig) -> list[dict[str, Any]]:
     return out
 
 
-def render_job(config: Config, *, job_id: str, reason: str, job_dir: PurePosixPath | None = None,
+def render_job(config: JobSettings, *, job_id: str, reason: str, job_dir: PurePosixPath | None = None,
                breach: Breach | None = None) -> dict[str, Any]:
     """The ``batch/v1`` Job manifest (plain dict) that runs ``retrain.job`` for ``job_id``.
 
@@ -324,7 +323,7 @@ class KubernetesJob:
 
 
 def launch_kubernetes(
-    config: Config, job_id: str, reason: str, *, api: Any = None, job_dir: PurePosixPath | None = None,
+    config: JobSettings, job_id: str, reason: str, *, api: Any = None, job_dir: PurePosixPath | None = None,
     breach: Breach | None = None,
 ) -> KubernetesJob:
     """Create the Job of :func:`render_job`; ``api`` is a ``kubernetes.client.ApiClient``.

@@ -1,5 +1,5 @@
-"""Start ``retrain.job`` as a child process so the daemon stays responsive and the GPU memory is
-released when the job exits.
+"""Start the retrain job (``python -m monitor.cli.job``) as a child process so the daemon stays
+responsive and the GPU memory is released when the job exits.
 
 The child runs in its own process group (a terminate reaches torchrun's workers too) with
 stdout/stderr in ``job_dir/job.log``.
@@ -69,11 +69,12 @@ def launch_local(config_path: str, job_dir: Path, *, reason: str, nproc_per_node
                  breach: Breach | None = None) -> LocalJob:
     """Start one retrain; ``nproc_per_node`` (default: the config's ``retrain.nproc_per_node``)
     above 1 runs it under torchrun; ``breach``: the monitor's onset and shift measurement, passed
-    on to the job. Raises ConfigError if the config cannot be read."""
+    on to the job. Raises ConfigError if the config's ``retrain`` section cannot be read (the job
+    itself reads the whole file when it starts)."""
     if nproc_per_node is None:
-        from monitor.config import load_config
+        from retrain.config import load_retrain
 
-        nproc_per_node = load_config(config_path).retrain.nproc_per_node
+        nproc_per_node = load_retrain(config_path).nproc_per_node
     # the child runs in job_dir: relative paths given here must not be re-read from there
     config_path = str(Path(config_path).resolve())
     job_dir = Path(job_dir).resolve()
