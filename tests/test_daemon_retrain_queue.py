@@ -217,7 +217,7 @@ def test_external_job_is_left_running_and_reattached(tmp_path: Path) -> None:
 
 
 def test_the_gauges_keep_their_last_value_between_progress_lines(tmp_path: Path) -> None:
-    from monitor.service.retrain_queue import last_progress
+    from retrain.jobdir import last_progress
 
     (tmp_path / "progress.jsonl").write_text("\n".join(json.dumps(e) for e in (
         {"event": "step", "epoch": 1, "grad_norm": 2.5, "weight_drift": 0.1},

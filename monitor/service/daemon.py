@@ -53,10 +53,9 @@ from monitor.service.retrain_queue import (
     Launcher,
     RetrainExecutor,
     RetrainQueue,
-    read_json,
-    write_json_atomic,
 )
 from monitor.signals.results import LabelEvaluation, WindowSignals, signal_values, to_jsonable
+from retrain.files import read_json, write_json_atomic
 
 log = logging.getLogger("driftd")
 
@@ -578,7 +577,7 @@ class Daemon:
         return None if current is None else current.version
 
     def _retrain_finished(self, rec: JobRecord, duration: float) -> None:
-        outcome = None if rec.result is None else rec.result.get("outcome")
+        outcome = None if rec.result is None else rec.result.outcome
         if outcome != "dropped":  # a dropped job never ran
             self.metrics.retrain_duration.observe(max(0.0, duration))
         if outcome == "promoted":
