@@ -27,7 +27,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 from apscheduler.executors.pool import ThreadPoolExecutor
@@ -50,12 +50,13 @@ from monitor.service.retrain_queue import (
     JOBSTORE,
     DaemonScheduler,
     JobRecord,
-    Launcher,
     RetrainExecutor,
     RetrainQueue,
 )
 from monitor.signals.results import LabelEvaluation, WindowSignals, signal_values, to_jsonable
 from retrain.files import read_json, write_json_atomic
+from retrain.launch.base import Launcher
+from retrain.launch.choose import attach_external, make_launcher
 
 log = logging.getLogger("driftd")
 
@@ -66,71 +67,6 @@ def build_version() -> str:
     from monitor import __version__
 
     return __version__
-
-
-@dataclasses.dataclass
-class ExternalJob:
-    """A launched job that outlives the daemon (a Kubernetes Job), with what finds it again."""
-
-    handle: Any
-    external_ref: dict[str, str]
-
-    def poll(self) -> int | None:
-        return self.handle.poll()
-
-    def terminate(self, grace_seconds: float) -> Any:
-        return self.handle.terminate(grace_seconds)
-
-
-def attach_external(ref: dict[str, Any]) -> Any:
-    """A handle on a job left running at the last shutdown (see ExternalJob)."""
-    if ref.get("kind") != "kubernetes":
-        raise ValueError(f"cannot re-attach to a job of kind {ref.get('kind')!r}")
-    from retrain.launch.kubernetes import KubernetesJob, default_api_client
-
-    return KubernetesJob(name=str(ref["name"]), namespace=str(ref["namespace"]), api_client=default_api_client())
-
-
-def default_launcher(config_path: str, get_config: Callable[[], Config]) -> Launcher:
-    """Starts ``retrain.job`` locally or as a Kubernetes Job, per ``retrain.launcher`` at launch time.
-
-    The monitor's evidence recorded in the job's request.json (the breach's onset, its domain gap
-    and MMD) goes to the job as arguments, the same on every attempt. A local job is a child
-    process and is terminated at shutdown; a Kubernetes Job keeps running and is re-attached at
-    the next start.
-    """
-
-    def launch(job_id: str, job_dir: Path, reason: str, attempt: int):
-        config = get_config()
-        breach = breach_of(read_json(job_dir / "request.json") or {})
-        if config.retrain.launcher == "kubernetes":
-            from retrain.launch.kubernetes import launch_kubernetes
-
-            # a re-run needs a new Job name (the old Job object may still exist); same job dir
-            name = job_id if attempt <= 1 else f"{job_id}-a{attempt}"
-            job = launch_kubernetes(config, name, reason, job_dir=PurePosixPath(str(job_dir)), breach=breach)
-            return ExternalJob(job, {"kind": "kubernetes", "name": job.name, "namespace": job.namespace})
-        from retrain.launch.local import launch_local
-
-        return launch_local(config_path, job_dir, reason=reason, breach=breach)
-
-    return launch
-
-
-def breach_of(request: Mapping[str, Any]):
-    """The job arguments (retrain.launch.job_args.Breach) from a request's monitor evidence; None
-    for a manual request, or when the evidence is unusable (the job then measures for itself)."""
-    from retrain.launch.job_args import Breach
-
-    evidence = request.get("monitor") or {}
-    values = {"onset": evidence.get("onset"), "domain_gap": evidence.get("domain_gap"), "mmd": evidence.get("mmd2")}
-    if all(v is None for v in values.values()):
-        return None
-    try:
-        return Breach(**{k: None if v is None else float(v) for k, v in values.items()})
-    except (TypeError, ValueError) as exc:
-        log.warning("job request's monitor evidence %s is unusable (%s); the job measures the shift itself", values, exc)
-        return None
 
 
 # http keys SIGHUP applies; every other http key (address, server bounds) needs a restart
@@ -168,7 +104,7 @@ class Daemon:
         self._token = load_token(config.service.http, environ)  # ConfigError (exit 2) before binding
         self.registry = registry if registry is not None else CollectorRegistry()
         self.notifier = notifier if notifier is not None else Notifier.from_env(environ)
-        self._launcher = launcher if launcher is not None else default_launcher(config_path, lambda: self.config)
+        self._launcher = launcher if launcher is not None else make_launcher(config_path, lambda: self.config)
         self._lock = threading.RLock()
         self._stop = threading.Event()
         self._hup = threading.Event()

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from apscheduler.executors.base import BaseExecutor
 from apscheduler.job import Job
@@ -29,6 +29,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.schedulers.base import STATE_STOPPED, BaseScheduler
 
 from retrain.jobdir import JobRequest, last_progress, read_request, read_result_if_valid, write_request, write_result
+from retrain.launch.base import Attacher, JobHandle, Launcher
 from retrain.result import JobResult
 
 log = logging.getLogger(__name__)
@@ -37,23 +38,6 @@ JOBSTORE = "retrain"
 EXECUTOR = "retrain"
 OUTCOMES = ("promoted", "rejected", "failed", "dropped")  # dropped: its model_version was no longer CURRENT
 MAX_ATTEMPTS = 3  # a job interrupted this often is recorded as failed rather than re-run forever
-
-
-class JobHandle(Protocol):
-    """What a launcher returns (``retrain.launch.local.LocalJob``, ``...kubernetes.KubernetesJob``).
-
-    A handle may also carry ``external_ref: dict[str, str]``: the job runs outside this process
-    and survives it; the queue then leaves it running at shutdown and finds it again with ``attach``.
-    """
-
-    def poll(self) -> int | None: ...
-    def terminate(self, grace_seconds: float) -> Any: ...
-
-
-# (job_id, job_dir, reason, attempt) -> a started job; attempt counts from 1
-Launcher = Callable[[str, Path, str, int], JobHandle]
-# external_ref of a job left running at the last shutdown -> a handle on it
-Attacher = Callable[[dict[str, Any]], JobHandle]
 
 
 def run_queued_retrain(job_id: str) -> None:
