@@ -124,14 +124,14 @@ def test_job_runs_once_and_reports_progress_and_outcome(tmp_path: Path) -> None:
     try:
         job_id = h.queue.submit("accuracy fell", source="rule:accuracy_drop")
         h.until(lambda: h.queue.running() is not None and h.queue.running().progress)
-        assert h.queue.busy_job() == job_id
+        assert h.queue.active_job_id() == job_id
         assert h.queue.get(job_id)["progress"]["grad_norm"] == 0.5
         h.release.set()
         h.until(lambda: h.finished == [job_id])
         info = h.queue.get(job_id)
         assert (info["state"], info["outcome"], info["attempts"], info["resumed"]) == ("finished", "promoted", 1, False)
         assert h.queue.outcome_counts() == {"promoted": 1.0, "rejected": 0.0, "failed": 0.0, "dropped": 0.0}
-        assert h.queue.busy_job() is None and h.launched == [(job_id, 1)]
+        assert h.queue.active_job_id() is None and h.launched == [(job_id, 1)]
     finally:
         h.close()
 

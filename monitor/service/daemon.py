@@ -428,7 +428,7 @@ class Daemon:
         pre = RetrainPreconditions(
             labelled=lambda after, since, version: engine.count_labelled(after_join=after, predicted_since=since,
                                                                          model_version=version),
-            min_labelled_rows=rc.min_labelled_rows, join_seq=engine.join_seq, active_job_id=self.queue.busy_job(),
+            min_labelled_rows=rc.min_labelled_rows, join_seq=engine.join_seq, active_job_id=self.queue.active_job_id(),
             lookback_start=None if mark is None else mark - rc.lookback_seconds,
             served=lambda version: version in self._served,
         )
@@ -575,11 +575,12 @@ class Daemon:
         progress = RetrainProgress()
         if running is not None:
             p = running.progress
-            progress = RetrainProgress(_num(p.get("epoch")), _num(p.get("grad_norm")), _num(p.get("weight_drift")))
+            progress = RetrainProgress(_gauge_value(p.get("epoch")), _gauge_value(p.get("grad_norm")),
+                                       _gauge_value(p.get("weight_drift")))
         last_promotion = queue.last_promotion()
         return dataclasses.replace(
             snap, job_errors=errors, retrain_runs={**queue.outcome_counts(), "deferred": float(deferred)},
-            retrain_in_progress=queue.busy_job() is not None, progress=progress,
+            retrain_in_progress=queue.active_job_id() is not None, progress=progress,
             last_promotion=math.nan if last_promotion is None else last_promotion,
             current_version=self._current_version,
         )
@@ -670,11 +671,11 @@ class Daemon:
         is about to replace). Returns ``{"job_id", "joined"}``."""
         if self.queue is None:
             raise DriftdError("driftd is still starting; retry in a few seconds")
-        busy = self.queue.busy_job()
-        if busy is not None:
-            self.queue.note_joined(busy, [{"source": "api", "reason": reason, "outcome": "joined", "at": self.clock()}])
-            log.info("retrain requested through the API (%s): joined job %s, already queued or running", reason, busy)
-            return {"job_id": busy, "joined": True}
+        active = self.queue.active_job_id()
+        if active is not None:
+            self.queue.note_joined(active, [{"source": "api", "reason": reason, "outcome": "joined", "at": self.clock()}])
+            log.info("retrain requested through the API (%s): joined job %s, already queued or running", reason, active)
+            return {"job_id": active, "joined": True}
         with self._lock:
             served = sorted(self._served)
             version = self._current_version or (served[-1] if len(served) == 1 else None)
@@ -696,5 +697,6 @@ def _iso(ts: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
 
 
-def _num(v: Any) -> float:
+def _gauge_value(v: Any) -> float:
+    """A progress line's value as a gauge reading: the number, NaN when absent or not a number."""
     return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else math.nan

@@ -239,8 +239,8 @@ class RetrainQueue:
             rec = self._jobs.get(job_id)
             return None if rec is None else rec.view()
 
-    def busy_job(self) -> str | None:
-        """The job running, else the oldest queued one."""
+    def active_job_id(self) -> str | None:
+        """The id of the job running, else of the oldest queued one (None when neither)."""
         with self._lock:
             live = [r for r in self._jobs.values() if r.state != "finished"]
         live.sort(key=lambda r: (r.state != "running", r.requested_at))
