@@ -11,7 +11,8 @@ from pathlib import Path
 
 from apscheduler.jobstores.sqlalchemy import SQLAlchemyJobStore
 
-from monitor.service.retrain_queue import EXECUTOR, JOBSTORE, DaemonScheduler, RetrainExecutor, RetrainQueue
+from monitor.service.retrain_queue import RetrainQueue
+from monitor.service.retrain_scheduler import EXECUTOR, JOBSTORE, DaemonScheduler, RetrainExecutor
 from waiting import wait_until
 
 

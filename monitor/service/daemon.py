@@ -45,14 +45,8 @@ from monitor.service.config import HttpConfig, load_token
 from monitor.service.health import Health
 from monitor.service.metrics import Metrics, MetricsSnapshot, RetrainProgress
 from monitor.service.notify import Notifier
-from monitor.service.retrain_queue import (
-    EXECUTOR,
-    JOBSTORE,
-    DaemonScheduler,
-    JobRecord,
-    RetrainExecutor,
-    RetrainQueue,
-)
+from monitor.service.retrain_queue import JobRecord, RetrainQueue
+from monitor.service.retrain_scheduler import EXECUTOR, JOBSTORE, DaemonScheduler, RetrainExecutor
 from monitor.signals.results import LabelEvaluation, WindowSignals, signal_values, to_jsonable
 from retrain.files import read_json, write_json_atomic
 from retrain.launch.base import Launcher

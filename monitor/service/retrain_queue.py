@@ -1,5 +1,7 @@
 """The daemon's retrain queue: requests persisted as job directories, run one at a time by APScheduler.
 
+The APScheduler side (the daemon's scheduler, the one-worker executor) is monitor.service.retrain_scheduler.
+
 Each request gets a unique id and a directory ``<state_dir>/retrain/<id>/`` holding
 ``request.json`` (written here), and ``progress.jsonl`` / ``result.json`` (written by the job;
 the files and their types are ``retrain.jobdir``'s). The APScheduler job (id
@@ -18,24 +20,19 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from apscheduler.executors.base import BaseExecutor
-from apscheduler.job import Job
-from apscheduler.schedulers.background import BackgroundScheduler
-from apscheduler.schedulers.base import STATE_STOPPED, BaseScheduler
+from apscheduler.schedulers.base import BaseScheduler
 
+from monitor.service.retrain_scheduler import EXECUTOR, JOBSTORE
 from retrain.jobdir import JobRequest, last_progress, read_request, read_result_if_valid, write_request, write_result
 from retrain.launch.base import Attacher, JobHandle, Launcher
 from retrain.result import JobResult
 
 log = logging.getLogger(__name__)
 
-JOBSTORE = "retrain"
-EXECUTOR = "retrain"
 OUTCOMES = ("promoted", "rejected", "failed", "dropped")  # dropped: its model_version was no longer CURRENT
 MAX_ATTEMPTS = 3  # a job interrupted this often is recorded as failed rather than re-run forever
 
@@ -47,50 +44,6 @@ def run_queued_retrain(job_id: str) -> None:
     calling this; reaching it means the job was given to another executor, which is a bug.
     """
     raise RuntimeError(f"retrain job {job_id} must run on the daemon's {EXECUTOR!r} executor")
-
-
-class DaemonScheduler(BackgroundScheduler):
-    """A BackgroundScheduler that hands out no job once shutdown has begun.
-
-    APScheduler 3's loop runs one more pass after ``shutdown()`` and submits due jobs to executors
-    already shut down (logging errors, and for a persisted retrain racing its removal from the store).
-    """
-
-    def _process_jobs(self) -> float | None:
-        if self.state == STATE_STOPPED:
-            return None
-        return super()._process_jobs()
-
-
-class RetrainExecutor(BaseExecutor):
-    """Runs retrain jobs one at a time on a single worker thread, handing them to ``run(job_id)``."""
-
-    def __init__(self, run: Callable[[str], None]):
-        super().__init__()
-        self._run = run
-        self._pool: ThreadPoolExecutor | None = None
-
-    def start(self, scheduler: BaseScheduler, alias: str) -> None:
-        super().start(scheduler, alias)
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="driftd-retrain")
-
-    def shutdown(self, wait: bool = True) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=wait, cancel_futures=True)
-
-    def _do_submit_job(self, job: Job, run_times: list) -> None:
-        def done(f: Future) -> None:
-            if f.cancelled():
-                return
-            exc = f.exception()
-            if exc is not None:
-                self._run_job_error(job.id, exc, exc.__traceback__)
-            else:
-                self._run_job_success(job.id, [])
-
-        if self._pool is None:
-            raise RuntimeError("retrain executor used before start()")
-        self._pool.submit(self._run, *job.args).add_done_callback(done)
 
 
 @dataclass
