@@ -2,7 +2,7 @@
 
 ``python -m retrain.job --config CONFIG --job-dir DIR [--reason TEXT] [--onset SECONDS]
 [--domain-gap X] [--mmd X]`` appends events to ``DIR/progress.jsonl`` and writes
-``DIR/result.json`` (see retrain.jobdir). The daemon passes what it knows about the breach:
+``DIR/result.json`` (see retrain.progress). The daemon passes what it knows about the breach:
 its onset (event time of the start of the first breaching window) and its own shift measurement.
 Exit 0 when it finished with "promoted" or "rejected", 1 on "failed", 2 on a bad config.
 Under torchrun (``WORLD_SIZE`` > 1) every rank trains; rank 0 alone gates and writes.

@@ -18,8 +18,8 @@ from retrain.files import read_json
 from retrain.jobdir import REQUEST_FILE
 from retrain.launch.base import Launcher
 
-if TYPE_CHECKING:
-    from monitor.config import Config
+if TYPE_CHECKING:  # what a retrain reads of the config file (monitor.config.Config is one)
+    from retrain.config import JobSettings
 
 log = logging.getLogger("driftd")
 
@@ -47,7 +47,7 @@ def attach_external(ref: dict[str, Any]) -> Any:
     return KubernetesJob(name=str(ref["name"]), namespace=str(ref["namespace"]), api_client=default_api_client())
 
 
-def make_launcher(config_path: str, get_config: Callable[[], Config]) -> Launcher:
+def make_launcher(config_path: str, get_config: Callable[[], JobSettings]) -> Launcher:
     """Starts ``retrain.job`` locally or as a Kubernetes Job, per ``retrain.launcher`` at launch time.
 
     The monitor's evidence recorded in the job's request.json (the breach's onset, its domain gap
