@@ -53,7 +53,7 @@ def serve(config_path: str, server: str) -> int:
     from monitor.config import load_config
     from monitor.service.api import Api
     from monitor.service.daemon import Daemon
-    from monitor.service.logs import setup_logging
+    from monitor.service.logging_setup import setup_logging
     from monitor.service.notify import Notifier
 
     setup_logging("text", "WARNING")

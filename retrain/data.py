@@ -37,7 +37,7 @@ from monitor.ingest.store import connect_readonly
 from retrain.batches import Split, TrainingSet
 from retrain.config import JobSettings
 from retrain.model import build_transform
-from retrain.progress import DataSummary
+from retrain.result import DataSummary
 from retrain.split import bytes_content, features_content, split_rows
 
 VALIDATION_FRACTION = 0.15   # of the non-gate rows, for early stopping

@@ -1,10 +1,13 @@
-"""Atomic file replacement for the registry pointer, history and job results."""
+"""Atomic file replacement (and JSON read/write on top of it) for the registry pointer, history,
+the job directory's files and the daemon's state: the one writer every persisted file goes through."""
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -25,3 +28,17 @@ def write_atomic(path: Path, text: str) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Replace ``path`` with ``data`` as indented JSON, atomically (see :func:`write_atomic`)."""
+    write_atomic(path, json.dumps(data, indent=1, default=str))
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    """A JSON object from ``path``; None when missing or unreadable."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None

@@ -18,7 +18,6 @@ says how many rows it needs (268 distinct rows at the defaults), as is a slice b
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -28,51 +27,10 @@ from retrain.batches import Split
 from retrain.config import GateConfig
 from retrain.paired import (MCNEMAR, TANGO, PairedCounts, floor_rows, lower_bound, p_value, paired_counts,
                             rows_needed)
+from retrain.result import GateResult, SliceTest  # the verdict's types, torch-free for the daemon
 
-
-@dataclass(frozen=True)
-class SliceTest:
-    """Both models on one held-out slice, and the paired test that judged them."""
-
-    rows: int                   # distinct held-out inputs
-    candidate_accuracy: float
-    current_accuracy: float
-    better: int                 # rows only the candidate gets right
-    worse: int                  # rows only the current model gets right
-    test: str                   # retrain.paired.MCNEMAR or TANGO
-    margin: float               # H1: candidate - current > -margin
-    p_value: float
-    lower_bound: float          # one-sided (1 - alpha) bound on candidate - current accuracy
-    min_rows: int               # the slice size below which this criterion is not judged
-    rows_needed: int | None     # rows at which it would pass at the observed rates (when it failed)
-    passed: bool
-
-
-@dataclass(frozen=True)
-class GateResult:
-    promote: bool
-    reason: str
-    candidate_production: float     # accuracy 0..1 on the held-out production slice
-    current_production: float
-    candidate_reference: float      # accuracy 0..1 on the held-out reference slice
-    current_reference: float
-    production_rows: int
-    reference_rows: int
-    wise_alpha: float | None = None  # WiSE-FT mixing weight of the fine-tuned model, when used
-    production: SliceTest | None = None
-    reference: SliceTest | None = None
-    alpha: float | None = None
-
-    @property
-    def gain(self) -> float:
-        return self.candidate_production - self.current_production
-
-    @property
-    def forgetting(self) -> float:
-        return self.current_reference - self.candidate_reference
-
-    def to_json(self) -> dict:
-        return {**asdict(self), "gain": self.gain, "forgetting": self.forgetting}
+__all__ = ["GateResult", "SliceTest", "accuracy", "choose_wise_alpha", "correct", "decide", "evaluate_gate",
+           "interpolate", "slice_floors", "too_small"]
 
 
 @torch.no_grad()

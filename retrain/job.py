@@ -26,11 +26,11 @@ from retrain.config import JobSettings
 from retrain.data import NotEnoughData, RetrainData, load_training_data
 from retrain.gate import GateResult, choose_wise_alpha, evaluate_gate, too_small
 from retrain.hooks import run_on_promote
+from retrain.jobdir import ProgressLog, read_progress, read_result, write_result
 from retrain.model import predict
-from retrain.progress import (JobResult, ProgressLog, ReferenceSummary, ShiftSummary, read_progress, read_result,
-                              write_result)
 from retrain.recipe import fine_tune, resolve_device, snapshot
 from retrain.registry import ModelMeta, ModelVersion, Registry
+from retrain.result import JobGate, JobResult, JobStrategy, ReferenceSummary, ShiftSummary
 from retrain.strategy import StrategyPlan, choose_strategy, domain_gap
 
 __all__ = ["run_job", "read_progress", "read_result", "JobResult"]
@@ -181,11 +181,11 @@ def run_job(config: JobSettings, job_dir: Path, *, reason: str, progress: Callab
             return finish("rejected", "; ".join(unjudgeable))
         plan, shift = _plan(config, data, current_model, device, domain_gap_value, mmd_value)
         state["shift"] = shift
-        state["strategy"] = {**dataclasses.asdict(plan), "domain_gap": shift.strategy_domain_gap, "mode": data.mode,
-                             "onset": onset, "rows_before_onset": data.summary.rows_before_onset,
-                             "rows_after_onset": data.summary.rows_after_onset,
-                             "job_domain_gap": shift.job_domain_gap, "monitor_domain_gap": domain_gap_value,
-                             "monitor_mmd": mmd_value, "head_only": data.head_only_reason}
+        state["strategy"] = JobStrategy(**dataclasses.asdict(plan), domain_gap=shift.strategy_domain_gap,
+                                        mode=data.mode, onset=onset, rows_before_onset=data.summary.rows_before_onset,
+                                        rows_after_onset=data.summary.rows_after_onset,
+                                        job_domain_gap=shift.job_domain_gap, monitor_domain_gap=domain_gap_value,
+                                        monitor_mmd=mmd_value, head_only=data.head_only_reason)
         emit({"event": "phase", "phase": "plan", "message": f"strategy {plan.name}: {plan.reason}"})
         candidate = copy.deepcopy(current_model)
         start = snapshot(candidate)
@@ -194,11 +194,12 @@ def run_job(config: JobSettings, job_dir: Path, *, reason: str, progress: Callab
         if rank != 0:
             return finish("rejected", "non-zero rank: rank 0 gates and records")
         gate = _gate(config, candidate, current_model, start, data, device)
-        state["gate"] = {**gate.to_json(), "guard": report.guard_message, "weight_drift": report.weight_drift,
-                         "phases": [p.__dict__ for p in report.phases], "train_seconds": report.seconds,
-                         "recipe": report.to_json()}
+        state["gate"] = JobGate.of(gate, guard=report.guard_message, weight_drift=report.weight_drift,
+                                   phases=[p.__dict__ for p in report.phases], train_seconds=report.seconds,
+                                   recipe=report.to_json())
         emit({"event": "gate", "message": gate.reason, **gate.to_json()})
-        state["candidate"] = registry.add(candidate, _meta(config, current, plan, data, state["gate"], job_dir.name))
+        state["candidate"] = registry.add(candidate, _meta(config, current, plan, data, state["gate"].to_json(),
+                                                              job_dir.name))
         if not gate.promote:
             return finish("rejected", report.outcome_reason("rejected", gate.reason))
         # reference first: the monitor must never find a CURRENT version it has no reference for

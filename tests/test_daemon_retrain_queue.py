@@ -11,7 +11,8 @@ from pathlib import Path
 
 from apscheduler.jobstores.sqlalchemy import SQLAlchemyJobStore
 
-from monitor.service.retrain_queue import EXECUTOR, JOBSTORE, DaemonScheduler, RetrainExecutor, RetrainQueue
+from monitor.service.retrain_queue import RetrainQueue
+from monitor.service.retrain_scheduler import EXECUTOR, JOBSTORE, DaemonScheduler, RetrainExecutor
 from waiting import wait_until
 
 
@@ -124,14 +125,14 @@ def test_job_runs_once_and_reports_progress_and_outcome(tmp_path: Path) -> None:
     try:
         job_id = h.queue.submit("accuracy fell", source="rule:accuracy_drop")
         h.until(lambda: h.queue.running() is not None and h.queue.running().progress)
-        assert h.queue.busy_job() == job_id
+        assert h.queue.active_job_id() == job_id
         assert h.queue.get(job_id)["progress"]["grad_norm"] == 0.5
         h.release.set()
         h.until(lambda: h.finished == [job_id])
         info = h.queue.get(job_id)
         assert (info["state"], info["outcome"], info["attempts"], info["resumed"]) == ("finished", "promoted", 1, False)
         assert h.queue.outcome_counts() == {"promoted": 1.0, "rejected": 0.0, "failed": 0.0, "dropped": 0.0}
-        assert h.queue.busy_job() is None and h.launched == [(job_id, 1)]
+        assert h.queue.active_job_id() is None and h.launched == [(job_id, 1)]
     finally:
         h.close()
 
@@ -217,7 +218,7 @@ def test_external_job_is_left_running_and_reattached(tmp_path: Path) -> None:
 
 
 def test_the_gauges_keep_their_last_value_between_progress_lines(tmp_path: Path) -> None:
-    from monitor.service.retrain_queue import last_progress
+    from retrain.jobdir import last_progress
 
     (tmp_path / "progress.jsonl").write_text("\n".join(json.dumps(e) for e in (
         {"event": "step", "epoch": 1, "grad_norm": 2.5, "weight_drift": 0.1},

@@ -182,7 +182,7 @@ def test_sighup_with_the_reference_directory_gone_keeps_the_references(tmp_path:
 
 
 def test_the_monitors_evidence_becomes_the_jobs_arguments() -> None:
-    from monitor.service.daemon import breach_of
+    from retrain.launch.choose import breach_of
 
     breach = breach_of({"monitor": {"onset": 1_790_000_123.25, "domain_gap": 0.43, "mmd2": 0.12, "rules": ["a"]}})
     assert breach.argv() == ["--onset", "1790000123.25", "--domain-gap", "0.43", "--mmd", "0.12"]

@@ -78,7 +78,7 @@ def test_torchrun_command_runs_the_job_module(tmp_path: Path) -> None:
 def test_torchrun_job_trains_on_two_ranks_and_rank0_records(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                             tmp_path_factory: pytest.TempPathFactory) -> None:
     from retrain.launch.local import launch_local
-    from retrain.progress import read_progress, read_result
+    from retrain.jobdir import read_progress, read_result
     from retrain_helpers import build_world, digits, source_checkpoint
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")

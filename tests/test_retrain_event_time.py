@@ -17,7 +17,8 @@ from retrain.job import _measure_gap, run_job
 from retrain.launch.ddp import torchrun_command
 from retrain.launch.job_args import Breach
 from retrain.launch.local import job_command
-from retrain.progress import JobResult, read_result
+from retrain.jobdir import read_result
+from retrain.result import JobGate, JobResult, JobStrategy
 from retrain_helpers import NOW, World, build_world, digits, source_checkpoint
 
 DAY = 86400.0
@@ -74,11 +75,11 @@ def test_the_cli_passes_onset_and_the_monitors_shift_into_the_plan(tmp_path: Pat
     result = read_result(tmp_path / "job")
     assert result is not None and result.outcome in ("promoted", "rejected"), result
     plan = result.strategy
-    assert plan["onset"] == onset and plan["rows_before_onset"] == 300 and plan["rows_after_onset"] == 297
-    assert plan["domain_gap"] == 0.61 and plan["monitor_domain_gap"] == 0.61 and plan["monitor_mmd"] == 0.12
-    assert plan["name"] == "all_but_stem" and "gap from the monitor (job " in plan["reason"]
+    assert plan.onset == onset and plan.rows_before_onset == 300 and plan.rows_after_onset == 297
+    assert plan.domain_gap == 0.61 and plan.monitor_domain_gap == 0.61 and plan.monitor_mmd == 0.12
+    assert plan.name == "all_but_stem" and "gap from the monitor (job " in plan.reason
     assert result.shift is not None and result.shift.strategy_domain_gap_from == "monitor"
-    assert result.shift.job_domain_gap == plan["job_domain_gap"] > 0.5
+    assert result.shift.job_domain_gap == plan.job_domain_gap > 0.5
     assert result.data is not None and result.data.onset == onset
 
 
@@ -90,8 +91,8 @@ def test_too_few_rows_after_the_onset_train_the_head_only_and_say_so(tmp_path: P
                      onset=onset, clock=lambda: NOW)
     assert result.outcome in ("promoted", "rejected"), result.reason
     why = "only 60 labelled rows after the breach onset"
-    assert result.strategy["name"] == "head" and result.strategy["reason"].startswith(why)
-    assert result.data.head_only_reason.startswith(why) and result.strategy["head_only"].startswith(why)
+    assert result.strategy.name == "head" and result.strategy.reason.startswith(why)
+    assert result.data.head_only_reason.startswith(why) and result.strategy.head_only.startswith(why)
     assert result.data.rows_after_onset == 60 and result.data.production_gate_rows == 15
     assert read_result(tmp_path / "job") == result  # the typed summaries round-trip through result.json
 
@@ -140,7 +141,7 @@ def test_result_files_written_before_the_typed_summaries_still_read(tmp_path: Pa
     (tmp_path / "j0" / "result.json").write_text(json.dumps(old))
     result = read_result(tmp_path / "j0")
     assert result is not None and result.data is None and result.shift is None and result.reference is None
-    assert result.gate == {"promote": True, "gain": 0.1}
+    assert result.gate == JobGate(promote=True, gain=0.1) and result.strategy == JobStrategy(name="head")
     failed = {"job_id": "j1", "outcome": "failed", "reason": "killed", "candidate_version": None,
               "current_version": None, "gate": {}, "started_at": 1.0, "finished_at": 2.0}  # as the daemon writes it
     assert JobResult.from_json(failed).labelled_rows is None

@@ -28,7 +28,7 @@ from monitor.signals.results import WindowSignals
 from retrain.digits import corrupt
 from retrain.job import run_job
 from retrain.model import predict
-from retrain.progress import JobResult
+from retrain.result import JobResult
 from retrain_helpers import NOW, SHIFT, Digits, World, build_world, digits, source_checkpoint, tensors
 
 DISTINCT = 300  # shifted inputs logged twice each; the rest of the production digits stay unseen
@@ -70,21 +70,21 @@ def test_a_gate_fed_repeated_inputs_reports_the_held_out_figure(promoted: Promot
     assert data is not None and r.gate is not None
     # the newest 150 rows hold fewer distinct inputs; each counts once, none was trained on
     newest = promoted.logged[-150:]
-    assert data.production_gate_rows == r.gate["production_rows"] == len(set(newest.tolist()))
+    assert data.production_gate_rows == r.gate.production_rows == len(set(newest.tolist()))
     assert data.gate_copies_merged == 150 - data.production_gate_rows
     assert data.production_copies_dropped > 100  # the older copies of those inputs left training
     trained_on = np.array(sorted(set(promoted.logged.tolist()) - set(newest.tolist())))
 
     fresh = _accuracy(promoted.model, promoted.d, promoted.fresh)
     seen = _accuracy(promoted.model, promoted.d, trained_on)
-    gate = r.gate["candidate_production"]
+    gate = r.gate.candidate_production
     # the gate agrees with never-seen inputs (2 standard errors of the difference) ...
     se = np.sqrt(fresh * (1 - fresh) * (1 / len(promoted.fresh) + 1 / data.production_gate_rows))
     assert abs(gate - fresh) < 2 * se + 0.01, (gate, fresh)
     # ... not with the inputs it trained on, which a split by request id would have put in the gate
     assert seen > gate + 0.08, (seen, gate)
-    assert r.gate["production"]["test"].startswith("exact McNemar") and r.gate["production"]["p_value"] < 1e-6
-    assert r.gate["reference"]["rows"] == data.reference_gate_rows and r.gate["alpha"] == 0.05
+    assert r.gate.production.test.startswith("exact McNemar") and r.gate.production.p_value < 1e-6
+    assert r.gate.reference.rows == data.reference_gate_rows and r.gate.alpha == 0.05
 
 
 def _serve_fresh(p: Promoted, reference_dir: Path, name: str) -> tuple[list[WindowSignals], dict[str, bool]]:

@@ -35,8 +35,8 @@ def test_job_promotes_a_better_model_and_writes_its_reference(tmp_path: Path, ch
                      progress=events.append, clock=lambda: NOW)
     assert result.outcome == "promoted", result.reason
     assert (result.current_version, result.candidate_version) == ("v1", "v2")
-    assert result.strategy["name"] == "all_but_stem" and result.strategy["mode"] == "images"
-    assert result.gate["gain"] >= 0.02 and result.gate["forgetting"] <= 0.01
+    assert result.strategy.name == "all_but_stem" and result.strategy.mode == "images"
+    assert result.gate.gain >= 0.02 and result.gate.forgetting <= 0.01
     assert world.registry.current().version == "v2" and world.registry.history() == ["v1", "v2"]
     meta = world.registry.get("v2").meta
     assert meta.parent == "v1" and meta.strategy == "all_but_stem" and meta.gate["promote"] is True
@@ -53,9 +53,9 @@ def test_job_promotes_a_better_model_and_writes_its_reference(tmp_path: Path, ch
 def test_features_mode_trains_the_head_on_logged_features(tmp_path: Path, checkpoint: Path) -> None:
     world = build_world(tmp_path, checkpoint, digits(), retrain={"mode": "features", "gate": {"min_gain": 0.05}})
     result = run_job(load_config(world.config_path), tmp_path / "job", reason="test", clock=lambda: NOW)
-    assert result.strategy["mode"] == "features" and result.strategy["name"] == "head"
+    assert result.strategy.mode == "features" and result.strategy.name == "head"
     assert result.outcome in ("promoted", "rejected") and result.gate is not None
-    assert result.gate["candidate_production"] > result.gate["current_production"]
+    assert result.gate.candidate_production > result.gate.current_production
 
 
 def test_too_few_labelled_rows_is_a_rejection_not_a_failure(tmp_path: Path, checkpoint: Path) -> None:

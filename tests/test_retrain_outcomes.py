@@ -25,7 +25,7 @@ def test_discarded_fine_tune_is_reported_as_head_only(tmp_path: Path, tmp_path_f
         result = run_job(load_config(world.config_path), tmp_path / "job", reason="test", clock=lambda: NOW)
     assert result.outcome in ("promoted", "rejected")
     assert result.reason.startswith(f"{result.outcome} head-only: fine-tuning did not improve validation loss (")
-    recipe = result.gate["recipe"]
+    recipe = result.gate.recipe
     assert len(recipe["trips"]) == 1 and "attempt 1 at lr 10" in recipe["trips"][0] and not recipe["finetune_kept"]
     events = read_progress(tmp_path / "job")
     assert any(e["event"] == "guard" for e in events)

@@ -7,7 +7,7 @@ import logging
 import os
 
 from monitor.cli.common import add_config_argument, load_config
-from monitor.service.logs import FORMATS, setup_logging
+from monitor.service.logging_setup import FORMATS, setup_logging
 
 EPILOG = """example:
   driftd run --config /etc/driftd/driftd.yaml --log-format json

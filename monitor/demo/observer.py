@@ -147,7 +147,7 @@ class DaemonObserver:
         t = self.t
         if t.retrain_job is None or t.retrain_outcome is not None:
             return
-        from retrain.progress import read_progress
+        from retrain.jobdir import read_progress
 
         now = self.clock()
         events = read_progress(self.state_dir / "retrain" / t.retrain_job)

@@ -13,6 +13,10 @@ disk); SIGHUP re-reads the config (kept when invalid) and reloads references bef
 Start order: config and token, then the state directory's lock, then the HTTP port, so a second
 daemon on the same state refuses before it listens. Health (``monitor.service.health``) is
 progress: /healthz, /readyz and the watchdog fail once cycles stop getting work done.
+
+This module is the lifecycle (start, the cycle job, reload, shutdown, persisted state); what the
+daemon shows is monitor.service.status_view, how it acts on the policy's decisions
+monitor.service.judging (both mixins of :class:`Daemon`).
 """
 
 from __future__ import annotations
@@ -20,14 +24,13 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import logging
-import math
 import os
 import signal
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 from apscheduler.executors.pool import ThreadPoolExecutor
@@ -36,27 +39,21 @@ from apscheduler.jobstores.sqlalchemy import SQLAlchemyJobStore
 from prometheus_client import CollectorRegistry
 
 from monitor.config import Config, load_config
-from monitor.errors import ConfigError, DriftdError, ReferenceMissingError
+from monitor.errors import ConfigError, ReferenceMissingError
 from monitor.ingest.store import claim_state_dir, classify_fault
-from monitor.policy.decisions import Decision, ReferenceFacts, RetrainPlan, RetrainPreconditions
 from monitor.policy.policy import Policy
 from monitor.service.http_server import ApiServer
 from monitor.service.config import HttpConfig, load_token
 from monitor.service.health import Health
-from monitor.service.metrics import Metrics, MetricsSnapshot, RetrainProgress
+from monitor.service.judging import Judging
+from monitor.service.metrics import Metrics, MetricsSnapshot
 from monitor.service.notify import Notifier
-from monitor.service.retrain_queue import (
-    EXECUTOR,
-    JOBSTORE,
-    DaemonScheduler,
-    JobRecord,
-    Launcher,
-    RetrainExecutor,
-    RetrainQueue,
-    read_json,
-    write_json_atomic,
-)
-from monitor.signals.results import LabelEvaluation, WindowSignals, signal_values, to_jsonable
+from monitor.service.retrain_queue import JobRecord, RetrainQueue
+from monitor.service.retrain_scheduler import EXECUTOR, JOBSTORE, DaemonScheduler, RetrainExecutor
+from monitor.service.status_view import StatusView
+from retrain.files import read_json, write_json_atomic
+from retrain.launch.base import Launcher
+from retrain.launch.choose import attach_external, make_launcher
 
 log = logging.getLogger("driftd")
 
@@ -67,71 +64,6 @@ def build_version() -> str:
     from monitor import __version__
 
     return __version__
-
-
-@dataclasses.dataclass
-class ExternalJob:
-    """A launched job that outlives the daemon (a Kubernetes Job), with what finds it again."""
-
-    handle: Any
-    external_ref: dict[str, str]
-
-    def poll(self) -> int | None:
-        return self.handle.poll()
-
-    def terminate(self, grace_seconds: float) -> Any:
-        return self.handle.terminate(grace_seconds)
-
-
-def attach_external(ref: dict[str, Any]) -> Any:
-    """A handle on a job left running at the last shutdown (see ExternalJob)."""
-    if ref.get("kind") != "kubernetes":
-        raise ValueError(f"cannot re-attach to a job of kind {ref.get('kind')!r}")
-    from retrain.launch.kubernetes import KubernetesJob, default_api_client
-
-    return KubernetesJob(name=str(ref["name"]), namespace=str(ref["namespace"]), api_client=default_api_client())
-
-
-def default_launcher(config_path: str, get_config: Callable[[], Config]) -> Launcher:
-    """Starts ``retrain.job`` locally or as a Kubernetes Job, per ``retrain.launcher`` at launch time.
-
-    The monitor's evidence recorded in the job's request.json (the breach's onset, its domain gap
-    and MMD) goes to the job as arguments, the same on every attempt. A local job is a child
-    process and is terminated at shutdown; a Kubernetes Job keeps running and is re-attached at
-    the next start.
-    """
-
-    def launch(job_id: str, job_dir: Path, reason: str, attempt: int):
-        config = get_config()
-        breach = breach_of(read_json(job_dir / "request.json") or {})
-        if config.retrain.launcher == "kubernetes":
-            from retrain.launch.kubernetes import launch_kubernetes
-
-            # a re-run needs a new Job name (the old Job object may still exist); same job dir
-            name = job_id if attempt <= 1 else f"{job_id}-a{attempt}"
-            job = launch_kubernetes(config, name, reason, job_dir=PurePosixPath(str(job_dir)), breach=breach)
-            return ExternalJob(job, {"kind": "kubernetes", "name": job.name, "namespace": job.namespace})
-        from retrain.launch.local import launch_local
-
-        return launch_local(config_path, job_dir, reason=reason, breach=breach)
-
-    return launch
-
-
-def breach_of(request: Mapping[str, Any]):
-    """The job arguments (retrain.launch.job_args.Breach) from a request's monitor evidence; None
-    for a manual request, or when the evidence is unusable (the job then measures for itself)."""
-    from retrain.launch.job_args import Breach
-
-    evidence = request.get("monitor") or {}
-    values = {"onset": evidence.get("onset"), "domain_gap": evidence.get("domain_gap"), "mmd": evidence.get("mmd2")}
-    if all(v is None for v in values.values()):
-        return None
-    try:
-        return Breach(**{k: None if v is None else float(v) for k, v in values.items()})
-    except (TypeError, ValueError) as exc:
-        log.warning("job request's monitor evidence %s is unusable (%s); the job measures the shift itself", values, exc)
-        return None
 
 
 # http keys SIGHUP applies; every other http key (address, server bounds) needs a restart
@@ -148,7 +80,7 @@ def restart_keys(old: Config, new: Config) -> list[str]:
     return keys
 
 
-class Daemon:
+class Daemon(StatusView, Judging):
     """One driftd process. ``serve()`` blocks until SIGTERM/SIGINT and returns the exit code."""
 
     def __init__(
@@ -169,7 +101,7 @@ class Daemon:
         self._token = load_token(config.service.http, environ)  # ConfigError (exit 2) before binding
         self.registry = registry if registry is not None else CollectorRegistry()
         self.notifier = notifier if notifier is not None else Notifier.from_env(environ)
-        self._launcher = launcher if launcher is not None else default_launcher(config_path, lambda: self.config)
+        self._launcher = launcher if launcher is not None else make_launcher(config_path, lambda: self.config)
         self._lock = threading.RLock()
         self._stop = threading.Event()
         self._hup = threading.Event()
@@ -431,122 +363,6 @@ class Daemon:
         with self._lock:
             self._snap = dataclasses.replace(self._snap, counters=counters)
 
-    # -- versions -----------------------------------------------------------------------------------
-    def _follow_versions(self) -> None:
-        """Which versions the rules judge, and retire the rest (cycle thread, under the lock).
-
-        With a registry, the served version is CURRENT: when it changes (promotion, rollback,
-        `driftd models promote`) every other version is retired at once, even while its last
-        rows still arrive, so a replaced model never pages. Without one, a version is retired
-        when another one's rows started after its last row (the traffic moved over) or when it
-        has had no rows for window.seconds of event time. Retiring clears its alarms, streaks and
-        pending retrain, with one log line."""
-        current = self._read_current_version()
-        if current != self._current_version and self._current_version is not None:
-            log.info("CURRENT changed from %s to %s", self._current_version, current)
-        self._current_version = current
-        self._served = self._served_versions()
-        for version in sorted(self.policy.versions() - self._served):
-            was = self.policy.retire(version)
-            if was:
-                log.info("model_version %s is no longer served (%s): cleared its alarms and pending retrain (%s)",
-                         version, f"CURRENT is {current}" if current is not None else "its traffic moved on or stopped",
-                         ", ".join(was))
-
-    def _served_versions(self) -> set[str]:
-        if self._current_version is not None:
-            return {self._current_version}
-        times, mark = self.engine.version_times, self.engine.watermark
-        idle = self.config.monitor.window.seconds
-        return {v for v, (_, last) in times.items()
-                if not any(first > last for w, (first, _) in times.items() if w != v)
-                and (mark is None or mark - last <= idle)}
-
-    def _shown_versions(self) -> tuple[str, ...]:
-        """Versions status and metrics show: served ones, ones with rows within window.seconds of
-        event time, and references not seen in the logs yet. A retired version drops out once its
-        rows have stopped for window.seconds."""
-        engine = self.engine
-        times, mark = engine.version_times, engine.watermark
-        recent = {v for v, (_, last) in times.items() if mark is None or mark - last <= self.config.monitor.window.seconds}
-        unseen = {v for v in engine.references if v not in times}
-        current = {self._current_version} if self._current_version is not None else set()
-        return tuple(sorted(self._served | recent | unseen | current))
-
-    # -- judging ------------------------------------------------------------------------------------
-    def _judge(self, item: WindowSignals | LabelEvaluation) -> None:
-        if item.model_version not in self._served:
-            log.debug("not judging %s of model_version %s: it is not served", type(item).__name__, item.model_version)
-            return
-        facts = self._reference_facts(item.model_version, item)
-        if isinstance(item, WindowSignals):
-            decisions = self.policy.evaluate(item, reference=facts)
-        else:
-            decisions = self.policy.evaluate_labels(item, reference=facts)
-        for decision in decisions:
-            if decision.outcome != "ask":  # asks are logged once resolved, with what happens next
-                self._log_decision(decision)
-
-    def _resolve_retrains(self, now: float) -> None:
-        engine, rc = self.engine, self.config.retrain
-        mark = engine.watermark
-        pre = RetrainPreconditions(
-            labelled=lambda after, since, version: engine.count_labelled(after_join=after, predicted_since=since,
-                                                                         model_version=version),
-            min_labelled_rows=rc.min_labelled_rows, join_seq=engine.join_seq, active_job_id=self.queue.busy_job(),
-            lookback_start=None if mark is None else mark - rc.lookback_seconds,
-            served=lambda version: version in self._served,
-        )
-        decisions, plan = self.policy.resolve(now=now, pre=pre)
-        job_id = None
-        if plan is not None:
-            job_id = self._submit(plan, now, pre.join_seq)
-        joined: dict[str, list[dict[str, Any]]] = {}
-        for d in decisions:
-            self._log_decision(d, job_id)
-            # record on the job it joined: the one queued now, the one already running, or the
-            # one whose cooldown holds it back
-            if d.outcome == "joined":
-                target = job_id if plan is not None and d.model_version == plan.model_version else pre.active_job_id
-            elif d.outcome == "cooldown":
-                target = self.policy.last_job.get(d.model_version)
-            else:
-                target = None
-            if target is not None:
-                joined.setdefault(target, []).append({**dataclasses.asdict(d), "at": now})
-        for target, items in joined.items():
-            self.queue.note_joined(target, items)
-
-    def _submit(self, plan: RetrainPlan, now: float, join_seq: int) -> str:
-        window = self.engine.latest_windows().get(plan.model_version)
-        monitor = {
-            "rules": list(plan.rules), "onset": plan.onset, "label_free": plan.label_free,
-            # the monitor's own measure of the shift, for the job's strategy: the share of dims whose
-            # mean moved by more than half a standard deviation (the scale the strategy is tuned on)
-            "domain_gap": None if window is None else window.activations.share_large_shift,
-            "share_significant": None if window is None else window.activations.share_significant,
-            "mmd2": None if window is None or window.mmd is None else window.mmd.mmd2,
-            "event_time": self.engine.watermark,
-        }
-        job_id = self.queue.submit(plan.reason(), source=f"rule:{plan.rules[0]}", model_version=plan.model_version,
-                                   monitor=monitor)
-        self.policy.note_retrain(plan.model_version, now=now, join_seq=join_seq, job_id=job_id)
-        return job_id
-
-    def _log_decision(self, d: Decision, job_id: str | None = None) -> None:
-        if d.outcome == "cleared":
-            log.info(d.message())
-        else:
-            log.warning(d.message(job_id))
-
-    def _reference_facts(self, version: str, item: WindowSignals | LabelEvaluation) -> ReferenceFacts | None:
-        ref = self.engine.references.get(version)
-        if ref is not None and ref.accuracy is not None:
-            return ReferenceFacts(float(ref.accuracy), int(ref.labelled_rows))
-        if isinstance(item, WindowSignals) and item.estimate is not None:
-            return ReferenceFacts(item.estimate.reference_accuracy)
-        return None
-
     # -- state --------------------------------------------------------------------------------------
     def _policy_path(self) -> Path:
         return self.config.monitor.state_dir / POLICY_STATE_FILE
@@ -578,7 +394,7 @@ class Daemon:
         return None if current is None else current.version
 
     def _retrain_finished(self, rec: JobRecord, duration: float) -> None:
-        outcome = None if rec.result is None else rec.result.get("outcome")
+        outcome = None if rec.result is None else rec.result.outcome
         if outcome != "dropped":  # a dropped job never ran
             self.metrics.retrain_duration.observe(max(0.0, duration))
         if outcome == "promoted":
@@ -588,178 +404,6 @@ class Daemon:
         with self._lock:
             self._job_errors[job] += 1
 
-    def _refresh_snapshot(self, report: Any) -> None:
-        """Cycle thread only: copy what scrapes and status need out of the engine."""
-        engine = self.engine
-        shown = self._shown_versions() if report is not None else tuple(sorted(engine.references))
-        self._shown = shown
-        ref_acc = {mv: (None if r.accuracy is None else float(r.accuracy)) for mv, r in engine.references.items()}
-        facts = {mv: ReferenceFacts(float(r.accuracy), int(r.labelled_rows)) for mv, r in engine.references.items()
-                 if r.accuracy is not None}
-        self._refs = {mv: {"reference_id": r.reference_id, "accuracy": ref_acc[mv], "labelled_rows": r.labelled_rows,
-                           "created_at": r.created_at, "feature_dim": r.feature_dim, "n_classes": r.n_classes}
-                      for mv, r in engine.references.items()}
-        pending_predictions, pending_labels = engine.pending_counts()
-        self._snap = dataclasses.replace(
-            self._snap,
-            counters=engine.counters(),
-            model_versions=shown,
-            reference_accuracy={mv: ref_acc.get(mv) for mv in shown},
-            windows={mv: w for mv, w in engine.latest_windows().items() if mv in shown},
-            lag_seconds=math.nan if report is None else report.lag_seconds,
-            last_success=self._snap.last_success if report is None else report.finished_at,
-            alarms=self.policy.alarm_states(shown),
-            thresholds=self.policy.thresholds(facts, shown),
-            breaches={k: float(v) for k, v in self.policy.breaches.items()},
-            top_k=self.config.monitor.signals.activations.top_k,
-            watermark=math.nan if engine.watermark is None else engine.watermark,
-            pending_predictions=float(pending_predictions),
-            pending_labels=float(pending_labels),
-            on_promote=self._on_promote_counts(),
-        )
-
-    def _on_promote_counts(self) -> dict[tuple[str, str], float]:
-        """retrain.on_promote runs, counted in the registry (the job and the CLI run the hooks)."""
-        from retrain.hooks import read_counts
-        from retrain.registry import RegistryError
-
-        try:
-            return {k: float(v) for k, v in read_counts(self.config.retrain.registry_dir).items()}
-        except RegistryError as exc:
-            log.warning("cannot read the on_promote counts: %s", exc)
-            return dict(self._snap.on_promote)
-
-    # -- views (HTTP threads) -------------------------------------------------------------------------
-    def metrics_snapshot(self) -> MetricsSnapshot:
-        queue = self.queue
-        with self._lock:
-            snap, errors, deferred = self._snap, dict(self._job_errors), self.policy.deferred_total
-        if queue is None:
-            return dataclasses.replace(snap, job_errors=errors)
-        running = queue.running()
-        progress = RetrainProgress()
-        if running is not None:
-            p = running.progress
-            progress = RetrainProgress(_num(p.get("epoch")), _num(p.get("grad_norm")), _num(p.get("weight_drift")))
-        last_promotion = queue.last_promotion()
-        return dataclasses.replace(
-            snap, job_errors=errors, retrain_runs={**queue.outcome_counts(), "deferred": float(deferred)},
-            retrain_in_progress=queue.busy_job() is not None, progress=progress,
-            last_promotion=math.nan if last_promotion is None else last_promotion,
-            current_version=self._current_version,
-        )
-
-    def healthy(self) -> tuple[bool, str]:
-        """``/healthz``: progress (see monitor.service.health); logs the turn to unhealthy once."""
-        if self._stop.is_set():
-            return False, "stopping"
-        if self.scheduler is None or not self.scheduler.running:
-            return False, "loading references" if self.engine is None else "scheduler not running"
-        verdict, turned = self.health.check()
-        if turned:
-            log.error("unhealthy (/healthz 503, no WATCHDOG=1): %s", verdict.reason)
-        return verdict.healthy, verdict.reason
-
-    def ready(self) -> tuple[bool, str]:
-        if self.engine is None:
-            return False, "loading references"
-        ok, why = self.healthy()
-        if not self._ready:
-            return False, "first scan not finished" + ("" if ok else f"; {why}")
-        return (True, f"ready ({why})") if ok else (False, f"not ready: {why}")
-
-    def health_view(self) -> dict[str, Any]:
-        """The ``health`` block of ``GET /api/v1/status``."""
-        ok, why = self.healthy()
-        failure = self.health.failure
-        return {
-            "healthy": ok, "reason": why,
-            "unhealthy_after_seconds": self.health.unhealthy_after,
-            "last_success": self.health.last_success,
-            "failure": None if failure is None else {
-                "kind": failure.fault.kind, "message": failure.fault.message, "since": failure.since,
-                "failed_cycles": failure.count},
-        }
-
-    def status(self) -> dict[str, Any]:
-        """The JSON of ``GET /api/v1/status``: one view derived from the typed objects."""
-        with self._lock:
-            snap, policy, last_cycle, refs = self._snap, self.policy, self._last_cycle, dict(self._refs)
-            shown = set(self._shown)
-            alarms = [a for a in policy.active() if a["model_version"] in shown]
-            rules = [dataclasses.asdict(r) for r in policy.config.rules]
-            pending = policy.pending()
-            cooldown_until, deferred = dict(policy.cooldown_until), policy.deferred_total
-            job_errors = dict(self._job_errors)
-        versions: dict[str, Any] = {}
-        for mv in sorted(shown):
-            window = snap.windows.get(mv)
-            active = {a["rule"] for a in alarms if a["model_version"] == mv}
-            signals: dict[str, Any] = {}
-            if window is not None:
-                for name, value in signal_values(window).items():
-                    signals[name] = {"value": value, "rules": [
-                        {"rule": r.name, "op": r.op, "threshold": snap.thresholds.get((r.name, mv), math.nan),
-                         "action": r.action, "alarm": r.name in active}
-                        for r in policy.config.rules if r.signal == name
-                    ]}
-            versions[mv] = {"reference": refs.get(mv), "signals": signals, "window": window,
-                            "served": mv in self._served}
-        queue = self.queue
-        first = pending[0] if pending else None
-        return to_jsonable({
-            "model": self.config.monitor.model,
-            "current_version": self._current_version,
-            "build_version": snap.build_version,
-            "ready": self._ready,
-            "health": self.health_view(),
-            "started_at": self.started_at,
-            "event_time": snap.watermark,
-            "last_cycle": last_cycle,
-            "versions": versions,
-            "alarms": alarms,
-            "rules": rules,
-            "policy": {"cooldown_seconds": policy.config.cooldown_seconds, "cooldown_until": cooldown_until,
-                       # "pending": the first version's ask, one line (kept for older clients)
-                       "pending": None if first is None else {"rule": ", ".join(first["rules"]), **first},
-                       "pending_retrains": pending, "deferred_total": deferred,
-                       "default_rules": policy.config.default_rules},
-            "labels": {"pending_predictions": snap.pending_predictions, "pending_labels": snap.pending_labels},
-            "retrain": None if queue is None else {**queue.summary(), "counts": queue.outcome_counts()},
-            "job_errors": job_errors,
-        })
-
-    def request_retrain(self, reason: str) -> dict[str, Any]:
-        """Queue a retrain of the served version, or join the one already queued or running (one
-        retrain at a time: a second job would retrain the same data, or a version that the first
-        is about to replace). Returns ``{"job_id", "joined"}``."""
-        if self.queue is None:
-            raise DriftdError("driftd is still starting; retry in a few seconds")
-        busy = self.queue.busy_job()
-        if busy is not None:
-            self.queue.note_joined(busy, [{"source": "api", "reason": reason, "outcome": "joined", "at": self.clock()}])
-            log.info("retrain requested through the API (%s): joined job %s, already queued or running", reason, busy)
-            return {"job_id": busy, "joined": True}
-        with self._lock:
-            served = sorted(self._served)
-            version = self._current_version or (served[-1] if len(served) == 1 else None)
-            join_seq = self.engine.join_seq
-        job_id = self.queue.submit(reason, source="api", model_version=version,
-                                   monitor={"event_time": self.engine.watermark})
-        with self._lock:
-            if version is not None:
-                self.policy.note_retrain(version, now=self.clock(), join_seq=join_seq, job_id=job_id)
-            self._save_policy_state()
-        return {"job_id": job_id, "joined": False}
-
-    def retrain_info(self, job_id: str) -> dict[str, Any] | None:
-        info = None if self.queue is None else self.queue.get(job_id)
-        return None if info is None else to_jsonable(info)
-
 
 def _iso(ts: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
-
-
-def _num(v: Any) -> float:
-    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else math.nan

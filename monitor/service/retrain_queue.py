@@ -1,9 +1,11 @@
 """The daemon's retrain queue: requests persisted as job directories, run one at a time by APScheduler.
 
+The APScheduler side (the daemon's scheduler, the one-worker executor) is monitor.service.retrain_scheduler.
+
 Each request gets a unique id and a directory ``<state_dir>/retrain/<id>/`` holding
-``request.json`` (written here), and ``progress.jsonl`` / ``result.json`` (written by the job,
-see ``retrain.job``). The APScheduler job (id ``retrain-<id>-a<attempt>``, SQLite job store,
-``misfire_grace_time=None``) is what runs it; it is never re-added blindly. A directory with a
+``request.json`` (written here), and ``progress.jsonl`` / ``result.json`` (written by the job;
+the files and their types are ``retrain.jobdir``'s). The APScheduler job (id
+``retrain-<id>-a<attempt>``, SQLite job store, ``misfire_grace_time=None``) is what runs it; it is never re-added blindly. A directory with a
 request but no result and no scheduled APScheduler job was interrupted by a restart: it is
 re-queued at start-up as a new attempt, and says so in the log and in its status. A job that
 outlives the daemon (a Kubernetes Job: its handle has an ``external_ref``) is left running at
@@ -12,49 +14,27 @@ shutdown and re-attached at the next start instead.
 
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
-import os
 import secrets
-import tempfile
 import threading
 import time
 import traceback
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
-from apscheduler.executors.base import BaseExecutor
-from apscheduler.job import Job
-from apscheduler.schedulers.background import BackgroundScheduler
-from apscheduler.schedulers.base import STATE_STOPPED, BaseScheduler
+from apscheduler.schedulers.base import BaseScheduler
+
+from monitor.service.retrain_scheduler import EXECUTOR, JOBSTORE
+from retrain.jobdir import JobRequest, last_progress, read_request, read_result_if_valid, write_request, write_result
+from retrain.launch.base import Attacher, JobHandle, Launcher
+from retrain.result import JobResult
 
 log = logging.getLogger(__name__)
 
-JOBSTORE = "retrain"
-EXECUTOR = "retrain"
 OUTCOMES = ("promoted", "rejected", "failed", "dropped")  # dropped: its model_version was no longer CURRENT
 MAX_ATTEMPTS = 3  # a job interrupted this often is recorded as failed rather than re-run forever
-
-
-class JobHandle(Protocol):
-    """What a launcher returns (``retrain.launch.local.LocalJob``, ``...kubernetes.KubernetesJob``).
-
-    A handle may also carry ``external_ref: dict[str, str]``: the job runs outside this process
-    and survives it; the queue then leaves it running at shutdown and finds it again with ``attach``.
-    """
-
-    def poll(self) -> int | None: ...
-    def terminate(self, grace_seconds: float) -> Any: ...
-
-
-# (job_id, job_dir, reason, attempt) -> a started job; attempt counts from 1
-Launcher = Callable[[str, Path, str, int], JobHandle]
-# external_ref of a job left running at the last shutdown -> a handle on it
-Attacher = Callable[[dict[str, Any]], JobHandle]
 
 
 def run_queued_retrain(job_id: str) -> None:
@@ -66,138 +46,24 @@ def run_queued_retrain(job_id: str) -> None:
     raise RuntimeError(f"retrain job {job_id} must run on the daemon's {EXECUTOR!r} executor")
 
 
-class DaemonScheduler(BackgroundScheduler):
-    """A BackgroundScheduler that hands out no job once shutdown has begun.
-
-    APScheduler 3's loop runs one more pass after ``shutdown()`` and submits due jobs to executors
-    already shut down (logging errors, and for a persisted retrain racing its removal from the store).
-    """
-
-    def _process_jobs(self) -> float | None:
-        if self.state == STATE_STOPPED:
-            return None
-        return super()._process_jobs()
-
-
-class RetrainExecutor(BaseExecutor):
-    """Runs retrain jobs one at a time on a single worker thread, handing them to ``run(job_id)``."""
-
-    def __init__(self, run: Callable[[str], None]):
-        super().__init__()
-        self._run = run
-        self._pool: ThreadPoolExecutor | None = None
-
-    def start(self, scheduler: BaseScheduler, alias: str) -> None:
-        super().start(scheduler, alias)
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="driftd-retrain")
-
-    def shutdown(self, wait: bool = True) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=wait, cancel_futures=True)
-
-    def _do_submit_job(self, job: Job, run_times: list) -> None:
-        def done(f: Future) -> None:
-            if f.cancelled():
-                return
-            exc = f.exception()
-            if exc is not None:
-                self._run_job_error(job.id, exc, exc.__traceback__)
-            else:
-                self._run_job_success(job.id, [])
-
-        if self._pool is None:
-            raise RuntimeError("retrain executor used before start()")
-        self._pool.submit(self._run, *job.args).add_done_callback(done)
-
-
 @dataclass
-class JobRecord:
-    """What the daemon knows about one retrain request (the status API's view)."""
+class JobRecord(JobRequest):
+    """What the daemon knows about one retrain request (the status API's view): its request
+    (request.json) and what the daemon follows of it."""
 
-    job_id: str
-    reason: str
-    source: str                      # "api", "cli" or "rule:<name>"
-    requested_at: float
-    attempts: int = 0
     state: str = "queued"            # queued | running | finished
     resumed: bool = False            # re-queued after a restart interrupted it
-    started_at: float | None = None
-    external: dict[str, Any] | None = None  # external_ref of a job that outlives the daemon
-    result: dict[str, Any] | None = None
+    result: JobResult | None = None
     progress: dict[str, Any] = field(default_factory=dict)  # last progress line of the job
-    model_version: str | None = None  # the served version it retrains (None: whatever is CURRENT)
-    monitor: dict[str, Any] = field(default_factory=dict)  # the monitor's evidence: rules, onset, domain gap
-    joined: list[dict[str, Any]] = field(default_factory=list)  # rule decisions recorded on it after it was queued
 
     def view(self) -> dict[str, Any]:
         return {
             "job_id": self.job_id, "reason": self.reason, "source": self.source, "state": self.state,
             "requested_at": self.requested_at, "started_at": self.started_at, "attempts": self.attempts,
-            "resumed": self.resumed, "external": self.external, "outcome": None if self.result is None else self.result.get("outcome"),
-            "result": self.result, "progress": self.progress, "model_version": self.model_version,
-            "monitor": self.monitor, "joined": self.joined,
+            "resumed": self.resumed, "external": self.external, "outcome": None if self.result is None else self.result.outcome,
+            "result": None if self.result is None else self.result.to_json(), "progress": self.progress,
+            "model_version": self.model_version, "monitor": self.monitor, "joined": self.joined,
         }
-
-
-def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    """Temp file (a name of its own: two writers never share one), fsync, rename, fsync the
-    directory: readers see the old or the new file, never half of one, and it survives a crash."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(data, fh, indent=1)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
-
-
-def read_json(path: Path) -> dict[str, Any] | None:
-    """A JSON object from ``path``; None when missing or unreadable."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
-# The gauges' keys keep their last reported value while lines without them (a phase starting,
-# a guard trip) come in between; otherwise driftd_retrain_* would read NaN between epochs.
-GAUGE_KEYS = ("epoch", "grad_norm", "weight_drift")
-
-
-def last_progress(job_dir: Path) -> dict[str, Any]:
-    """The last complete JSON line of ``progress.jsonl``, with the last value reported for each
-    of ``GAUGE_KEYS`` filled in ({} when none yet)."""
-    try:
-        lines = (job_dir / "progress.jsonl").read_text(encoding="utf-8").splitlines()
-    except OSError:
-        return {}
-    last: dict[str, Any] | None = None
-    gauges: dict[str, Any] = {}
-    for line in reversed(lines):
-        try:
-            data = json.loads(line)
-        except ValueError:
-            continue  # a line being written right now
-        if not isinstance(data, dict):
-            continue
-        if last is None:
-            last = data
-        for key in GAUGE_KEYS:
-            if key not in gauges and key in data:
-                gauges[key] = data[key]
-        if len(gauges) == len(GAUGE_KEYS):
-            break
-    return {} if last is None else {**gauges, **last}
 
 
 class RetrainQueue:
@@ -238,19 +104,14 @@ class RetrainQueue:
                 self._jobs[rec.job_id] = rec
 
     def _load(self, job_dir: Path) -> JobRecord | None:
-        req = read_json(job_dir / "request.json")
-        if req is None:
-            return None
         try:
-            rec = JobRecord(str(req["job_id"]), str(req["reason"]), str(req["source"]), float(req["requested_at"]),
-                            int(req["attempts"]), started_at=req.get("started_at"), external=req.get("external"),
-                            # absent in requests written before versions were tracked
-                            model_version=req.get("model_version"), monitor=dict(req.get("monitor") or {}),
-                            joined=list(req.get("joined") or []))
-        except (KeyError, TypeError, ValueError):
+            rec = read_request(job_dir, JobRecord)
+        except ValueError:
             log.warning("ignoring retrain job dir %s: request.json is malformed", job_dir)
             return None
-        rec.result = read_json(job_dir / "result.json")
+        if rec is None:
+            return None
+        rec.result = read_result_if_valid(job_dir)
         rec.state = "finished" if rec.result is not None else "queued"
         rec.progress = last_progress(job_dir)
         return rec
@@ -260,11 +121,7 @@ class RetrainQueue:
             self._write_request(rec)
 
     def _write_request(self, rec: JobRecord) -> None:
-        write_json_atomic(self.root / rec.job_id / "request.json", {
-            "job_id": rec.job_id, "reason": rec.reason, "source": rec.source,
-            "requested_at": rec.requested_at, "attempts": rec.attempts, "started_at": rec.started_at,
-            "external": rec.external, "model_version": rec.model_version, "monitor": rec.monitor, "joined": rec.joined,
-        })
+        write_request(self.root / rec.job_id, rec)
 
     def _schedule(self, rec: JobRecord) -> None:
         if self.scheduler is None:
@@ -310,7 +167,7 @@ class RetrainQueue:
             if rec.attempts >= MAX_ATTEMPTS:
                 result = self._failure(rec, f"interrupted {rec.attempts} times by restarts; not re-run. "
                                             "Queue a new one with `driftd retrain` once the cause is fixed")
-                log.error("retrain job %s: %s", rec.job_id, result["reason"])
+                log.error("retrain job %s: %s", rec.job_id, result.reason)
                 with self._lock:
                     rec.result, rec.state = result, "finished"
                 continue
@@ -335,8 +192,8 @@ class RetrainQueue:
             rec = self._jobs.get(job_id)
             return None if rec is None else rec.view()
 
-    def busy_job(self) -> str | None:
-        """The job running, else the oldest queued one."""
+    def active_job_id(self) -> str | None:
+        """The id of the job running, else of the oldest queued one (None when neither)."""
         with self._lock:
             live = [r for r in self._jobs.values() if r.state != "finished"]
         live.sort(key=lambda r: (r.state != "running", r.requested_at))
@@ -359,13 +216,13 @@ class RetrainQueue:
 
     def outcome_counts(self) -> dict[str, float]:
         with self._lock:
-            outcomes = [r.result.get("outcome") for r in self._jobs.values() if r.result is not None]
+            outcomes = [r.result.outcome for r in self._jobs.values() if r.result is not None]
         return {o: float(sum(1 for x in outcomes if x == o)) for o in OUTCOMES}
 
     def last_promotion(self) -> float | None:
         with self._lock:
-            times = [r.result.get("finished_at") for r in self._jobs.values()
-                     if r.result is not None and r.result.get("outcome") == "promoted"]
+            times = [r.result.finished_at for r in self._jobs.values()
+                     if r.result is not None and r.result.outcome == "promoted"]
         times = [float(t) for t in times if isinstance(t, (int, float))]
         return max(times) if times else None
 
@@ -391,9 +248,10 @@ class RetrainQueue:
             why = (f"not run: it was asked for model_version {rec.model_version}, but CURRENT is now {current}; "
                    "the monitor judges the new version afresh")
             log.warning("retrain job %s %s", job_id, why)
-            result = {"job_id": job_id, "outcome": "dropped", "reason": why, "candidate_version": None,
-                      "current_version": current, "gate": {}, "started_at": None, "finished_at": self.clock()}
-            write_json_atomic(job_dir / "result.json", result)
+            result = JobResult(job_id=job_id, outcome="dropped", reason=why, candidate_version=None,
+                               current_version=current, gate=None, strategy=None, started_at=None,
+                               finished_at=self.clock(), labelled_rows=None)
+            write_result(job_dir, result)
             self._finish(rec, result)
             return
         if not reattach:
@@ -419,7 +277,7 @@ class RetrainQueue:
                     log.warning("retrain job %s stopped by shutdown; it will be re-run at the next start", job_id)
                 rec.state = "queued"
                 return
-            result = read_json(job_dir / "result.json")
+            result = read_result_if_valid(job_dir)
             if result is None:
                 result = self._failure(rec, f"job exited with code {code} without writing result.json; see {job_dir}")
         except Exception as exc:
@@ -439,15 +297,16 @@ class RetrainQueue:
                     handle.terminate(self.grace_seconds)
                 return None
 
-    def _failure(self, rec: JobRecord, reason: str) -> dict[str, Any]:
-        result = {"job_id": rec.job_id, "outcome": "failed", "reason": reason, "candidate_version": None,
-                  "current_version": None, "gate": {}, "started_at": rec.started_at, "finished_at": self.clock()}
-        write_json_atomic(self.root / rec.job_id / "result.json", result)
+    def _failure(self, rec: JobRecord, reason: str) -> JobResult:
+        result = JobResult(job_id=rec.job_id, outcome="failed", reason=reason, candidate_version=None,
+                           current_version=None, gate=None, strategy=None, started_at=rec.started_at,
+                           finished_at=self.clock(), labelled_rows=None)
+        write_result(self.root / rec.job_id, result)
         return result
 
-    def _finish(self, rec: JobRecord, result: dict[str, Any]) -> None:
+    def _finish(self, rec: JobRecord, result: JobResult) -> None:
         with self._lock:
             rec.result, rec.state = result, "finished"
         duration = self.clock() - (rec.started_at or self.clock())
-        log.info("retrain job %s finished: %s (%s)", rec.job_id, result.get("outcome"), result.get("reason"))
+        log.info("retrain job %s finished: %s (%s)", rec.job_id, result.outcome, result.reason)
         self.on_finish(rec, duration)

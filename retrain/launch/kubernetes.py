@@ -3,8 +3,8 @@
 :func:`render_job` turns ``config.retrain.kubernetes`` into the Job manifest (pure: no cluster
 needed, so it is tested offline and the same function generates the template shipped in
 ``deploy/kubernetes/base/retrain-job.yaml``). :func:`launch_kubernetes` creates it with the
-official client and returns a :class:`KubernetesJob` with the ``poll/wait/terminate`` contract of
-``retrain.launch.local.LocalJob``.
+official client and returns a :class:`KubernetesJob`: a ``retrain.launch.base.JobHandle`` with
+``wait`` too, like ``retrain.launch.local.LocalJob``.
 
 Inside the pod the driftd ConfigMap is mounted at :data:`CONFIG_MOUNT` and the state PVC at
 :data:`STATE_MOUNT`; the config's ``state_dir``, ``reference_dir`` and ``retrain.registry_dir``

@@ -15,10 +15,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from retrain.jobdir import LOG_FILE
 from retrain.launch.ddp import torchrun_command
 from retrain.launch.job_args import Breach, job_args
-
-LOG_FILE = "job.log"
 
 
 @dataclass
