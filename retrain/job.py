@@ -1,7 +1,7 @@
 """One retrain, end to end: data -> strategy -> guarded recipe -> gate -> registry -> reference.
 
 :func:`run_job` appends events to ``DIR/progress.jsonl`` and writes ``DIR/result.json`` (see
-retrain.progress). The daemon passes what it knows about the breach: its onset (event time of the
+retrain.jobdir). The daemon passes what it knows about the breach: its onset (event time of the
 start of the first breaching window) and its own shift measurement. Its process is
 ``python -m monitor.cli.job`` (the launchers start it): loading the whole config file belongs to
 the top layer, so this module reads only what a retrain needs of it (``retrain.config.JobSettings``).

@@ -190,6 +190,31 @@ def test_interrupted_job_is_rerun_as_next_attempt(tmp_path: Path) -> None:
     assert again.launched == [(job_id, 2)]
 
 
+def test_an_entry_left_for_the_interrupted_attempt_does_not_run_it_again(tmp_path: Path) -> None:
+    # A shutdown just after attempt 1 started can leave its scheduler entry stored (APScheduler
+    # drops a date job only after handing it to the executor): restart must re-run the job as
+    # attempt 2, once, and say so, not leave it to the stale entry.
+    from monitor.service.retrain_queue import run_queued_retrain
+
+    job_dir = tmp_path / "retrain" / "j1"
+    job_dir.mkdir(parents=True)
+    (job_dir / "request.json").write_text(json.dumps(
+        {"job_id": "j1", "reason": "drift", "source": "api", "requested_at": 1.0, "attempts": 1}))
+    h = Harness(tmp_path).start(paused=True)
+    h.scheduler.add_job(run_queued_retrain, trigger="date", args=["j1"], id="retrain-j1-a1", jobstore=JOBSTORE,
+                        executor=EXECUTOR, misfire_grace_time=None)
+    try:
+        assert h.queue.recover() == ["j1"]
+        assert {j.id for j in h.scheduler.get_jobs(jobstore=JOBSTORE)} == {"retrain-j1-a2"}
+        h.release.set()
+        h.scheduler.resume()
+        h.until(lambda: h.finished == ["j1"])
+        assert h.launched == [("j1", 2)]
+        assert h.queue.get("j1")["resumed"] is True
+    finally:
+        h.close()
+
+
 def test_job_interrupted_too_often_is_recorded_as_failed(tmp_path: Path) -> None:
     job_dir = tmp_path / "retrain" / "j1"
     job_dir.mkdir(parents=True)

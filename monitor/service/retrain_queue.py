@@ -5,9 +5,10 @@ The APScheduler side (the daemon's scheduler, the one-worker executor) is monito
 Each request gets a unique id and a directory ``<state_dir>/retrain/<id>/`` holding
 ``request.json`` (written here), and ``progress.jsonl`` / ``result.json`` (written by the job;
 the files and their types are ``retrain.jobdir``'s). The APScheduler job (id
-``retrain-<id>-a<attempt>``, SQLite job store, ``misfire_grace_time=None``) is what runs it; it is never re-added blindly. A directory with a
-request but no result and no scheduled APScheduler job was interrupted by a restart: it is
-re-queued at start-up as a new attempt, and says so in the log and in its status. A job that
+``retrain-<id>-a<attempt>``, SQLite job store, ``misfire_grace_time=None``) is what runs it; it
+is never re-added blindly. A directory with a request but no result and no stored entry for its
+next attempt was interrupted by a restart: it is re-queued at start-up as a new attempt (an
+entry left for the interrupted attempt is removed), and says so in the log and in its status. A job that
 outlives the daemon (a Kubernetes Job: its handle has an ``external_ref``) is left running at
 shutdown and re-attached at the next start instead.
 """
@@ -35,6 +36,11 @@ log = logging.getLogger(__name__)
 
 OUTCOMES = ("promoted", "rejected", "failed", "dropped")  # dropped: its model_version was no longer CURRENT
 MAX_ATTEMPTS = 3  # a job interrupted this often is recorded as failed rather than re-run forever
+
+
+def _entry_id(job_id: str, attempt: int) -> str:
+    """The scheduler entry that runs ``attempt`` of a job (one entry per attempt, never reused)."""
+    return f"retrain-{job_id}-a{attempt}"
 
 
 def run_queued_retrain(job_id: str) -> None:
@@ -127,7 +133,7 @@ class RetrainQueue:
         if self.scheduler is None:
             raise RuntimeError("RetrainQueue.scheduler is not set")
         self.scheduler.add_job(
-            run_queued_retrain, trigger="date", args=[rec.job_id], id=f"retrain-{rec.job_id}-a{rec.attempts + 1}",
+            run_queued_retrain, trigger="date", args=[rec.job_id], id=_entry_id(rec.job_id, rec.attempts + 1),
             name=f"retrain {rec.job_id}", jobstore=JOBSTORE, executor=EXECUTOR,
             misfire_grace_time=None, coalesce=True, max_instances=1, replace_existing=False,
         )
@@ -151,11 +157,18 @@ class RetrainQueue:
         """Re-queue jobs a restart interrupted (call with the scheduler started, paused)."""
         if self.scheduler is None:
             raise RuntimeError("RetrainQueue.scheduler is not set")
-        scheduled = {j.args[0] for j in self.scheduler.get_jobs(jobstore=JOBSTORE) if j.args}
+        stored = {j.id for j in self.scheduler.get_jobs(jobstore=JOBSTORE)}
         resumed = []
-        with self._lock:
-            pending = [r for r in self._jobs.values() if r.result is None and r.job_id not in scheduled]
+        with self._lock:  # only an entry for the next attempt is still to run: it was never started
+            pending = [r for r in self._jobs.values()
+                       if r.result is None and _entry_id(r.job_id, r.attempts + 1) not in stored]
         for rec in sorted(pending, key=lambda r: r.requested_at):
+            # A shutdown just after an attempt started can leave its entry in the store (the
+            # scheduler removes a date job only after handing it to the executor): that attempt
+            # ran and was interrupted, so the entry must not run it again beside the re-run.
+            stale = _entry_id(rec.job_id, rec.attempts)
+            if stale in stored:
+                self.scheduler.remove_job(stale, jobstore=JOBSTORE)
             rec.resumed = True
             if rec.external is not None and self.attach is not None:
                 log.warning("retrain job %s was left running at the last shutdown (%s); re-attaching to it",
