@@ -38,9 +38,9 @@ from monitor.signals.mmd import (
     _mmd2_from_sums,
     _permuted_mmd2,
     _window_sums,
-    median_bandwidth,
     mmd_test,
 )
+from monitor.signals.kernels import median_bandwidth
 from monitor.signals.projection import fit_projection
 
 REFERENCE_SAMPLE = 2000  # reference build's default max_rows

@@ -8,7 +8,7 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
-from monitor.signals.mmd import gaussian_kernel
+from monitor.signals.kernels import gaussian_kernel
 from monitor.signals.online_mmd import _window_statistics
 
 

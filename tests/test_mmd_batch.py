@@ -8,12 +8,12 @@ import pytest
 import torch
 from scipy import stats
 
+from monitor.signals.kernels import median_bandwidth
 from monitor.signals.mmd import (
     DRAWS_IN_ROTATION,
     MmdReference,
     PermutationPlan,
     PermutationSchedule,
-    median_bandwidth,
     mmd_test,
     permuted_mmd2,
 )

@@ -9,11 +9,10 @@ import math
 import numpy as np
 import pytest
 
-from monitor.signals.mmd import median_bandwidth
+from monitor.signals.kernels import gaussian_kernel, kernel_row_sums, median_bandwidth
 from monitor.signals.online_mmd import (
     OnlineMmd, _bootstrap_thresholds, _kernel_band, _window_offdiag, extended_windows, required_bootstraps,
 )
-from monitor.signals.mmd import gaussian_kernel, kernel_row_sums
 from mmd_helpers import gaussian_rows, naive_mmd2, naive_online_thresholds, one_thread, prefix_sum_online, run_lengths
 
 import torch

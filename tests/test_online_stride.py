@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from monitor.signals.mmd import median_bandwidth
+from monitor.signals.kernels import median_bandwidth
 from monitor.signals.online_mmd import OnlineMmd, required_bootstraps
 
 

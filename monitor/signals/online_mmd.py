@@ -14,7 +14,7 @@ initial test window again.
 Calibration needs the reference kernel's column sums once plus, per bootstrap, only the
 (2W-1)^2 block of its extended window: sub-reference sums are the reference totals minus that
 block's share. Up to DENSE_KERNEL_ROWS reference rows the kernel is kept whole and the blocks are
-gathered from it; a larger reference sums it in blocks (monitor.signals.mmd.kernel_row_sums) and
+gathered from it; a larger reference sums it in blocks (monitor.signals.kernels.kernel_row_sums) and
 computes each bootstrap's block from its rows, so memory stays linear in the reference rows.
 ``update`` takes b rows at once: one kernel block between the batch and the sub-reference, and
 for stride 1 the kernel band |i - j| < W of the row sequence (window then batch), from which the
@@ -39,7 +39,14 @@ import torch
 
 from monitor.signals.bootstraps import calibrated_steps as _calibrated_steps
 from monitor.signals.bootstraps import required_bootstraps
-from monitor.signals.mmd import BLOCK_ENTRIES, DENSE_KERNEL_ROWS, default_device, gaussian_kernel, kernel_row_sums
+from monitor.signals.kernels import (
+    BLOCK_ENTRIES,
+    DENSE_KERNEL_ROWS,
+    block_tiles,
+    default_device,
+    gaussian_kernel,
+    kernel_row_sums,
+)
 from monitor.signals.projection import check_matrix
 from monitor.signals.results import OnlineMmdStatus
 
@@ -109,16 +116,6 @@ def _column_sums(k: torch.Tensor) -> np.ndarray:
     return k.sum(0, dtype=torch.float64).cpu().numpy()
 
 
-def _block_tiles(rows: torch.Tensor, cols: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Gaussian kernel (blocks, W, 2W) float32 between each block of W rows (blocks, W, d) and its
-    2W columns (blocks, 2W, d). Every kernel value the every-row path uses comes from a product
-    of this one shape, so a pair's value does not depend on where its block starts: the
-    recurrence subtracts exactly the numbers it added earlier, in any batching."""
-    sq_rows, sq_cols = (rows * rows).sum(-1), (cols * cols).sum(-1)
-    d2 = torch.baddbmm(sq_rows[:, :, None] + sq_cols[:, None, :], rows, cols.transpose(1, 2), alpha=-2.0)
-    return d2.clamp_(min=0.0).mul_(-0.5 / (sigma * sigma)).exp_()
-
-
 def _kernel_band(u: torch.Tensor, window: int, sigma: float) -> torch.Tensor:
     """band[j, k - 1] = k(u_j, u_{j-k}) for k = 1..W-1: the kernel of each row of ``u`` (L, d)
     against the W - 1 rows before it, as an (R, W - 1) float32 contiguous tensor, R >= L.
@@ -134,7 +131,7 @@ def _kernel_band(u: torch.Tensor, window: int, sigma: float) -> torch.Tensor:
     padded[window + length:] = 0.0
     # Block c's columns are blocks c-1 and c: overlapping views of the padded rows, no copy.
     cols = padded.as_strided((blocks, 2 * window, dims), (window * dims, dims, 1))
-    k = _block_tiles(padded[window:].view(blocks, window, dims), cols, sigma)
+    k = block_tiles(padded[window:].view(blocks, window, dims), cols, sigma)
     # Row i of a block sits at column W + i of its tile; its k-th predecessor at W + i - k.
     at = torch.arange(window, device=u.device)
     column = (window + at[:, None] - at[None, 1:]).expand(blocks, window, window - 1)
@@ -143,13 +140,13 @@ def _kernel_band(u: torch.Tensor, window: int, sigma: float) -> torch.Tensor:
 
 def _kernel_vs(rows: torch.Tensor, fixed: torch.Tensor, sigma: float) -> torch.Tensor:
     """k(rows_n, fixed_j) as (len(rows), W) float32, ``fixed`` (W, d): ``fixed`` against each
-    block of 2W rows, the band's product shape (see _block_tiles), transposed."""
+    block of 2W rows, the band's product shape (see block_tiles), transposed."""
     window, dims = fixed.shape
     blocks = -(-len(rows) // (2 * window))
     padded = torch.empty((blocks * 2 * window, dims), dtype=rows.dtype, device=rows.device)
     padded[:len(rows)] = rows
     padded[len(rows):] = 0.0
-    k = _block_tiles(fixed.expand(blocks, window, dims), padded.view(blocks, 2 * window, dims), sigma)
+    k = block_tiles(fixed.expand(blocks, window, dims), padded.view(blocks, 2 * window, dims), sigma)
     return k.transpose(1, 2).reshape(blocks * 2 * window, window)[:len(rows)]
 
 
