@@ -3,8 +3,9 @@
 One cycle tails the inference logs then the label logs, validates each bounded chunk against
 the contract, joins labels, feeds each model_version's :class:`WindowTracker`, and commits.
 The ingest cursor, the label buffers and every signal's state live in one SQLite transaction
-(``monitor.ingest.store``): a crash or ``kill -9`` anywhere rolls back to the last commit, and
-the rows after it are read again exactly once, because the state they changed rolled back too.
+(``monitor.ingest.store``; the engine's own blob is ``monitor.engine.checkpoint``): a crash or
+``kill -9`` anywhere rolls back to the last commit, and the rows after it are read again exactly
+once, because the state they changed rolled back too.
 Long files are committed every couple of seconds mid-file, so progress is visible and a kill
 resumes at the last committed batch.
 
@@ -19,8 +20,6 @@ oldest unread file is, when to commit.
 from __future__ import annotations
 
 import dataclasses
-import io
-import json
 import logging
 import time
 from collections.abc import Callable
@@ -29,21 +28,21 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from monitor.engine.checkpoint import STATE_BLOB, EngineCheckpoint
 from monitor.engine.config import MonitorConfig
-from monitor.errors import ContractError, ReferenceMissingError, StateError
+from monitor.engine.reference import Reference
+from monitor.engine.versions import VersionTrackers
+from monitor.engine.window import WindowTracker
+from monitor.errors import ContractError
 from monitor.ingest.labels import ExpiryCounts, LabelJoiner, count_labelled, window_accuracy
 from monitor.ingest.quarantine import Quarantine
 from monitor.ingest.records import InferenceBatch, JoinedLabel
 from monitor.ingest.store import WATERMARK, FileProgress, StateStore, connect_readonly
 from monitor.ingest.tail import Chunk, FileNotReady, Tailer
-from monitor.engine.reference import Reference, load_references
 from monitor.signals.results import LabelEvaluation, WindowSignals
-from monitor.engine.window import WindowTracker
 
 log = logging.getLogger("monitor.engine")  # the logger name from before the move: log filters keep working
 
-STATE_BLOB = "engine"
-STATE_FORMAT = 3  # 2: unacknowledged windows; 3: label evaluations, per-version event times
 _CHECKPOINT_EVERY_SECONDS = 2.0
 _MAX_UNACKED = 1000
 # A producer clock far ahead (a typo'd year) must not age every buffered row out at once: the
@@ -67,18 +66,13 @@ class CycleReport:
 
 
 class Engine:
-    """Owns the state store, the tailers and one WindowTracker per model_version with a reference."""
+    """Owns the state store, the tailers and the versions' trackers (:class:`VersionTrackers`)."""
 
     def __init__(self, config: MonitorConfig, *, clock: Callable[[], float] = time.time):
         self.config = config
         self.clock = clock
         torch.set_num_threads(config.signals.threads)  # see SignalsConfig.threads
-        self.references: dict[str, Reference] = load_references(config.reference_dir)
-        if not self.references:
-            raise ReferenceMissingError(
-                f"no reference in {config.reference_dir}: build one from labelled validation logs with "
-                f"`driftd reference build --logs PATH --out {config.reference_dir}`"
-            )
+        self.versions = VersionTrackers(config)  # raises when reference_dir holds no reference
         # Log locations first: a bad one fails before the state directory is opened and locked.
         self.inference = Tailer(config.logs.inference, "inference", config.ingest, clock=clock)
         self.labels = Tailer(config.logs.labels, "labels", config.ingest, clock=clock) if config.logs.labels else None
@@ -87,15 +81,12 @@ class Engine:
             self.quarantine = Quarantine(self.store, config.ingest.quarantine_dir, clock=clock)
             self.joiner = LabelJoiner(self.store, config.ingest)
             self.watermark: float | None = self.store.get_mark(WATERMARK)
-            self.trackers: dict[str, WindowTracker] = {}
             self._latest: dict[str, WindowSignals] = {}
             self._unacked: list[WindowSignals] = []  # closed windows the consumer has not acknowledged
             self._unacked_evaluations: list[LabelEvaluation] = []
             # model_version -> [first, last] prediction time seen (event time), every version
             self.version_times: dict[str, list[float]] = {}
             self._warned_ahead = False
-            self._warned_missing: set[str] = set()
-            self._looked_up: set[str] = set()  # versions whose reference was looked for this cycle
             self._last_commit = clock()
             self.last_progress = clock()  # read by the daemon's watchdog from another thread
             self._restore()
@@ -120,7 +111,7 @@ class Engine:
             return self._cycle(should_stop, on_checkpoint)
         except BaseException:
             self.store.rollback()
-            self.trackers.clear()
+            self.versions.trackers.clear()
             self._latest, self._unacked, self._unacked_evaluations = {}, [], []
             self.version_times = {}
             self.joiner = LabelJoiner(self.store, self.config.ingest)  # its join number rolled back too
@@ -130,7 +121,7 @@ class Engine:
 
     def _cycle(self, should_stop: Callable[[], bool], on_checkpoint: Callable[[], None]) -> CycleReport:
         started = self.last_progress = self.clock()
-        self._looked_up.clear()
+        self.versions.new_cycle()
         windows: list[WindowSignals] = []
         evaluations: list[LabelEvaluation] = []
         joined: list[JoinedLabel] = []
@@ -185,12 +176,12 @@ class Engine:
                 "%d predictions expired unlabelled, %d early labels never matched, %d predictions and %d labels "
                 "dropped over the caps", _iso(self.watermark), expired.labelled_pruned, expired.predictions_expired,
                 expired.labels_unmatched, expired.predictions_dropped, expired.labels_dropped)
-        for tracker in self.trackers.values():
+        for tracker in self.versions.trackers.values():
             flushed = tracker.flush_labels()
             if flushed is not None:
                 evaluations += self._record_evaluations([flushed])
         now = self.clock()
-        for tracker in self.trackers.values():
+        for tracker in self.versions.trackers.values():
             idle = tracker.close_if_idle(now)
             if idle is not None:
                 windows += self._record([idle])
@@ -254,28 +245,14 @@ class Engine:
     def counters(self) -> dict[tuple[str, str], float]:
         return self.store.counters()
 
-    def reload_references(self) -> None:
-        """Pick up references added or rebuilt since start-up (e.g. after a promotion).
+    @property
+    def references(self) -> dict[str, Reference]:
+        """model_version -> the reference its windows are judged against."""
+        return self.versions.references
 
-        Raises ReferenceMissingError, keeping every reference already loaded, when the directory
-        is gone, holds none, or one cannot be read: dropping them would silently stop the
-        monitoring (and let a file of the wrong width through as if no reference expected one)."""
-        root = self.config.reference_dir
-        keeping = f"keeping the {len(self.references)} reference(s) already loaded"
-        if not root.is_dir():
-            raise ReferenceMissingError(f"{root}: reference directory is missing; {keeping}. Restore it, or "
-                                        f"rebuild with `driftd reference build --out {root}`")
-        fresh = load_references(root)  # a corrupt one raises, naming its file
-        if not fresh:
-            raise ReferenceMissingError(f"{root}: no reference found; {keeping}. Rebuild with "
-                                        f"`driftd reference build --out {root}`")
-        for version, ref in fresh.items():
-            old = self.references.get(version)
-            if old is None or old.reference_id != ref.reference_id:
-                log.info("reference for model_version %s %s", version, "loaded" if old is None else "replaced")
-                self.trackers.pop(version, None)
-                self._warned_missing.discard(version)
-        self.references = fresh
+    def reload_references(self) -> None:
+        """Pick up references added or rebuilt since start-up (see :meth:`VersionTrackers.reload`)."""
+        self.versions.reload()
 
     def count_labelled(self, *, after_join: int = 0, predicted_since: float | None = None,
                        model_version: str | None = None) -> int:
@@ -331,7 +308,7 @@ class Engine:
             part = batch if versions.size == 1 else batch.take(batch.model_version == version)
             self.store.add_counter("rows", str(version), len(part))
             self._note_version_time(str(version), part.timestamp)
-            tracker = self._tracker(str(version))
+            tracker = self.versions.tracker(str(version))
             if tracker is None:
                 self.store.add_counter("rows_without_reference", str(version), len(part))
                 continue
@@ -388,7 +365,7 @@ class Engine:
             by_version.setdefault(j.model_version, []).append(j)
         evaluations: list[LabelEvaluation] = []
         for version, items in by_version.items():
-            tracker = self._tracker(version)
+            tracker = self.versions.tracker(version)
             if tracker is not None:
                 evaluations += self._record_evaluations(tracker.add_labels(items))
                 # Labels arrive after their window closed: keep the latest view's accuracy current.
@@ -402,30 +379,6 @@ class Engine:
         if len(self._unacked_evaluations) > _MAX_UNACKED:
             del self._unacked_evaluations[:-_MAX_UNACKED]
         return evaluations
-
-    def _tracker(self, version: str) -> WindowTracker | None:
-        tracker = self.trackers.get(version)
-        if tracker is not None:
-            return tracker
-        if version not in self.references and version not in self._looked_up:
-            self._looked_up.add(version)  # once a cycle: the disk is not re-read for every chunk
-            try:
-                self.reload_references()  # a promotion may have just written it
-            except ReferenceMissingError as exc:
-                log.error("looking for the reference of model_version %s: %s", version, exc)
-        ref = self.references.get(version)
-        if ref is None:
-            if version not in self._warned_missing:
-                self._warned_missing.add(version)
-                log.warning(
-                    "rows for model_version %r but no reference for it in %s: its rows are counted and "
-                    "labels joined, but no drift signals are computed; run `driftd reference build "
-                    "--logs <validation logs of %s> --out %s`",
-                    version, self.config.reference_dir, version, self.config.reference_dir,
-                )
-            return None
-        tracker = self.trackers[version] = WindowTracker(ref, self.config)
-        return tracker
 
     def _maybe_checkpoint(self) -> bool:
         """Commit when the last commit is a couple of seconds old; True when it did."""
@@ -443,100 +396,35 @@ class Engine:
         return dataclasses.asdict(self.config.signals.online_mmd)
 
     def _serialize(self) -> bytes:
-        arrays: dict[str, np.ndarray] = {}
-        versions = {}
-        for i, (version, tracker) in enumerate(sorted(self.trackers.items())):
-            a, meta = tracker.state_dict()
-            arrays.update({f"{i}.{k}": v for k, v in a.items()})
-            versions[version] = {"slot": i, **meta}
-        latest = {v: dataclasses.asdict(w) for v, w in self._latest.items()}
-        header = {
-            "format": STATE_FORMAT,
-            "online_config": self._online_fingerprint(),
-            "versions": versions,
-            "latest": latest,
-            "unacked": [dataclasses.asdict(w) for w in self._unacked],
-            "unacked_evaluations": [dataclasses.asdict(e) for e in self._unacked_evaluations],
-            "version_times": self.version_times,
-        }
-        arrays["header"] = np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)
-        buf = io.BytesIO()
-        np.savez(buf, **arrays)
-        return buf.getvalue()
+        return EngineCheckpoint(
+            online_config=self._online_fingerprint(),
+            trackers={version: tracker.state_dict() for version, tracker in self.versions.trackers.items()},
+            latest=self._latest,
+            unacked=self._unacked,
+            unacked_evaluations=self._unacked_evaluations,
+            version_times=self.version_times,
+        ).to_bytes()
 
     def _restore(self) -> None:
         blob = self.store.get_blob(STATE_BLOB)
         if blob is None:
             return
-        try:
-            with np.load(io.BytesIO(blob), allow_pickle=False) as npz:
-                arrays = {k: npz[k] for k in npz.files}
-            header = json.loads(arrays.pop("header").tobytes())
-        except (ValueError, KeyError, OSError) as exc:
-            raise StateError(
-                f"{self.config.state_dir}: engine checkpoint is unreadable ({exc}); move the state "
-                "directory aside to start over (the logs will be read again)"
-            ) from None
-        if header.get("format", 0) > STATE_FORMAT:
-            raise StateError(
-                f"{self.config.state_dir}: checkpoint format {header['format']} is newer than this driftd "
-                f"({STATE_FORMAT}); upgrade driftd or point state_dir elsewhere"
-            )
-        keep_online = header.get("online_config") == self._online_fingerprint()
+        saved = EngineCheckpoint.from_bytes(blob, self.config.state_dir)
+        keep_online = saved.online_config == self._online_fingerprint()
         if not keep_online:
             log.info("signals.online_mmd changed since the checkpoint: recalibrating the online detectors")
-        for version, meta in header["versions"].items():
+        for version, (state, meta) in saved.trackers.items():
             ref = self.references.get(version)
             if ref is None or ref.reference_id != meta["reference_id"]:
                 log.info("reference of model_version %s changed since the checkpoint: its windows start afresh", version)
                 continue
-            prefix = f"{meta['slot']}."
-            state = {k[len(prefix) :]: v for k, v in arrays.items() if k.startswith(prefix)}
             if not keep_online:
                 state = {k: v for k, v in state.items() if not k.startswith("online.")}
-            self.trackers[version] = WindowTracker(ref, self.config, state=(state, meta))
-        self._latest = {v: _window_from_dict(d) for v, d in header["latest"].items()}
-        self._unacked = [_window_from_dict(d) for d in header["unacked"]] if header["format"] >= 2 else []
-        if header["format"] >= 3:
-            self._unacked_evaluations = [_evaluation_from_dict(d) for d in header["unacked_evaluations"]]
-            self.version_times = {str(v): [float(a), float(b)] for v, (a, b) in header["version_times"].items()}
-
-
-def _window_from_dict(d: dict) -> WindowSignals:
-    """Rebuild the last window of each version (so status is complete right after a restart)."""
-    from monitor.signals import results as r
-
-    act = dict(d["activations"])
-    act["top_dims"] = tuple(r.DimShift(**x) for x in act["top_dims"])
-    pred = dict(d["predictions"])
-    pred["class_share"] = tuple(pred["class_share"])
-    return WindowSignals(
-        model_version=d["model_version"],
-        index=d["index"],
-        start_time=d["start_time"],
-        end_time=d["end_time"],
-        rows=d["rows"],
-        activations=r.ActivationStats(**act),
-        predictions=r.PredictionStats(**pred),
-        mmd=None if d["mmd"] is None else r.MmdResult(**d["mmd"]),
-        online=r.OnlineMmdStatus(**d["online"]),
-        accuracy=_accuracy_from_dict(d["accuracy"]),
-        estimate=None if d["estimate"] is None else r.EstimateStats(**d["estimate"]),
-        reference_id=d.get("reference_id", ""),
-        extra=d.get("extra", {}),
-    )
-
-
-def _accuracy_from_dict(d: dict) -> "AccuracyStats":
-    from monitor.signals.results import AccuracyStats
-
-    acc = dict(d)
-    acc["per_class_recall"] = {int(k): v for k, v in acc["per_class_recall"].items()}
-    return AccuracyStats(**acc)
-
-
-def _evaluation_from_dict(d: dict) -> LabelEvaluation:
-    return LabelEvaluation(**{**d, "accuracy": _accuracy_from_dict(d["accuracy"])})
+            self.versions.trackers[version] = WindowTracker(ref, self.config, state=(state, meta))
+        self._latest = saved.latest
+        self._unacked = saved.unacked
+        self._unacked_evaluations = saved.unacked_evaluations
+        self.version_times = saved.version_times
 
 
 def _iso(ts: float | None) -> str:
