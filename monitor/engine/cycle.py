@@ -10,7 +10,7 @@ Long files are committed every couple of seconds mid-file, so progress is visibl
 resumes at the last committed batch.
 
 Time: the engine keeps the stream's own clock, the *watermark* (the newest prediction timestamp
-accepted, persisted with the checkpoint). Label TTLs and retention are judged against it (see
+accepted, persisted with the checkpoint; ``monitor.engine.event_time``). Label TTLs and retention are judged against it (see
 ``monitor.ingest.labels``), windows span event time, and the retrain job's lookback reads it, so
 a replay of months-old logs behaves exactly as the live traffic did. The wall clock is used only
 for what is about this process: when a file settled, when traffic stopped arriving, how old the
@@ -30,6 +30,8 @@ import torch
 
 from monitor.engine.checkpoint import STATE_BLOB, EngineCheckpoint
 from monitor.engine.config import MonitorConfig
+from monitor.engine.event_time import EventTime, iso_time
+from monitor.engine.handover import Handover
 from monitor.engine.reference import Reference
 from monitor.engine.versions import VersionTrackers
 from monitor.engine.window import WindowTracker
@@ -37,17 +39,13 @@ from monitor.errors import ContractError
 from monitor.ingest.labels import ExpiryCounts, LabelJoiner, count_labelled, window_accuracy
 from monitor.ingest.quarantine import Quarantine
 from monitor.ingest.records import InferenceBatch, JoinedLabel
-from monitor.ingest.store import WATERMARK, FileProgress, StateStore, connect_readonly
+from monitor.ingest.store import FileProgress, StateStore, connect_readonly
 from monitor.ingest.tail import Chunk, FileNotReady, Tailer
 from monitor.signals.results import LabelEvaluation, WindowSignals
 
 log = logging.getLogger("monitor.engine")  # the logger name from before the move: log filters keep working
 
 _CHECKPOINT_EVERY_SECONDS = 2.0
-_MAX_UNACKED = 1000
-# A producer clock far ahead (a typo'd year) must not age every buffered row out at once: the
-# watermark never runs more than this ahead of this host's clock.
-MAX_CLOCK_AHEAD_SECONDS = 3600.0
 
 
 @dataclass(frozen=True)
@@ -80,13 +78,9 @@ class Engine:
         try:
             self.quarantine = Quarantine(self.store, config.ingest.quarantine_dir, clock=clock)
             self.joiner = LabelJoiner(self.store, config.ingest)
-            self.watermark: float | None = self.store.get_mark(WATERMARK)
+            self.event_time = EventTime(self.store, clock=clock)
             self._latest: dict[str, WindowSignals] = {}
-            self._unacked: list[WindowSignals] = []  # closed windows the consumer has not acknowledged
-            self._unacked_evaluations: list[LabelEvaluation] = []
-            # model_version -> [first, last] prediction time seen (event time), every version
-            self.version_times: dict[str, list[float]] = {}
-            self._warned_ahead = False
+            self._handover = Handover()  # closed windows and evaluations the consumer has not acknowledged
             self._last_commit = clock()
             self.last_progress = clock()  # read by the daemon's watchdog from another thread
             self._restore()
@@ -112,10 +106,9 @@ class Engine:
         except BaseException:
             self.store.rollback()
             self.versions.trackers.clear()
-            self._latest, self._unacked, self._unacked_evaluations = {}, [], []
-            self.version_times = {}
+            self._latest, self._handover = {}, Handover()
             self.joiner = LabelJoiner(self.store, self.config.ingest)  # its join number rolled back too
-            self.watermark = self.store.get_mark(WATERMARK)
+            self.event_time.reload()
             self._restore()
             raise
 
@@ -174,7 +167,7 @@ class Engine:
             log.info(
                 "label buffers at event time %s: %d joined rows pruned (older than ingest.labelled_retention_seconds), "
                 "%d predictions expired unlabelled, %d early labels never matched, %d predictions and %d labels "
-                "dropped over the caps", _iso(self.watermark), expired.labelled_pruned, expired.predictions_expired,
+                "dropped over the caps", iso_time(self.watermark), expired.labelled_pruned, expired.predictions_expired,
                 expired.labels_unmatched, expired.predictions_dropped, expired.labels_dropped)
         for tracker in self.versions.trackers.values():
             flushed = tracker.flush_labels()
@@ -226,24 +219,30 @@ class Engine:
         """Closed windows not yet acknowledged, oldest first. They are part of the checkpoint, so
         windows committed just before a crash are handed over again after it (the policy skips
         the ones it had already evaluated)."""
-        return list(self._unacked)
+        return list(self._handover.windows)
 
     def pending_evaluations(self) -> list[LabelEvaluation]:
         """Label evaluations not yet acknowledged, oldest first (handed over again after a crash,
         like :meth:`pending_windows`)."""
-        return list(self._unacked_evaluations)
+        return list(self._handover.evaluations)
 
     def acknowledge(self, windows: list[WindowSignals], evaluations: list[LabelEvaluation] = ()) -> None:
         """The consumer has durably acted on ``windows`` and ``evaluations``; persisted with the
         next checkpoint."""
-        done = {(w.model_version, w.reference_id, w.index) for w in windows}
-        self._unacked = [w for w in self._unacked if (w.model_version, w.reference_id, w.index) not in done]
-        judged = {(e.model_version, e.reference_id, e.index) for e in evaluations}
-        self._unacked_evaluations = [e for e in self._unacked_evaluations
-                                     if (e.model_version, e.reference_id, e.index) not in judged]
+        self._handover.acknowledge(windows, evaluations)
 
     def counters(self) -> dict[tuple[str, str], float]:
         return self.store.counters()
+
+    @property
+    def watermark(self) -> float | None:
+        """The stream's clock: the newest prediction timestamp accepted (epoch s), None before any."""
+        return self.event_time.watermark
+
+    @property
+    def version_times(self) -> dict[str, list[float]]:
+        """model_version -> [first, last] prediction time seen (event time), every version."""
+        return self.event_time.version_times
 
     @property
     def references(self) -> dict[str, Reference]:
@@ -295,7 +294,7 @@ class Engine:
             return 0, [], joined, self._feed_labels(joined)
         batch: InferenceBatch = chunk.batch
         if len(batch):
-            self._advance_watermark(float(batch.timestamp.max()))
+            self.event_time.advance(float(batch.timestamp.max()))
         duplicate, joined = self.joiner.add_predictions(batch, self.watermark)
         if duplicate.any():
             self.store.add_counter("rejected_rows", "duplicate_request_id", float(duplicate.sum()))
@@ -307,33 +306,13 @@ class Engine:
         for version in versions:
             part = batch if versions.size == 1 else batch.take(batch.model_version == version)
             self.store.add_counter("rows", str(version), len(part))
-            self._note_version_time(str(version), part.timestamp)
+            self.event_time.note_version(str(version), part.timestamp)
             tracker = self.versions.tracker(str(version))
             if tracker is None:
                 self.store.add_counter("rows_without_reference", str(version), len(part))
                 continue
             windows += self._record(tracker.add(part, now=now))
         return len(batch), windows, joined, evaluations
-
-    def _advance_watermark(self, newest: float) -> None:
-        ceiling = self.clock() + MAX_CLOCK_AHEAD_SECONDS
-        if newest > ceiling:
-            if not self._warned_ahead:
-                self._warned_ahead = True
-                log.warning("prediction timestamps reach %s, more than %.0f s ahead of this host's clock: the "
-                            "event-time watermark is held at the host's clock + %.0f s (check the producer's clock)",
-                            _iso(newest), MAX_CLOCK_AHEAD_SECONDS, MAX_CLOCK_AHEAD_SECONDS)
-            newest = ceiling
-        if self.watermark is None or newest > self.watermark:
-            self.watermark = newest
-            self.store.set_mark(WATERMARK, newest)
-
-    def _note_version_time(self, version: str, timestamps: np.ndarray) -> None:
-        if not len(timestamps):
-            return
-        lo, hi = float(timestamps.min()), float(timestamps.max())
-        span = self.version_times.get(version)
-        self.version_times[version] = [lo, hi] if span is None else [min(span[0], lo), max(span[1], hi)]
 
     def _quarantine_rewritten(self, kind: str, info, before: FileProgress) -> None:
         """A file whose size or mtime changed after it was read: its rows were used as they were, so
@@ -352,11 +331,7 @@ class Engine:
         for window in windows:
             self._latest[window.model_version] = window
             self.store.add_counter("windows", window.model_version, 1)
-        self._unacked += windows
-        if len(self._unacked) > _MAX_UNACKED:
-            log.warning("%d closed windows were never acknowledged; keeping the newest %d",
-                        len(self._unacked), _MAX_UNACKED)
-            del self._unacked[:-_MAX_UNACKED]
+        self._handover.add_windows(windows)
         return windows
 
     def _feed_labels(self, joined: list[JoinedLabel]) -> list[LabelEvaluation]:
@@ -375,9 +350,7 @@ class Engine:
 
     def _record_evaluations(self, evaluations: list[LabelEvaluation]) -> list[LabelEvaluation]:
         """Keep label evaluations for the consumer until acknowledged (as :meth:`_record` windows)."""
-        self._unacked_evaluations += evaluations
-        if len(self._unacked_evaluations) > _MAX_UNACKED:
-            del self._unacked_evaluations[:-_MAX_UNACKED]
+        self._handover.add_evaluations(evaluations)
         return evaluations
 
     def _maybe_checkpoint(self) -> bool:
@@ -400,8 +373,8 @@ class Engine:
             online_config=self._online_fingerprint(),
             trackers={version: tracker.state_dict() for version, tracker in self.versions.trackers.items()},
             latest=self._latest,
-            unacked=self._unacked,
-            unacked_evaluations=self._unacked_evaluations,
+            unacked=self._handover.windows,
+            unacked_evaluations=self._handover.evaluations,
             version_times=self.version_times,
         ).to_bytes()
 
@@ -422,15 +395,8 @@ class Engine:
                 state = {k: v for k, v in state.items() if not k.startswith("online.")}
             self.versions.trackers[version] = WindowTracker(ref, self.config, state=(state, meta))
         self._latest = saved.latest
-        self._unacked = saved.unacked
-        self._unacked_evaluations = saved.unacked_evaluations
-        self.version_times = saved.version_times
-
-
-def _iso(ts: float | None) -> str:
-    if ts is None:
-        return "(none yet)"
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+        self._handover = Handover(saved.unacked, saved.unacked_evaluations)
+        self.event_time.version_times = saved.version_times
 
 
 def _versions(model_version: np.ndarray) -> np.ndarray:
