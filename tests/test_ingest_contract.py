@@ -7,15 +7,9 @@ import pyarrow as pa
 import pytest
 
 from monitor.errors import ContractError
-from monitor.ingest.contract import (
-    RowRejections,
-    classify_rows,
-    check_inference_schema,
-    check_label_schema,
-    check_layout_dims,
-    to_inference_batch,
-    to_label_batch,
-)
+from monitor.ingest.contract import to_inference_batch, to_label_batch
+from monitor.ingest.rejections import RowRejections, classify_rows
+from monitor.ingest.schema import check_inference_schema, check_label_schema, check_layout_dims
 from ingest_helpers import float_lists, inference_table, label_table, replace_column
 
 

@@ -12,7 +12,7 @@ import pyarrow as pa
 from ingest_helpers import inference_table, replace_column, write
 from monitor.ingest.config import IngestConfig
 from monitor.errors import ContractError
-from monitor.ingest.contract import RowRejections
+from monitor.ingest.rejections import RowRejections
 from monitor.ingest.quarantine import Quarantine
 from monitor.ingest.store import FileProgress, StateStore
 from monitor.ingest.tail import FileNotReady, Tailer

@@ -34,7 +34,7 @@ import pyarrow.parquet as pq
 
 from monitor.configutil import redact_location
 from monitor.errors import ContractError
-from monitor.ingest.contract import RowRejections
+from monitor.ingest.rejections import RowRejections
 from monitor.ingest.store import FileProgress, StateStore
 from monitor.ingest.tail import FileInfo, resolve_filesystem
 

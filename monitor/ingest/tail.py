@@ -30,17 +30,16 @@ import pyarrow.parquet as pq
 from monitor.ingest.config import IngestConfig
 from monitor.configutil import redact_location
 from monitor.errors import ConfigError, ContractError
-from monitor.ingest.contract import (
+from monitor.ingest.contract import to_inference_batch, to_label_batch
+from monitor.ingest.records import InferenceBatch, LabelBatch
+from monitor.ingest.rejections import RowRejections
+from monitor.ingest.schema import (
     InferenceLayout,
     LabelLayout,
-    RowRejections,
     check_inference_schema,
     check_label_schema,
     check_layout_dims,
-    to_inference_batch,
-    to_label_batch,
 )
-from monitor.ingest.records import InferenceBatch, LabelBatch
 from monitor.ingest.store import FileProgress
 
 Kind = Literal["inference", "labels"]
