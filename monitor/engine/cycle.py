@@ -36,6 +36,15 @@ from monitor.engine.reference import Reference
 from monitor.engine.versions import VersionTrackers
 from monitor.engine.window import WindowTracker
 from monitor.errors import ContractError
+from monitor.ingest.counters import (
+    DUPLICATE_REQUEST_ID,
+    FILES,
+    REJECTED_ROWS,
+    REWRITTEN,
+    ROWS,
+    ROWS_WITHOUT_REFERENCE,
+    WINDOWS,
+)
 from monitor.ingest.labels import ExpiryCounts, LabelJoiner, count_labelled, window_accuracy
 from monitor.ingest.quarantine import Quarantine
 from monitor.ingest.records import InferenceBatch, JoinedLabel
@@ -146,7 +155,7 @@ class Engine:
                         )
                         if chunk.end_of_file:
                             files += 1
-                            self.store.add_counter("files", tailer.kind, 1)
+                            self.store.add_counter(FILES, tailer.kind, 1)
                         if self._maybe_checkpoint():
                             on_checkpoint()
                         self.last_progress = self.clock()
@@ -297,7 +306,7 @@ class Engine:
             self.event_time.advance(float(batch.timestamp.max()))
         duplicate, joined = self.joiner.add_predictions(batch, self.watermark)
         if duplicate.any():
-            self.store.add_counter("rejected_rows", "duplicate_request_id", float(duplicate.sum()))
+            self.store.add_counter(REJECTED_ROWS, DUPLICATE_REQUEST_ID, float(duplicate.sum()))
             batch = batch.take(~duplicate)
         evaluations = self._feed_labels(joined)
         windows: list[WindowSignals] = []
@@ -305,11 +314,11 @@ class Engine:
         versions = _versions(batch.model_version)
         for version in versions:
             part = batch if versions.size == 1 else batch.take(batch.model_version == version)
-            self.store.add_counter("rows", str(version), len(part))
+            self.store.add_counter(ROWS, str(version), len(part))
             self.event_time.note_version(str(version), part.timestamp)
             tracker = self.versions.tracker(str(version))
             if tracker is None:
-                self.store.add_counter("rows_without_reference", str(version), len(part))
+                self.store.add_counter(ROWS_WITHOUT_REFERENCE, str(version), len(part))
                 continue
             windows += self._record(tracker.add(part, now=now))
         return len(batch), windows, joined, evaluations
@@ -322,7 +331,7 @@ class Engine:
                    "content is NOT read. Producers must write new rows to new files; to re-read it, write it "
                    "under a new name")
         log.warning("%s", message)
-        self.quarantine.file(kind, info, ContractError(message, reason="rewritten", path=info.path), move=False)
+        self.quarantine.file(kind, info, ContractError(message, reason=REWRITTEN, path=info.path), move=False)
         self._checkpoint()
 
     def _record(self, windows: list[WindowSignals]) -> list[WindowSignals]:
@@ -330,7 +339,7 @@ class Engine:
         them for the consumer until it acknowledges them (see :meth:`pending_windows`)."""
         for window in windows:
             self._latest[window.model_version] = window
-            self.store.add_counter("windows", window.model_version, 1)
+            self.store.add_counter(WINDOWS, window.model_version, 1)
         self._handover.add_windows(windows)
         return windows
 

@@ -27,7 +27,7 @@ Two kinds of defect:
   matches no reference -> :class:`ContractError`; the caller quarantines the whole file.
 * row-level (this module): a bad row is dropped and counted by reason in
   :class:`~monitor.ingest.rejections.RowRejections`, the rest of
-  the file goes on. Reasons, checked in this order (a row counts once, under its first reason):
+  the file goes on. Reasons (``monitor.ingest.counters``), checked in this order (a row counts once, under its first reason):
   ``null_field``, ``non_finite``, ``feature_dim``, ``probs_length``, ``probs_invalid``,
   ``prediction_invalid`` (a logged prediction outside ``[0, C)``); labels: ``null_field``,
   ``label_invalid``.
@@ -46,14 +46,18 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from monitor.ingest.counters import (
+    FEATURE_DIM,
+    LABEL_INVALID,
+    NON_FINITE,
+    NULL_FIELD,
+    PREDICTION_INVALID,
+    PROBS_INVALID,
+    PROBS_LENGTH,
+)
 from monitor.ingest.records import InferenceBatch, LabelBatch
 from monitor.ingest.rejections import RowRejections, classify_rows
 from monitor.ingest.schema import InferenceLayout, LabelLayout
-
-# Stable reason tokens (metric labels): pre-create them so dashboards show 0 before any defect.
-FILE_REASONS = ("unreadable", "schema", "feature_dim", "probs_length", "rewritten")
-ROW_REASONS = ("null_field", "non_finite", "feature_dim", "probs_length", "probs_invalid", "prediction_invalid",
-               "label_invalid", "duplicate_request_id")  # the last is the engine's, via the label joiner
 
 PROBS_TOLERANCE = 1e-3  # |sum(probs) - 1| allowed per row (float32 producers round)
 
@@ -179,12 +183,12 @@ def to_inference_batch(
     wrong_c |= ok_so_far & (scores.lengths != batch_c)
 
     keep, rejections = classify_rows(first_row, [
-        ("null_field", _first_null_column([("request_id", rid_null), ("timestamp", ts_null), ("model_version", mv_null),
+        (NULL_FIELD, _first_null_column([("request_id", rid_null), ("timestamp", ts_null), ("model_version", mv_null),
                                             ("features", features.null), (layout.scores, scores.null)]), null),
-        ("non_finite", "features", features.bad),
-        ("non_finite", layout.scores, scores.bad),
-        ("feature_dim", "features", wrong_d),
-        ("probs_length", layout.scores, wrong_c),
+        (NON_FINITE, "features", features.bad),
+        (NON_FINITE, layout.scores, scores.bad),
+        (FEATURE_DIM, "features", wrong_d),
+        (PROBS_LENGTH, layout.scores, wrong_c),
     ])
     rows = np.flatnonzero(keep)
     feats = features.matrix(rows, batch_d)
@@ -206,7 +210,7 @@ def to_inference_batch(
         prediction = np.where(pred_null, argmax, values)  # a null prediction falls back to argmax
         bad_pred = keep & ((prediction < 0) | (prediction >= max(batch_c, 1)))
 
-    keep2, late = classify_rows(first_row, [("probs_invalid", layout.scores, invalid), ("prediction_invalid", "prediction", bad_pred)])
+    keep2, late = classify_rows(first_row, [(PROBS_INVALID, layout.scores, invalid), (PREDICTION_INVALID, "prediction", bad_pred)])
     keep &= keep2
     rejections = rejections.merge(late)
     final = np.flatnonzero(keep)
@@ -255,8 +259,8 @@ def to_label_batch(
     labeled_at, at_null = _epoch_seconds(_column(batch, "labeled_at"), layout.timestamp_unit)
     null_col = _first_null_column([("request_id", rid_null), ("label", label_null), ("labeled_at", at_null)])
     keep, rejections = classify_rows(first_row, [
-        ("null_field", null_col, rid_null | label_null | at_null),
-        ("label_invalid", "label", label < 0),
+        (NULL_FIELD, null_col, rid_null | label_null | at_null),
+        (LABEL_INVALID, "label", label < 0),
     ])
     out = LabelBatch(source=path, request_id=request_id[keep], label=label[keep].astype(np.int64), labeled_at=labeled_at[keep])
     return out, rejections

@@ -17,6 +17,7 @@ from typing import Literal
 import pyarrow as pa
 
 from monitor.errors import ContractError
+from monitor.ingest.counters import FEATURE_DIM, PROBS_LENGTH, SCHEMA
 
 _FLOATS = (pa.float16(), pa.float32(), pa.float64())
 
@@ -58,7 +59,7 @@ def _schema_error(path: str, column: str, found: str, expected: str) -> Contract
     return ContractError(
         f"{path}: column {column!r} is {found}, expected {expected}; "
         "fix the producer (see monitor.ingest.writer.LogWriter) and write a corrected file under a new name",
-        reason="schema", path=path, column=column,
+        reason=SCHEMA, path=path, column=column,
     )
 
 
@@ -155,7 +156,7 @@ def check_layout_dims(layout: InferenceLayout, expectations: Mapping[str, tuple[
     """
     if not expectations:
         return
-    checks = (("feature_dim", "features", layout.feature_dim, 0), ("probs_length", layout.scores, layout.class_dim, 1))
+    checks = ((FEATURE_DIM, "features", layout.feature_dim, 0), (PROBS_LENGTH, layout.scores, layout.class_dim, 1))
     for reason, column, dim, i in checks:
         wanted = sorted({dims[i] for dims in expectations.values()})
         if dim is not None and dim not in wanted:
