@@ -119,7 +119,6 @@ def _window_from_dict(d: dict) -> WindowSignals:
         accuracy=_accuracy_from_dict(d["accuracy"]),
         estimate=None if d["estimate"] is None else r.EstimateStats(**d["estimate"]),
         reference_id=d.get("reference_id", ""),
-        extra=d.get("extra", {}),
     )
 
 
