@@ -31,16 +31,16 @@ import torch
 from real_features import ServedModel
 
 from monitor.signals.config import MmdConfig
+from monitor.signals.kernels import median_bandwidth
 from monitor.signals.mmd import (
     _TIE_TOLERANCE,
-    MmdReference,
     PermutationSchedule,
     _mmd2_from_sums,
     _permuted_mmd2,
     _window_sums,
-    median_bandwidth,
     mmd_test,
 )
+from monitor.signals.mmd_reference import MmdReference
 from monitor.signals.projection import fit_projection
 
 REFERENCE_SAMPLE = 2000  # reference build's default max_rows

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from mmd_bench import draw, feature_model, median_seconds, run_alibi
 
-from monitor.signals.mmd import median_bandwidth
+from monitor.signals.kernels import median_bandwidth
 from monitor.signals.online_mmd import OnlineMmd
 
 N_REF, DIMS, WINDOW, ERT = 2000, 512, 100, 50.0

@@ -8,8 +8,8 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
-from monitor.signals.mmd import gaussian_kernel
-from monitor.signals.online_mmd import _window_statistics
+from monitor.signals.kernels import gaussian_kernel
+from monitor.signals.online_calibration import window_statistics
 
 
 def naive_kernel(a: np.ndarray, b: np.ndarray, sigma: float) -> np.ndarray:
@@ -92,7 +92,7 @@ def one_thread() -> Iterator[None]:
 def prefix_sum_online(state: dict, stream: np.ndarray, segment: int = 256) -> tuple[np.ndarray, list[int]]:
     """The every-row online update as it was before the banded recurrence, as a reference: per
     segment, the kernel among the last W - 1 window rows and the new rows, window sums read off
-    2-D prefix sums (``online_mmd._window_statistics``). Starts from ``state``
+    2-D prefix sums (``online_calibration.window_statistics``). Starts from ``state``
     (``OnlineMmd.state_dict()``, stride 1); returns (per-row statistics, alarm rows)."""
     sigma, thresholds, sub_mean = float(state["sigma"]), np.asarray(state["thresholds"]), float(state["sub_mean"])
     sub = torch.from_numpy(np.asarray(state["sub_reference"]))
@@ -105,7 +105,7 @@ def prefix_sum_online(state: dict, stream: np.ndarray, segment: int = 256) -> tu
         z = np.concatenate([window[1:], stream[pos:end]])
         zc = np.concatenate([colsums[1:], new_colsums[pos:end]])
         zt = torch.from_numpy(z)
-        seg = _window_statistics(
+        seg = window_statistics(
             gaussian_kernel(zt, zt, sigma, same=True), torch.from_numpy(zc), w, sub_mean, len(sub)
         ).numpy()
         crossed = np.flatnonzero(seg > thresholds[np.minimum(t + 1 + np.arange(end - pos), len(thresholds) - 1)])

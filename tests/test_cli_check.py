@@ -10,6 +10,7 @@ import yaml
 
 from engine_helpers import make_rows, write_inference, write_labels
 from monitor.cli import main
+from monitor.ingest.counters import ROWS
 
 
 @pytest.fixture
@@ -56,7 +57,7 @@ def test_reference_build_then_check_table_and_resume(logs: Path, capsys):
     assert main(["check", "--config", str(cfg), "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["windows"] == []
-    assert {"name": "rows", "key": "v1", "value": 800.0} in doc["counters"]
+    assert {"name": ROWS, "key": "v1", "value": 800.0} in doc["counters"]
 
 
 def test_check_json_reports_drift_in_the_shifted_half(logs: Path, capsys):

@@ -11,7 +11,9 @@ import pytest
 
 from monitor.config import parse_config
 from monitor.errors import ConfigError, StateError
-from monitor.ingest.store import StateStore, claim_state_dir, classify_fault
+from monitor.ingest.claim import claim_state_dir
+from monitor.ingest.faults import classify_fault
+from monitor.ingest.store import StateStore
 from monitor.service.health import Health
 
 

@@ -13,6 +13,18 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
 from daemon_helpers import make_window
+from monitor.ingest.counters import (
+    FILES,
+    JOINED,
+    LABELLED,
+    LABELS,
+    NON_FINITE,
+    PRUNED,
+    REJECTED_ROWS,
+    ROWS,
+    ROWS_WITHOUT_REFERENCE,
+    WINDOWS,
+)
 from monitor.service.metrics import Metrics, MetricsSnapshot, RetrainProgress
 from monitor.service.notify import Notifier
 
@@ -20,8 +32,8 @@ from monitor.service.notify import Notifier
 def _snapshot() -> MetricsSnapshot:
     return MetricsSnapshot(
         model="digits",
-        counters={("rows", "v1"): 1200.0, ("labelled", "pruned"): 9.0, ("files", "inference"): 3.0, ("rejected_rows", "non_finite"): 4.0,
-                  ("labels", "joined"): 50.0, ("windows", "v1"): 2.0, ("rows_without_reference", "v9"): 7.0},
+        counters={(ROWS, "v1"): 1200.0, (LABELLED, PRUNED): 9.0, (FILES, "inference"): 3.0, (REJECTED_ROWS, NON_FINITE): 4.0,
+                  (LABELS, JOINED): 50.0, (WINDOWS, "v1"): 2.0, (ROWS_WITHOUT_REFERENCE, "v9"): 7.0},
         model_versions=("v1", "v2", "v9"),  # v9: rows but no reference
         reference_accuracy={"v1": 0.93, "v2": None},
         windows={"v1": make_window("v1", accuracy=0.8, labels=300, online_alarm=True, estimated_accuracy=0.85)},
@@ -53,7 +65,7 @@ def test_values_users_see() -> None:
     assert v("driftd_ingest_rows_total", {**m, "model_version": "v1"}) == 1200
     assert v("driftd_ingest_rows_total", {**m, "model_version": "v2"}) == 0  # exists from the start
     assert v("driftd_ingest_files_total", {**m, "kind": "labels"}) == 0
-    assert v("driftd_ingest_rejected_rows_total", {**m, "reason": "non_finite"}) == 4
+    assert v("driftd_ingest_rejected_rows_total", {**m, "reason": NON_FINITE}) == 4
     assert v("driftd_labels_joined_total", m) == 50 and v("driftd_labels_duplicate_total", m) == 0
     assert v("driftd_rows_without_reference_total", {**m, "model_version": "v9"}) == 7
     assert v("driftd_job_errors_total", {**m, "job": "cycle"}) == 0

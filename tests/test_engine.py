@@ -16,6 +16,18 @@ import pytest
 from engine_helpers import build_reference, config_doc, make_rows, write_inference, write_labels
 from monitor.config import parse_config
 from monitor.engine.cycle import Engine
+from monitor.ingest.counters import (
+    DUPLICATE_REQUEST_ID,
+    FILES,
+    JOINED,
+    LABELS,
+    QUARANTINED_FILES,
+    REJECTED_ROWS,
+    ROWS,
+    ROWS_WITHOUT_REFERENCE,
+    UNREADABLE,
+    WINDOWS,
+)
 from monitor.ingest.store import connect_readonly
 from monitor.errors import ReferenceMissingError
 
@@ -57,8 +69,8 @@ def test_clean_then_shifted_traffic(tmp_path: Path, ref: Path):
     assert np.median([w.mmd.p_value for w in before]) > 0.05
     assert min(w.activations.max_abs_shift for w in after) > 5 * max(w.activations.max_abs_shift for w in before) / 2
     assert any(w.online.alarm for w in after)
-    assert counters[("rows", "v1")] == 2000
-    assert counters[("files", "inference")] == 8
+    assert counters[(ROWS, "v1")] == 2000
+    assert counters[(FILES, "inference")] == 8
 
 
 def test_labels_in_either_order_give_accuracy_and_estimate_tracks_it(tmp_path: Path, ref: Path):
@@ -76,7 +88,7 @@ def test_labels_in_either_order_give_accuracy_and_estimate_tracks_it(tmp_path: P
     finally:
         engine.close()
     true_acc = float((rows.probs.argmax(1) == rows.label).mean())
-    assert counters[("labels", "joined")] == 1200
+    assert counters[(LABELS, JOINED)] == 1200
     assert last.accuracy.labels_last_n == 500
     assert last.accuracy.accuracy_last_n == pytest.approx(float((rows.probs.argmax(1) == rows.label)[-500:].mean()), abs=1e-9)
     est = np.mean([w.estimate.estimated_accuracy for w in windows])
@@ -93,7 +105,7 @@ def test_rows_for_a_version_without_reference_are_counted_not_lost(tmp_path: Pat
     finally:
         engine.close()
     assert windows == []
-    assert counters[("rows_without_reference", "v9")] == 300
+    assert counters[(ROWS_WITHOUT_REFERENCE, "v9")] == 300
     assert "no reference for it" in caplog.text and "driftd reference build" in caplog.text
 
 
@@ -173,10 +185,10 @@ def test_exactly_once_across_kill_9(tmp_path: Path, ref: Path, kill_at: int, per
     got = engine.counters()
     latest = engine.latest_windows()["v1"]
     engine.close()
-    assert got[("rows", "v1")] == 2000
-    assert got[("labels", "joined")] == 1000
-    assert ("rejected_rows", "duplicate_request_id") not in got
-    assert got[("windows", "v1")] == expected[("windows", "v1")] == 10
+    assert got[(ROWS, "v1")] == 2000
+    assert got[(LABELS, JOINED)] == 1000
+    assert (REJECTED_ROWS, DUPLICATE_REQUEST_ID) not in got
+    assert got[(WINDOWS, "v1")] == expected[(WINDOWS, "v1")] == 10
     assert latest.index == expected_windows[-1].index
     assert latest.activations.max_abs_shift == pytest.approx(expected_windows[-1].activations.max_abs_shift)
     assert latest.accuracy == expected_latest.accuracy and latest.accuracy.labels_last_n == 500
@@ -205,8 +217,8 @@ def test_an_unexpected_error_mid_cycle_rolls_back_to_the_checkpoint(tmp_path: Pa
         counters = engine.counters()
     finally:
         engine.close()
-    assert counters[("rows", "v1")] == 1000
-    assert ("rejected_rows", "duplicate_request_id") not in counters
+    assert counters[(ROWS, "v1")] == 1000
+    assert (REJECTED_ROWS, DUPLICATE_REQUEST_ID) not in counters
     assert sum(w.rows for w in windows) == 1000
 
 
@@ -221,10 +233,10 @@ def test_a_quarantined_file_is_recorded_then_moved_never_deleted(tmp_path: Path,
     finally:
         engine.close()
     (rec,) = [r for r in records if r.whole_file]
-    assert rec.reason == "unreadable" and rec.moved_to is not None
+    assert rec.reason == UNREADABLE and rec.moved_to is not None
     assert Path(rec.moved_to).read_bytes() == b"not parquet at all"
     assert not (tmp_path / "logs" / "broken.parquet").exists()
-    assert counters[("quarantined_files", "unreadable")] == 1 and counters[("rows", "v1")] == 100
+    assert counters[(QUARANTINED_FILES, UNREADABLE)] == 1 and counters[(ROWS, "v1")] == 100
 
 
 def test_windows_stay_pending_across_a_restart_until_acknowledged(tmp_path: Path, ref: Path):
@@ -257,7 +269,7 @@ def test_a_large_file_commits_and_reports_progress_per_batch(tmp_path: Path, ref
     engine = Engine(cfg.monitor, clock=lambda: 1_800_000_000.0 + next(tick))  # 1 s per reading
     seen: list[tuple[float, float]] = []
     engine.run_cycle(on_checkpoint=lambda: seen.append(
-        (engine.counters().get(("rows", "v1"), 0.0), engine.counters().get(("files", "inference"), 0.0))))
+        (engine.counters().get((ROWS, "v1"), 0.0), engine.counters().get((FILES, "inference"), 0.0))))
     engine.close()
     mid = [r for r, files in seen if files == 0]
     assert len(mid) >= 5 and mid == sorted(mid) and 0 < mid[0] < mid[-1] < 3000

@@ -17,6 +17,16 @@ import pytest
 
 from daemon_helpers import REPO, DaemonProcess, daemon_doc, free_port, write_config
 from engine_helpers import build_reference, config_doc, inference_table, make_rows, write_inference, write_labels
+from monitor.ingest.counters import (
+    FEATURE_DIM,
+    JOINED,
+    LABELLED,
+    LABELS,
+    PRUNED,
+    QUARANTINED_FILES,
+    REWRITTEN,
+    ROWS,
+)
 
 SEVENTY_DAYS = 70 * 86400.0
 
@@ -49,7 +59,7 @@ def test_one_check_pass_over_old_logs_and_labels_scores_every_window(tmp_path: P
     assert [e["new_labels"] for e in evaluations] == [200] * 5
     assert evaluations[-1]["accuracy"]["accuracy_last_n"] == pytest.approx(hits[-500:].mean())
     counters = {(c["name"], c["key"]): c["value"] for c in report["counters"]}
-    assert counters[("labels", "joined")] == 1000 and ("labelled", "pruned") not in counters
+    assert counters[(LABELS, JOINED)] == 1000 and (LABELLED, PRUNED) not in counters
     assert report["event_time"] == pytest.approx(rows.timestamp.max(), abs=1e-3)
 
 
@@ -143,16 +153,16 @@ def test_a_file_rewritten_after_it_was_read_is_quarantined_as_rewritten(tmp_path
     os.utime(path, (time.time() + 5, time.time() + 5))
     second = _check(config)
     counters = {(c["name"], c["key"]): c["value"] for c in second["counters"]}
-    assert counters[("quarantined_files", "rewritten")] == 1
-    assert counters[("rows", "v1")] == 300  # never read twice
+    assert counters[(QUARANTINED_FILES, REWRITTEN)] == 1
+    assert counters[(ROWS, "v1")] == 300  # never read twice
     third = _check(config)  # and recorded once
-    assert {(c["name"], c["key"]): c["value"] for c in third["counters"]}[("quarantined_files", "rewritten")] == 1
+    assert {(c["name"], c["key"]): c["value"] for c in third["counters"]}[(QUARANTINED_FILES, REWRITTEN)] == 1
     from monitor.ingest.store import connect_readonly
 
     conn = connect_readonly(tmp_path / "state")
     [(reason, message)] = conn.execute("SELECT reason, message FROM quarantine").fetchall()
     conn.close()
-    assert reason == "rewritten" and "rewritten in place after driftd read 300 rows" in message
+    assert reason == REWRITTEN and "rewritten in place after driftd read 300 rows" in message
 
 
 def test_sighup_with_the_reference_directory_gone_keeps_the_references(tmp_path: Path) -> None:
@@ -176,7 +186,7 @@ def test_sighup_with_the_reference_directory_gone_keeps_the_references(tmp_path:
         write_inference(tmp_path / "logs", other, per_file=50)
         engine.run_cycle()
         counters = engine.counters()
-        assert counters[("quarantined_files", "feature_dim")] == 1 and ("rows", "v1") not in counters
+        assert counters[(QUARANTINED_FILES, FEATURE_DIM)] == 1 and (ROWS, "v1") not in counters
     finally:
         engine.close()
 

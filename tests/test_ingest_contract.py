@@ -7,15 +7,19 @@ import pyarrow as pa
 import pytest
 
 from monitor.errors import ContractError
-from monitor.ingest.contract import (
-    RowRejections,
-    classify_rows,
-    check_inference_schema,
-    check_label_schema,
-    check_layout_dims,
-    to_inference_batch,
-    to_label_batch,
+from monitor.ingest.contract import to_inference_batch, to_label_batch
+from monitor.ingest.counters import (
+    FEATURE_DIM,
+    LABEL_INVALID,
+    NON_FINITE,
+    NULL_FIELD,
+    PREDICTION_INVALID,
+    PROBS_INVALID,
+    PROBS_LENGTH,
+    SCHEMA,
 )
+from monitor.ingest.rejections import RowRejections, classify_rows
+from monitor.ingest.schema import check_inference_schema, check_label_schema, check_layout_dims
 from ingest_helpers import float_lists, inference_table, label_table, replace_column
 
 
@@ -86,7 +90,7 @@ def test_mistyped_column_is_a_schema_error(column, bad_type):
     with pytest.raises(ContractError) as err:
         check_inference_schema(schema, "logs/a.parquet")
     e = err.value
-    assert (e.reason, e.column, e.path) == ("schema", column, "logs/a.parquet")
+    assert (e.reason, e.column, e.path) == (SCHEMA, column, "logs/a.parquet")
     assert str(bad_type) in str(e) and "expected" in str(e) and "logs/a.parquet" in str(e)
 
 
@@ -113,10 +117,10 @@ def test_fixed_dims_matching_no_reference_is_a_file_defect():
     check_layout_dims(layout, {"v1": (4, 3)})
     with pytest.raises(ContractError) as err:
         check_layout_dims(layout, {"v1": (8, 3), "v2": (16, 3)})
-    assert (err.value.reason, err.value.column) == ("feature_dim", "features")
+    assert (err.value.reason, err.value.column) == (FEATURE_DIM, "features")
     with pytest.raises(ContractError) as err:
         check_layout_dims(layout, {"v1": (4, 10)})
-    assert (err.value.reason, err.value.column) == ("probs_length", "probs")
+    assert (err.value.reason, err.value.column) == (PROBS_LENGTH, "probs")
 
 
 def _variable_rows(rows: list[list[float] | None]) -> pa.Array:
@@ -140,8 +144,8 @@ def test_row_reasons_counted_once_with_first_offender():
     table = replace_column(table, "features", _variable_rows(rows_f))
     table = replace_column(table, "probs", _variable_rows(rows_p))
     batch, rej = convert(table, first_row=100)
-    assert dict(rej.counts) == {"non_finite": 1, "feature_dim": 1, "probs_length": 1, "probs_invalid": 2, "null_field": 1}
-    assert (rej.first_row, rej.first_column, rej.first_reason) == (101, "features", "non_finite")
+    assert dict(rej.counts) == {NON_FINITE: 1, FEATURE_DIM: 1, PROBS_LENGTH: 1, PROBS_INVALID: 2, NULL_FIELD: 1}
+    assert (rej.first_row, rej.first_column, rej.first_reason) == (101, "features", NON_FINITE)
     assert list(batch.request_id) == ["r0", "r7"]
     assert batch.first_row == 100
 
@@ -152,7 +156,7 @@ def test_null_request_id_and_expectation_mismatch():
     table = replace_column(table, "model_version", pa.array(["v1", "v1", "v2", "v3"]))
     # v1 expects D=3 (ok), v2 expects D=5 (row 2 wrong), v3 has no reference (file dims apply)
     batch, rej = convert(table, {"v1": (3, 2), "v2": (5, 2)})
-    assert dict(rej.counts) == {"null_field": 1, "feature_dim": 1}
+    assert dict(rej.counts) == {NULL_FIELD: 1, FEATURE_DIM: 1}
     assert (rej.first_row, rej.first_column) == (1, "request_id")
     assert list(batch.request_id) == ["a", "d"]
 
@@ -160,9 +164,9 @@ def test_null_request_id_and_expectation_mismatch():
 def test_probs_length_against_expectation_and_bad_prediction():
     table = inference_table(3, dim=2, classes=3).append_column("prediction", pa.array([0, 7, None], pa.int64()))
     _, rej = convert(table, {"v1": (2, 4)})
-    assert dict(rej.counts) == {"probs_length": 3}
+    assert dict(rej.counts) == {PROBS_LENGTH: 3}
     batch, rej = convert(table, {"v1": (2, 3)})
-    assert dict(rej.counts) == {"prediction_invalid": 1} and rej.first_row == 1
+    assert dict(rej.counts) == {PREDICTION_INVALID: 1} and rej.first_row == 1
     assert batch.prediction[1] == batch.probs[1].argmax()  # null prediction derived
 
 
@@ -170,8 +174,8 @@ def test_label_rows_rejected_by_reason():
     table = label_table(["a", "b", None, "d"], [1, -2, 0, 3])
     layout = check_label_schema(table.schema, "l.parquet")
     batch, rej = to_label_batch(table, layout, path="l.parquet", first_row=10)
-    assert dict(rej.counts) == {"label_invalid": 1, "null_field": 1}
-    assert (rej.first_row, rej.first_reason, rej.first_column) == (11, "label_invalid", "label")
+    assert dict(rej.counts) == {LABEL_INVALID: 1, NULL_FIELD: 1}
+    assert (rej.first_row, rej.first_reason, rej.first_column) == (11, LABEL_INVALID, "label")
     assert list(batch.request_id) == ["a", "d"] and list(batch.label) == [1, 3]
     assert batch.labeled_at[0] == pytest.approx(1_790_000_100.0)
 
@@ -189,7 +193,7 @@ def test_other_float_widths_cast_and_overflow_is_non_finite(dtype):
     values = np.array([[0.5, -1.0], [1e300 if dtype == pa.float64() else np.inf, 0.0]])  # 1e300 overflows float32
     table = replace_column(inference_table(2, dim=2), "features", float_lists(values, dtype=dtype))
     batch, rej = convert(table)
-    assert dict(rej.counts) == {"non_finite": 1} and rej.first_row == 1
+    assert dict(rej.counts) == {NON_FINITE: 1} and rej.first_row == 1
     assert batch.features.dtype == np.float32 and batch.features.tolist() == [[0.5, -1.0]]
 
 

@@ -6,6 +6,17 @@ import numpy as np
 import pytest
 
 from monitor.ingest.config import IngestConfig
+from monitor.ingest.counters import (
+    DROPPED_OVER_CAP,
+    DUPLICATE,
+    EXPIRED,
+    JOINED,
+    LABELLED,
+    LABELS,
+    PREDICTIONS,
+    PRUNED,
+    UNMATCHED,
+)
 from monitor.ingest.labels import LabelJoiner, count_labelled, labelled_rows
 from monitor.ingest.records import InferenceBatch, LabelBatch
 from monitor.ingest.store import StateStore, connect_readonly
@@ -46,7 +57,7 @@ def test_prediction_first_then_label(store):
     assert j.timestamp == 501.0 and j.labeled_at == 900.0 and j.delay_seconds == 399.0
     assert j.confidence == pytest.approx(0.7) and j.input_uri == "s3://b/b.jpg"
     assert joiner.pending_counts() == (2, 1)
-    assert store.counters()[("labels", "joined")] == 1
+    assert store.counters()[(LABELS, JOINED)] == 1
 
 
 def test_label_first_then_prediction(store):
@@ -65,7 +76,7 @@ def test_duplicate_predictions_and_labels(store):
     dup, _ = joiner.add_predictions(predictions(["a", "b", "c"]))  # a: labelled, b: pending
     assert list(dup) == [True, True, False]
     assert joiner.add_labels(labels(["a", "d", "d"], [0, 1, 2])) == []  # a again, d twice
-    assert store.counters()[("labels", "duplicate")] == 2
+    assert store.counters()[(LABELS, DUPLICATE)] == 2
     assert [(r.request_id, r.label) for r in labelled_rows(store.connection)] == [("a", 1)]
 
 
@@ -93,9 +104,9 @@ def test_ttl_expiry_and_caps_are_counted_in_event_time(store):
     assert joiner.expire(1051.0).labelled_pruned == 0  # p4 was predicted at 52: 999 s old
     assert joiner.expire(1052.5).labelled_pruned == 1
     c = store.counters()
-    assert c[("labels", "unmatched")] == 1 and c[("predictions", "expired")] == 2
-    assert c[("predictions", "dropped_over_cap")] == 2 and c[("labelled", "pruned")] == 1
-    assert ("labels", "dropped_over_cap") not in c
+    assert c[(LABELS, UNMATCHED)] == 1 and c[(PREDICTIONS, EXPIRED)] == 2
+    assert c[(PREDICTIONS, DROPPED_OVER_CAP)] == 2 and c[(LABELLED, PRUNED)] == 1
+    assert (LABELS, DROPPED_OVER_CAP) not in c
 
 
 def test_old_logs_age_like_live_ones(store):
@@ -123,7 +134,7 @@ def test_label_cap_drops_oldest_and_counts_them_unmatched(store, caplog):
     for i, rid in enumerate(["l0", "l1", "l2"]):
         joiner.add_labels(labels([rid], [0]), event_time=float(i))
     assert joiner.expire(None).labels_dropped == 1
-    assert store.counters()[("labels", "unmatched")] == 1 and store.counters()[("labels", "dropped_over_cap")] == 1
+    assert store.counters()[(LABELS, UNMATCHED)] == 1 and store.counters()[(LABELS, DROPPED_OVER_CAP)] == 1
     assert [j.request_id for j in joiner.add_predictions(predictions(["l0", "l1", "l2"]))[1]] == ["l1", "l2"]
     assert "max_pending" in caplog.text
     assert joiner.add_predictions(predictions(["early"]))[1] == []  # the expired label is gone

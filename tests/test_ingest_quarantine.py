@@ -12,7 +12,16 @@ import pyarrow as pa
 from ingest_helpers import inference_table, replace_column, write
 from monitor.ingest.config import IngestConfig
 from monitor.errors import ContractError
-from monitor.ingest.contract import RowRejections
+from monitor.ingest.counters import (
+    FEATURE_DIM,
+    NON_FINITE,
+    PROBS_LENGTH,
+    QUARANTINED_FILES,
+    REJECTED_ROWS,
+    SCHEMA,
+    UNREADABLE,
+)
+from monitor.ingest.rejections import RowRejections
 from monitor.ingest.quarantine import Quarantine
 from monitor.ingest.store import FileProgress, StateStore
 from monitor.ingest.tail import FileNotReady, Tailer
@@ -66,20 +75,20 @@ def test_file_and_row_defects_are_recorded_and_counted(tmp_path, caplog):
     # good file fully, nan file minus one row; the rest rejected (probs has 5 classes, not 3)
     assert len(used) == 19 and "r203" not in used
     records = {Path(r.path).name: r for r in q.records()}
-    assert (records["b-schema.parquet"].reason, records["b-schema.parquet"].column) == ("schema", "probs")
+    assert (records["b-schema.parquet"].reason, records["b-schema.parquet"].column) == (SCHEMA, "probs")
     assert records["b-schema.parquet"].whole_file and records["b-schema.parquet"].rows == 10
-    assert records["c-dim.parquet"].reason == "feature_dim"
-    assert records["f-garbage.parquet"].reason == "unreadable" and records["f-garbage.parquet"].rows is None
+    assert records["c-dim.parquet"].reason == FEATURE_DIM
+    assert records["f-garbage.parquet"].reason == UNREADABLE and records["f-garbage.parquet"].rows is None
     nan = records["d-nan.parquet"]
-    assert (nan.reason, nan.column, nan.row, nan.rows, nan.whole_file) == ("non_finite", "features", 3, 1, False)
+    assert (nan.reason, nan.column, nan.row, nan.rows, nan.whole_file) == (NON_FINITE, "features", 3, 1, False)
     # three chunks of bad rows, one record adding them up
-    assert records["e-probs.parquet"].reason == "probs_length" and records["e-probs.parquet"].rows == 10
+    assert records["e-probs.parquet"].reason == PROBS_LENGTH and records["e-probs.parquet"].rows == 10
     assert len(q.records()) == 5
     assert "a-good.parquet" not in records
     c = store.counters()
-    assert c[("quarantined_files", "schema")] == 1 and c[("quarantined_files", "unreadable")] == 1
-    assert c[("rejected_rows", "schema")] == 10 and c[("rejected_rows", "feature_dim")] == 10
-    assert c[("rejected_rows", "non_finite")] == 1 and c[("rejected_rows", "probs_length")] == 10
+    assert c[(QUARANTINED_FILES, SCHEMA)] == 1 and c[(QUARANTINED_FILES, UNREADABLE)] == 1
+    assert c[(REJECTED_ROWS, SCHEMA)] == 10 and c[(REJECTED_ROWS, FEATURE_DIM)] == 10
+    assert c[(REJECTED_ROWS, NON_FINITE)] == 1 and c[(REJECTED_ROWS, PROBS_LENGTH)] == 10
     progress = store.file_progress("inference")
     assert progress[str(paths["schema"])].status == "quarantined"
     assert len(caplog.records) == 5  # one WARNING per file with a problem
@@ -103,13 +112,13 @@ def test_quarantine_dir_moves_files_keeping_relative_paths(tmp_path):
     assert moved.read_bytes() == schema_bytes and not paths["schema"].exists()
     assert (qdir / "inference" / "dt=3" / "f-garbage.parquet").exists()
     assert paths["good"].exists() and paths["nan"].exists()  # row-level defects stay in place
-    record = next(r for r in q.records() if r.reason == "schema")
+    record = next(r for r in q.records() if r.reason == SCHEMA)
     assert record.moved_to == str(moved)
     # the same name quarantined again never overwrites the first
     write(inference_table(2).drop_columns(["probs"]), paths["schema"])
     [again] = [f for f in Tailer(str(tmp_path / "logs"), "inference", IngestConfig()).discover({})
                if f.path == str(paths["schema"])]
-    record = q.file("inference", again, ContractError("again", reason="schema", column="probs"))
+    record = q.file("inference", again, ContractError("again", reason=SCHEMA, column="probs"))
     assert record.moved_to == str(moved) + ".1" and moved.read_bytes() == schema_bytes
     store.close()
 

@@ -23,6 +23,7 @@ from engine_helpers import build_reference, config_doc, make_rows, write_inferen
 from monitor.cli import main
 from monitor.config import parse_config
 from monitor.engine.cycle import Engine
+from monitor.ingest.counters import FILES, JOINED, LABELS, QUARANTINED_FILES, ROWS, UNREADABLE
 from monitor.ingest.quarantine import QuarantineRecord
 from s3_helpers import S3_ENV, S3Server, moto_server, object_keys, read_object, require_moto_server, upload
 
@@ -90,16 +91,16 @@ def test_check_reads_partitioned_objects_once_joins_labels_and_resumes(
     assert [(w["index"], w["rows"]) for w in windows] == [(0, 200), (1, 200)]
     # hour=9 before hour=10 (digit runs compare as numbers)
     assert [w["start_time"] for w in windows] == [T0, T0 + 3600]
-    assert counters[("rows", "v1")] == 400
-    assert counters[("files", "inference")] == 2 and counters[("files", "labels")] == 2
-    assert counters[("labels", "joined")] == 400
+    assert counters[(ROWS, "v1")] == 400
+    assert counters[(FILES, "inference")] == 2 and counters[(FILES, "labels")] == 2
+    assert counters[(LABELS, JOINED)] == 400
     assert not any(name == "quarantined_files" for name, _ in counters)
 
     _put_hour(s3, bucket, stage, 11, seed=42)
     windows, counters = _check_json(config, capsys)  # a new engine on the same state_dir
     assert [(w["index"], w["rows"], w["start_time"]) for w in windows] == [(2, 200, T0 + 7200)]
-    assert counters[("rows", "v1")] == 600 and counters[("files", "inference")] == 3
-    assert counters[("labels", "joined")] == 600
+    assert counters[(ROWS, "v1")] == 600 and counters[(FILES, "inference")] == 3
+    assert counters[(LABELS, JOINED)] == 600
     # the labels joined in the first run reached the accuracy the second run reports
     earlier = [make_rows(200, seed=s, start=T0 + 3600 * k) for k, s in enumerate((40, 41))]
     correct = sum(int((r.probs.argmax(1) == r.label).sum()) for r in earlier)
@@ -107,7 +108,7 @@ def test_check_reads_partitioned_objects_once_joins_labels_and_resumes(
     assert windows[0]["accuracy"]["accuracy_last_n"] == pytest.approx(correct / 400)
 
     windows, counters = _check_json(config, capsys)  # nothing new: nothing counted twice
-    assert windows == [] and counters[("rows", "v1")] == 600
+    assert windows == [] and counters[(ROWS, "v1")] == 600
 
 
 def _engine(tmp_path: Path, reference: Path, logs: str, **overrides: object) -> Engine:
@@ -151,9 +152,9 @@ def test_corrupt_object_is_quarantined_never_deleted(
     with caplog.at_level(logging.WARNING):
         records, counters = _quarantine_once(tmp_path, reference, s3.uri(f"{bucket}/logs"), "state", quarantine_dir)
     [record] = records
-    assert (record.path, record.reason, record.whole_file) == (f"{bucket}/logs/{BAD}", "unreadable", True)
+    assert (record.path, record.reason, record.whole_file) == (f"{bucket}/logs/{BAD}", UNREADABLE, True)
     assert f"{bucket}/logs/{BAD}: not a readable Parquet file" in record.message
-    assert counters[("quarantined_files", "unreadable")] == 1 and counters[("rows", "v1")] == 200
+    assert counters[(QUARANTINED_FILES, UNREADABLE)] == 1 and counters[(ROWS, "v1")] == 200
 
     moved = None if expected_move is None else expected_move.format(bucket=bucket)
     assert record.moved_to == moved
@@ -168,7 +169,7 @@ def test_corrupt_object_is_quarantined_never_deleted(
         assert not (tmp_path / "quarantine").exists()
 
     records, counters = _quarantine_once(tmp_path, reference, s3.uri(f"{bucket}/logs"), "state", quarantine_dir)
-    assert len(records) == 1 and counters[("quarantined_files", "unreadable")] == 1  # not read again
+    assert len(records) == 1 and counters[(QUARANTINED_FILES, UNREADABLE)] == 1  # not read again
 
 
 def test_quarantine_on_s3_never_overwrites_an_earlier_object(

@@ -13,6 +13,7 @@ import pytest
 
 from ingest_helpers import consume, inference_table, write
 from monitor.errors import StateError
+from monitor.ingest.counters import ROWS
 from monitor.ingest.store import SCHEMA_VERSION, FileProgress, StateStore, connect_readonly
 
 TESTS = Path(__file__).parent
@@ -35,20 +36,20 @@ def seen(state_dir: Path) -> Counter:
 def test_everything_between_commits_is_atomic(tmp_path):
     store = StateStore.open(tmp_path)
     store.set_file_progress("inference", FileProgress("a.parquet", "partial", 10, 100, 1.5))
-    store.add_counter("rows", "v1", 10)
+    store.add_counter(ROWS, "v1", 10)
     store.put_blob("engine", b"\x00state-1")
     store.commit()
     store.set_file_progress("inference", FileProgress("a.parquet", "done", 20, 100, 1.5))
-    store.add_counter("rows", "v1", 10)
+    store.add_counter(ROWS, "v1", 10)
     store.put_blob("engine", b"\x00state-2")
     store.close()  # no commit: like a crash
     store = StateStore.open(tmp_path)
     assert store.file_progress("inference") == {"a.parquet": FileProgress("a.parquet", "partial", 10, 100, 1.5)}
-    assert store.counters() == {("rows", "v1"): 10.0}
+    assert store.counters() == {(ROWS, "v1"): 10.0}
     assert store.get_blob("engine") == b"\x00state-1" and store.get_blob("other") is None
-    store.add_counter("rows", "v1", 1)
+    store.add_counter(ROWS, "v1", 1)
     store.rollback()
-    assert store.counters() == {("rows", "v1"): 10.0}
+    assert store.counters() == {(ROWS, "v1"): 10.0}
     assert store.file_progress("labels") == {}
     store.close()
 
@@ -114,9 +115,9 @@ def test_readonly_connection_sees_only_commits(tmp_path):
     with pytest.raises(StateError, match="no checkpoint"):
         connect_readonly(tmp_path)
     store = StateStore.open(tmp_path)
-    store.add_counter("rows", "v1", 5)
+    store.add_counter(ROWS, "v1", 5)
     store.commit()
-    store.add_counter("rows", "v1", 5)
+    store.add_counter(ROWS, "v1", 5)
     reader = connect_readonly(tmp_path)
     assert reader.execute("SELECT value FROM counters").fetchall() == [(5.0,)]
     with pytest.raises(sqlite3.OperationalError):

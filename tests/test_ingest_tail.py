@@ -12,6 +12,7 @@ import pytest
 from ingest_helpers import inference_table, label_table, write
 from monitor.ingest.config import IngestConfig
 from monitor.errors import ConfigError, ContractError
+from monitor.ingest.counters import FEATURE_DIM, SCHEMA, UNREADABLE
 from monitor.ingest.store import FileProgress
 from monitor.ingest.tail import FileNotReady, Tailer
 
@@ -102,7 +103,7 @@ def test_partial_file_not_ready_while_fresh_then_unreadable(tmp_path):
     old = tailer(tmp_path, clock=lambda: mtime + 31, settle_seconds=30)
     with pytest.raises(ContractError) as err:
         list(old.read(f, 0, {}))
-    assert err.value.reason == "unreadable" and str(path) in str(err.value) and err.value.path == str(path)
+    assert err.value.reason == UNREADABLE and str(path) in str(err.value) and err.value.path == str(path)
 
 
 def test_file_level_defects_raise_before_rows(tmp_path):
@@ -112,10 +113,10 @@ def test_file_level_defects_raise_before_rows(tmp_path):
     a, b = tl.discover({})
     with pytest.raises(ContractError) as err:
         next(tl.read(a, 0, {}))
-    assert (err.value.reason, err.value.column) == ("schema", "model_version")
+    assert (err.value.reason, err.value.column) == (SCHEMA, "model_version")
     with pytest.raises(ContractError) as err:
         next(tl.read(b, 0, {"v1": (16, 3)}))
-    assert err.value.reason == "feature_dim"
+    assert err.value.reason == FEATURE_DIM
 
 
 def test_variable_lists_use_the_first_chunks_dims_for_later_chunks(tmp_path):
@@ -129,7 +130,7 @@ def test_variable_lists_use_the_first_chunks_dims_for_later_chunks(tmp_path):
     [f] = tl.discover({})
     chunks = list(tl.read(f, 0, {}))
     assert [len(c.batch) for c in chunks] == [2, 2, 0]
-    assert dict(chunks[2].rejections.counts) == {"feature_dim": 2} and chunks[2].rejections.first_row == 4
+    assert dict(chunks[2].rejections.counts) == {FEATURE_DIM: 2} and chunks[2].rejections.first_row == 4
 
 
 def test_label_files_are_read_as_label_batches(tmp_path):
@@ -168,7 +169,7 @@ def test_corrupt_pages_after_good_rows_raise_unreadable_with_the_row(tmp_path):
     assert [next(read).next_row, next(read).next_row] == [100, 200]  # the intact row group is used
     with pytest.raises(ContractError) as err:
         next(read)
-    assert (err.value.reason, err.value.row) == ("unreadable", 200) and "corrupt" in str(err.value)
+    assert (err.value.reason, err.value.row) == (UNREADABLE, 200) and "corrupt" in str(err.value)
 
 
 def test_a_settled_file_with_an_io_error_is_retried_before_quarantine(tmp_path: Path) -> None:
@@ -192,4 +193,4 @@ def test_a_settled_file_with_an_io_error_is_retried_before_quarantine(tmp_path: 
             list(tailer.read(info, 0, {}))
     with pytest.raises(ContractError) as err:
         list(tailer.read(info, 0, {}))
-    assert err.value.reason == "unreadable"
+    assert err.value.reason == UNREADABLE

@@ -8,15 +8,15 @@ import pytest
 import torch
 from scipy import stats
 
+from monitor.signals.kernels import median_bandwidth
 from monitor.signals.mmd import (
     DRAWS_IN_ROTATION,
-    MmdReference,
     PermutationPlan,
     PermutationSchedule,
-    median_bandwidth,
     mmd_test,
     permuted_mmd2,
 )
+from monitor.signals.mmd_reference import MmdReference
 from mmd_helpers import gaussian_rows, naive_mmd2, naive_permuted_mmd2, one_thread
 
 

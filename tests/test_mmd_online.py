@@ -9,11 +9,11 @@ import math
 import numpy as np
 import pytest
 
-from monitor.signals.mmd import median_bandwidth
-from monitor.signals.online_mmd import (
-    OnlineMmd, _bootstrap_thresholds, _kernel_band, _window_offdiag, extended_windows, required_bootstraps,
-)
-from monitor.signals.mmd import gaussian_kernel, kernel_row_sums
+from monitor.signals.bootstraps import required_bootstraps
+from monitor.signals.kernels import gaussian_kernel, kernel_row_sums, median_bandwidth
+from monitor.signals.online_band import kernel_band, window_offdiag
+from monitor.signals.online_calibration import bootstrap_thresholds, extended_windows
+from monitor.signals.online_mmd import OnlineMmd
 from mmd_helpers import gaussian_rows, naive_mmd2, naive_online_thresholds, one_thread, prefix_sum_online, run_lengths
 
 import torch
@@ -35,7 +35,7 @@ def test_thresholds_match_the_plain_bootstrap_recipe(kept: bool) -> None:
     xt = torch.from_numpy(x)
     k = gaussian_kernel(xt, xt, sigma, same=True)
     cols = k.sum(0, dtype=torch.float64) if kept else kernel_row_sums(xt, sigma)
-    fast = _bootstrap_thresholds(xt, sigma, cols, window, ert, 150, np.random.default_rng(5), kernel=k if kept else None)
+    fast = bootstrap_thresholds(xt, sigma, cols, window, ert, 150, np.random.default_rng(5), kernel=k if kept else None)
     extended = np.concatenate(list(extended_windows(np.random.default_rng(5), 40, 150, 2 * window - 1)))
     np.testing.assert_allclose(fast, naive_online_thresholds(x, sigma, window, ert, extended), rtol=1e-5)
 
@@ -133,7 +133,7 @@ def test_window_kernel_sum_does_not_drift_over_100k_rows() -> None:
         for size in sizes:
             narrow.update(gaussian_rows(rng, size, 4))
     window = torch.from_numpy(narrow.state_dict()["window"])
-    direct = _window_offdiag(_kernel_band(window, narrow.window_rows, narrow.sigma), 0, narrow.window_rows)
+    direct = window_offdiag(kernel_band(window, narrow.window_rows, narrow.sigma), 0, narrow.window_rows)
     assert narrow.rows_total == sum(sizes) == 100_000 and narrow.t == narrow.rows_total
     assert narrow.state_dict()["window_offdiag"] == pytest.approx(direct, rel=1e-9)
     # and the same sum from the plain kernel (other float32 products: ~1e-7 apart)

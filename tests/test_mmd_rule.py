@@ -10,7 +10,9 @@ from monitor.signals.config import MmdConfig
 from monitor.policy.config import PolicyConfig
 from monitor.policy.policy import Policy
 from monitor.policy.rules import DEFAULT_RULES
-from monitor.signals.mmd import MmdReference, PermutationSchedule, median_bandwidth, mmd_test
+from monitor.signals.kernels import median_bandwidth
+from monitor.signals.mmd import PermutationSchedule, mmd_test
+from monitor.signals.mmd_reference import MmdReference
 from daemon_helpers import make_window
 from mmd_helpers import gaussian_rows, one_thread
 

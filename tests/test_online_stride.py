@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from monitor.signals.mmd import median_bandwidth
-from monitor.signals.online_mmd import OnlineMmd, required_bootstraps
+from monitor.signals.bootstraps import required_bootstraps
+from monitor.signals.kernels import median_bandwidth
+from monitor.signals.online_mmd import OnlineMmd
 
 
 def _rows(rng: np.random.Generator, n: int, shift: float = 0.0) -> np.ndarray:

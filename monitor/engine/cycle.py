@@ -3,13 +3,14 @@
 One cycle tails the inference logs then the label logs, validates each bounded chunk against
 the contract, joins labels, feeds each model_version's :class:`WindowTracker`, and commits.
 The ingest cursor, the label buffers and every signal's state live in one SQLite transaction
-(``monitor.ingest.store``): a crash or ``kill -9`` anywhere rolls back to the last commit, and
-the rows after it are read again exactly once, because the state they changed rolled back too.
+(``monitor.ingest.store``; the engine's own blob is ``monitor.engine.checkpoint``): a crash or
+``kill -9`` anywhere rolls back to the last commit, and the rows after it are read again exactly
+once, because the state they changed rolled back too.
 Long files are committed every couple of seconds mid-file, so progress is visible and a kill
 resumes at the last committed batch.
 
 Time: the engine keeps the stream's own clock, the *watermark* (the newest prediction timestamp
-accepted, persisted with the checkpoint). Label TTLs and retention are judged against it (see
+accepted, persisted with the checkpoint; ``monitor.engine.event_time``). Label TTLs and retention are judged against it (see
 ``monitor.ingest.labels``), windows span event time, and the retrain job's lookback reads it, so
 a replay of months-old logs behaves exactly as the live traffic did. The wall clock is used only
 for what is about this process: when a file settled, when traffic stopped arriving, how old the
@@ -19,8 +20,6 @@ oldest unread file is, when to commit.
 from __future__ import annotations
 
 import dataclasses
-import io
-import json
 import logging
 import time
 from collections.abc import Callable
@@ -29,26 +28,33 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from monitor.engine.checkpoint import STATE_BLOB, EngineCheckpoint
 from monitor.engine.config import MonitorConfig
-from monitor.errors import ContractError, ReferenceMissingError, StateError
+from monitor.engine.event_time import EventTime, iso_time
+from monitor.engine.handover import Handover
+from monitor.engine.reference import Reference
+from monitor.engine.versions import VersionTrackers
+from monitor.engine.window import WindowTracker
+from monitor.errors import ContractError
+from monitor.ingest.counters import (
+    DUPLICATE_REQUEST_ID,
+    FILES,
+    REJECTED_ROWS,
+    REWRITTEN,
+    ROWS,
+    ROWS_WITHOUT_REFERENCE,
+    WINDOWS,
+)
 from monitor.ingest.labels import ExpiryCounts, LabelJoiner, count_labelled, window_accuracy
 from monitor.ingest.quarantine import Quarantine
 from monitor.ingest.records import InferenceBatch, JoinedLabel
-from monitor.ingest.store import WATERMARK, FileProgress, StateStore, connect_readonly
+from monitor.ingest.store import FileProgress, StateStore, connect_readonly
 from monitor.ingest.tail import Chunk, FileNotReady, Tailer
-from monitor.engine.reference import Reference, load_references
 from monitor.signals.results import LabelEvaluation, WindowSignals
-from monitor.engine.window import WindowTracker
 
 log = logging.getLogger("monitor.engine")  # the logger name from before the move: log filters keep working
 
-STATE_BLOB = "engine"
-STATE_FORMAT = 3  # 2: unacknowledged windows; 3: label evaluations, per-version event times
 _CHECKPOINT_EVERY_SECONDS = 2.0
-_MAX_UNACKED = 1000
-# A producer clock far ahead (a typo'd year) must not age every buffered row out at once: the
-# watermark never runs more than this ahead of this host's clock.
-MAX_CLOCK_AHEAD_SECONDS = 3600.0
 
 
 @dataclass(frozen=True)
@@ -67,18 +73,13 @@ class CycleReport:
 
 
 class Engine:
-    """Owns the state store, the tailers and one WindowTracker per model_version with a reference."""
+    """Owns the state store, the tailers and the versions' trackers (:class:`VersionTrackers`)."""
 
     def __init__(self, config: MonitorConfig, *, clock: Callable[[], float] = time.time):
         self.config = config
         self.clock = clock
         torch.set_num_threads(config.signals.threads)  # see SignalsConfig.threads
-        self.references: dict[str, Reference] = load_references(config.reference_dir)
-        if not self.references:
-            raise ReferenceMissingError(
-                f"no reference in {config.reference_dir}: build one from labelled validation logs with "
-                f"`driftd reference build --logs PATH --out {config.reference_dir}`"
-            )
+        self.versions = VersionTrackers(config)  # raises when reference_dir holds no reference
         # Log locations first: a bad one fails before the state directory is opened and locked.
         self.inference = Tailer(config.logs.inference, "inference", config.ingest, clock=clock)
         self.labels = Tailer(config.logs.labels, "labels", config.ingest, clock=clock) if config.logs.labels else None
@@ -86,16 +87,9 @@ class Engine:
         try:
             self.quarantine = Quarantine(self.store, config.ingest.quarantine_dir, clock=clock)
             self.joiner = LabelJoiner(self.store, config.ingest)
-            self.watermark: float | None = self.store.get_mark(WATERMARK)
-            self.trackers: dict[str, WindowTracker] = {}
+            self.event_time = EventTime(self.store, clock=clock)
             self._latest: dict[str, WindowSignals] = {}
-            self._unacked: list[WindowSignals] = []  # closed windows the consumer has not acknowledged
-            self._unacked_evaluations: list[LabelEvaluation] = []
-            # model_version -> [first, last] prediction time seen (event time), every version
-            self.version_times: dict[str, list[float]] = {}
-            self._warned_ahead = False
-            self._warned_missing: set[str] = set()
-            self._looked_up: set[str] = set()  # versions whose reference was looked for this cycle
+            self._handover = Handover()  # closed windows and evaluations the consumer has not acknowledged
             self._last_commit = clock()
             self.last_progress = clock()  # read by the daemon's watchdog from another thread
             self._restore()
@@ -120,17 +114,16 @@ class Engine:
             return self._cycle(should_stop, on_checkpoint)
         except BaseException:
             self.store.rollback()
-            self.trackers.clear()
-            self._latest, self._unacked, self._unacked_evaluations = {}, [], []
-            self.version_times = {}
+            self.versions.trackers.clear()
+            self._latest, self._handover = {}, Handover()
             self.joiner = LabelJoiner(self.store, self.config.ingest)  # its join number rolled back too
-            self.watermark = self.store.get_mark(WATERMARK)
+            self.event_time.reload()
             self._restore()
             raise
 
     def _cycle(self, should_stop: Callable[[], bool], on_checkpoint: Callable[[], None]) -> CycleReport:
         started = self.last_progress = self.clock()
-        self._looked_up.clear()
+        self.versions.new_cycle()
         windows: list[WindowSignals] = []
         evaluations: list[LabelEvaluation] = []
         joined: list[JoinedLabel] = []
@@ -162,7 +155,7 @@ class Engine:
                         )
                         if chunk.end_of_file:
                             files += 1
-                            self.store.add_counter("files", tailer.kind, 1)
+                            self.store.add_counter(FILES, tailer.kind, 1)
                         if self._maybe_checkpoint():
                             on_checkpoint()
                         self.last_progress = self.clock()
@@ -183,14 +176,14 @@ class Engine:
             log.info(
                 "label buffers at event time %s: %d joined rows pruned (older than ingest.labelled_retention_seconds), "
                 "%d predictions expired unlabelled, %d early labels never matched, %d predictions and %d labels "
-                "dropped over the caps", _iso(self.watermark), expired.labelled_pruned, expired.predictions_expired,
+                "dropped over the caps", iso_time(self.watermark), expired.labelled_pruned, expired.predictions_expired,
                 expired.labels_unmatched, expired.predictions_dropped, expired.labels_dropped)
-        for tracker in self.trackers.values():
+        for tracker in self.versions.trackers.values():
             flushed = tracker.flush_labels()
             if flushed is not None:
                 evaluations += self._record_evaluations([flushed])
         now = self.clock()
-        for tracker in self.trackers.values():
+        for tracker in self.versions.trackers.values():
             idle = tracker.close_if_idle(now)
             if idle is not None:
                 windows += self._record([idle])
@@ -235,47 +228,39 @@ class Engine:
         """Closed windows not yet acknowledged, oldest first. They are part of the checkpoint, so
         windows committed just before a crash are handed over again after it (the policy skips
         the ones it had already evaluated)."""
-        return list(self._unacked)
+        return list(self._handover.windows)
 
     def pending_evaluations(self) -> list[LabelEvaluation]:
         """Label evaluations not yet acknowledged, oldest first (handed over again after a crash,
         like :meth:`pending_windows`)."""
-        return list(self._unacked_evaluations)
+        return list(self._handover.evaluations)
 
     def acknowledge(self, windows: list[WindowSignals], evaluations: list[LabelEvaluation] = ()) -> None:
         """The consumer has durably acted on ``windows`` and ``evaluations``; persisted with the
         next checkpoint."""
-        done = {(w.model_version, w.reference_id, w.index) for w in windows}
-        self._unacked = [w for w in self._unacked if (w.model_version, w.reference_id, w.index) not in done]
-        judged = {(e.model_version, e.reference_id, e.index) for e in evaluations}
-        self._unacked_evaluations = [e for e in self._unacked_evaluations
-                                     if (e.model_version, e.reference_id, e.index) not in judged]
+        self._handover.acknowledge(windows, evaluations)
 
     def counters(self) -> dict[tuple[str, str], float]:
         return self.store.counters()
 
-    def reload_references(self) -> None:
-        """Pick up references added or rebuilt since start-up (e.g. after a promotion).
+    @property
+    def watermark(self) -> float | None:
+        """The stream's clock: the newest prediction timestamp accepted (epoch s), None before any."""
+        return self.event_time.watermark
 
-        Raises ReferenceMissingError, keeping every reference already loaded, when the directory
-        is gone, holds none, or one cannot be read: dropping them would silently stop the
-        monitoring (and let a file of the wrong width through as if no reference expected one)."""
-        root = self.config.reference_dir
-        keeping = f"keeping the {len(self.references)} reference(s) already loaded"
-        if not root.is_dir():
-            raise ReferenceMissingError(f"{root}: reference directory is missing; {keeping}. Restore it, or "
-                                        f"rebuild with `driftd reference build --out {root}`")
-        fresh = load_references(root)  # a corrupt one raises, naming its file
-        if not fresh:
-            raise ReferenceMissingError(f"{root}: no reference found; {keeping}. Rebuild with "
-                                        f"`driftd reference build --out {root}`")
-        for version, ref in fresh.items():
-            old = self.references.get(version)
-            if old is None or old.reference_id != ref.reference_id:
-                log.info("reference for model_version %s %s", version, "loaded" if old is None else "replaced")
-                self.trackers.pop(version, None)
-                self._warned_missing.discard(version)
-        self.references = fresh
+    @property
+    def version_times(self) -> dict[str, list[float]]:
+        """model_version -> [first, last] prediction time seen (event time), every version."""
+        return self.event_time.version_times
+
+    @property
+    def references(self) -> dict[str, Reference]:
+        """model_version -> the reference its windows are judged against."""
+        return self.versions.references
+
+    def reload_references(self) -> None:
+        """Pick up references added or rebuilt since start-up (see :meth:`VersionTrackers.reload`)."""
+        self.versions.reload()
 
     def count_labelled(self, *, after_join: int = 0, predicted_since: float | None = None,
                        model_version: str | None = None) -> int:
@@ -318,10 +303,10 @@ class Engine:
             return 0, [], joined, self._feed_labels(joined)
         batch: InferenceBatch = chunk.batch
         if len(batch):
-            self._advance_watermark(float(batch.timestamp.max()))
+            self.event_time.advance(float(batch.timestamp.max()))
         duplicate, joined = self.joiner.add_predictions(batch, self.watermark)
         if duplicate.any():
-            self.store.add_counter("rejected_rows", "duplicate_request_id", float(duplicate.sum()))
+            self.store.add_counter(REJECTED_ROWS, DUPLICATE_REQUEST_ID, float(duplicate.sum()))
             batch = batch.take(~duplicate)
         evaluations = self._feed_labels(joined)
         windows: list[WindowSignals] = []
@@ -329,34 +314,14 @@ class Engine:
         versions = _versions(batch.model_version)
         for version in versions:
             part = batch if versions.size == 1 else batch.take(batch.model_version == version)
-            self.store.add_counter("rows", str(version), len(part))
-            self._note_version_time(str(version), part.timestamp)
-            tracker = self._tracker(str(version))
+            self.store.add_counter(ROWS, str(version), len(part))
+            self.event_time.note_version(str(version), part.timestamp)
+            tracker = self.versions.tracker(str(version))
             if tracker is None:
-                self.store.add_counter("rows_without_reference", str(version), len(part))
+                self.store.add_counter(ROWS_WITHOUT_REFERENCE, str(version), len(part))
                 continue
             windows += self._record(tracker.add(part, now=now))
         return len(batch), windows, joined, evaluations
-
-    def _advance_watermark(self, newest: float) -> None:
-        ceiling = self.clock() + MAX_CLOCK_AHEAD_SECONDS
-        if newest > ceiling:
-            if not self._warned_ahead:
-                self._warned_ahead = True
-                log.warning("prediction timestamps reach %s, more than %.0f s ahead of this host's clock: the "
-                            "event-time watermark is held at the host's clock + %.0f s (check the producer's clock)",
-                            _iso(newest), MAX_CLOCK_AHEAD_SECONDS, MAX_CLOCK_AHEAD_SECONDS)
-            newest = ceiling
-        if self.watermark is None or newest > self.watermark:
-            self.watermark = newest
-            self.store.set_mark(WATERMARK, newest)
-
-    def _note_version_time(self, version: str, timestamps: np.ndarray) -> None:
-        if not len(timestamps):
-            return
-        lo, hi = float(timestamps.min()), float(timestamps.max())
-        span = self.version_times.get(version)
-        self.version_times[version] = [lo, hi] if span is None else [min(span[0], lo), max(span[1], hi)]
 
     def _quarantine_rewritten(self, kind: str, info, before: FileProgress) -> None:
         """A file whose size or mtime changed after it was read: its rows were used as they were, so
@@ -366,7 +331,7 @@ class Engine:
                    "content is NOT read. Producers must write new rows to new files; to re-read it, write it "
                    "under a new name")
         log.warning("%s", message)
-        self.quarantine.file(kind, info, ContractError(message, reason="rewritten", path=info.path), move=False)
+        self.quarantine.file(kind, info, ContractError(message, reason=REWRITTEN, path=info.path), move=False)
         self._checkpoint()
 
     def _record(self, windows: list[WindowSignals]) -> list[WindowSignals]:
@@ -374,12 +339,8 @@ class Engine:
         them for the consumer until it acknowledges them (see :meth:`pending_windows`)."""
         for window in windows:
             self._latest[window.model_version] = window
-            self.store.add_counter("windows", window.model_version, 1)
-        self._unacked += windows
-        if len(self._unacked) > _MAX_UNACKED:
-            log.warning("%d closed windows were never acknowledged; keeping the newest %d",
-                        len(self._unacked), _MAX_UNACKED)
-            del self._unacked[:-_MAX_UNACKED]
+            self.store.add_counter(WINDOWS, window.model_version, 1)
+        self._handover.add_windows(windows)
         return windows
 
     def _feed_labels(self, joined: list[JoinedLabel]) -> list[LabelEvaluation]:
@@ -388,7 +349,7 @@ class Engine:
             by_version.setdefault(j.model_version, []).append(j)
         evaluations: list[LabelEvaluation] = []
         for version, items in by_version.items():
-            tracker = self._tracker(version)
+            tracker = self.versions.tracker(version)
             if tracker is not None:
                 evaluations += self._record_evaluations(tracker.add_labels(items))
                 # Labels arrive after their window closed: keep the latest view's accuracy current.
@@ -398,34 +359,8 @@ class Engine:
 
     def _record_evaluations(self, evaluations: list[LabelEvaluation]) -> list[LabelEvaluation]:
         """Keep label evaluations for the consumer until acknowledged (as :meth:`_record` windows)."""
-        self._unacked_evaluations += evaluations
-        if len(self._unacked_evaluations) > _MAX_UNACKED:
-            del self._unacked_evaluations[:-_MAX_UNACKED]
+        self._handover.add_evaluations(evaluations)
         return evaluations
-
-    def _tracker(self, version: str) -> WindowTracker | None:
-        tracker = self.trackers.get(version)
-        if tracker is not None:
-            return tracker
-        if version not in self.references and version not in self._looked_up:
-            self._looked_up.add(version)  # once a cycle: the disk is not re-read for every chunk
-            try:
-                self.reload_references()  # a promotion may have just written it
-            except ReferenceMissingError as exc:
-                log.error("looking for the reference of model_version %s: %s", version, exc)
-        ref = self.references.get(version)
-        if ref is None:
-            if version not in self._warned_missing:
-                self._warned_missing.add(version)
-                log.warning(
-                    "rows for model_version %r but no reference for it in %s: its rows are counted and "
-                    "labels joined, but no drift signals are computed; run `driftd reference build "
-                    "--logs <validation logs of %s> --out %s`",
-                    version, self.config.reference_dir, version, self.config.reference_dir,
-                )
-            return None
-        tracker = self.trackers[version] = WindowTracker(ref, self.config)
-        return tracker
 
     def _maybe_checkpoint(self) -> bool:
         """Commit when the last commit is a couple of seconds old; True when it did."""
@@ -443,106 +378,34 @@ class Engine:
         return dataclasses.asdict(self.config.signals.online_mmd)
 
     def _serialize(self) -> bytes:
-        arrays: dict[str, np.ndarray] = {}
-        versions = {}
-        for i, (version, tracker) in enumerate(sorted(self.trackers.items())):
-            a, meta = tracker.state_dict()
-            arrays.update({f"{i}.{k}": v for k, v in a.items()})
-            versions[version] = {"slot": i, **meta}
-        latest = {v: dataclasses.asdict(w) for v, w in self._latest.items()}
-        header = {
-            "format": STATE_FORMAT,
-            "online_config": self._online_fingerprint(),
-            "versions": versions,
-            "latest": latest,
-            "unacked": [dataclasses.asdict(w) for w in self._unacked],
-            "unacked_evaluations": [dataclasses.asdict(e) for e in self._unacked_evaluations],
-            "version_times": self.version_times,
-        }
-        arrays["header"] = np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)
-        buf = io.BytesIO()
-        np.savez(buf, **arrays)
-        return buf.getvalue()
+        return EngineCheckpoint(
+            online_config=self._online_fingerprint(),
+            trackers={version: tracker.state_dict() for version, tracker in self.versions.trackers.items()},
+            latest=self._latest,
+            unacked=self._handover.windows,
+            unacked_evaluations=self._handover.evaluations,
+            version_times=self.version_times,
+        ).to_bytes()
 
     def _restore(self) -> None:
         blob = self.store.get_blob(STATE_BLOB)
         if blob is None:
             return
-        try:
-            with np.load(io.BytesIO(blob), allow_pickle=False) as npz:
-                arrays = {k: npz[k] for k in npz.files}
-            header = json.loads(arrays.pop("header").tobytes())
-        except (ValueError, KeyError, OSError) as exc:
-            raise StateError(
-                f"{self.config.state_dir}: engine checkpoint is unreadable ({exc}); move the state "
-                "directory aside to start over (the logs will be read again)"
-            ) from None
-        if header.get("format", 0) > STATE_FORMAT:
-            raise StateError(
-                f"{self.config.state_dir}: checkpoint format {header['format']} is newer than this driftd "
-                f"({STATE_FORMAT}); upgrade driftd or point state_dir elsewhere"
-            )
-        keep_online = header.get("online_config") == self._online_fingerprint()
+        saved = EngineCheckpoint.from_bytes(blob, self.config.state_dir)
+        keep_online = saved.online_config == self._online_fingerprint()
         if not keep_online:
             log.info("signals.online_mmd changed since the checkpoint: recalibrating the online detectors")
-        for version, meta in header["versions"].items():
+        for version, (state, meta) in saved.trackers.items():
             ref = self.references.get(version)
             if ref is None or ref.reference_id != meta["reference_id"]:
                 log.info("reference of model_version %s changed since the checkpoint: its windows start afresh", version)
                 continue
-            prefix = f"{meta['slot']}."
-            state = {k[len(prefix) :]: v for k, v in arrays.items() if k.startswith(prefix)}
             if not keep_online:
                 state = {k: v for k, v in state.items() if not k.startswith("online.")}
-            self.trackers[version] = WindowTracker(ref, self.config, state=(state, meta))
-        self._latest = {v: _window_from_dict(d) for v, d in header["latest"].items()}
-        self._unacked = [_window_from_dict(d) for d in header["unacked"]] if header["format"] >= 2 else []
-        if header["format"] >= 3:
-            self._unacked_evaluations = [_evaluation_from_dict(d) for d in header["unacked_evaluations"]]
-            self.version_times = {str(v): [float(a), float(b)] for v, (a, b) in header["version_times"].items()}
-
-
-def _window_from_dict(d: dict) -> WindowSignals:
-    """Rebuild the last window of each version (so status is complete right after a restart)."""
-    from monitor.signals import results as r
-
-    act = dict(d["activations"])
-    act["top_dims"] = tuple(r.DimShift(**x) for x in act["top_dims"])
-    pred = dict(d["predictions"])
-    pred["class_share"] = tuple(pred["class_share"])
-    return WindowSignals(
-        model_version=d["model_version"],
-        index=d["index"],
-        start_time=d["start_time"],
-        end_time=d["end_time"],
-        rows=d["rows"],
-        activations=r.ActivationStats(**act),
-        predictions=r.PredictionStats(**pred),
-        mmd=None if d["mmd"] is None else r.MmdResult(**d["mmd"]),
-        online=r.OnlineMmdStatus(**d["online"]),
-        accuracy=_accuracy_from_dict(d["accuracy"]),
-        estimate=None if d["estimate"] is None else r.EstimateStats(**d["estimate"]),
-        reference_id=d.get("reference_id", ""),
-        extra=d.get("extra", {}),
-    )
-
-
-def _accuracy_from_dict(d: dict) -> "AccuracyStats":
-    from monitor.signals.results import AccuracyStats
-
-    acc = dict(d)
-    acc["per_class_recall"] = {int(k): v for k, v in acc["per_class_recall"].items()}
-    return AccuracyStats(**acc)
-
-
-def _evaluation_from_dict(d: dict) -> LabelEvaluation:
-    return LabelEvaluation(**{**d, "accuracy": _accuracy_from_dict(d["accuracy"])})
-
-
-def _iso(ts: float | None) -> str:
-    if ts is None:
-        return "(none yet)"
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+            self.versions.trackers[version] = WindowTracker(ref, self.config, state=(state, meta))
+        self._latest = saved.latest
+        self._handover = Handover(saved.unacked, saved.unacked_evaluations)
+        self.event_time.version_times = saved.version_times
 
 
 def _versions(model_version: np.ndarray) -> np.ndarray:

@@ -29,7 +29,7 @@ from monitor.signals.config import MmdConfig
 from monitor.errors import ReferenceMissingError
 from monitor.ingest.records import InferenceBatch
 from monitor.signals.estimate import Calibrator, EstimatorFit, LabelledRows, WindowEstimator, fit_estimators
-from monitor.signals.mmd import median_bandwidth
+from monitor.signals.kernels import median_bandwidth
 from monitor.signals.predictions import normalised_entropy
 from monitor.signals.projection import Projection, fit_projection
 from monitor.signals.transport import top_k

@@ -24,7 +24,9 @@ from monitor.engine.reference import Reference
 from monitor.signals.accuracy import AccuracyTracker
 from monitor.signals.activations import activation_stats
 from monitor.signals.estimate import WindowEstimator
-from monitor.signals.mmd import MmdReference, PermutationSchedule, median_bandwidth, mmd_test
+from monitor.signals.kernels import median_bandwidth
+from monitor.signals.mmd import PermutationSchedule, mmd_test
+from monitor.signals.mmd_reference import MmdReference
 from monitor.signals.online_mmd import OnlineMmd
 from monitor.signals.projection import fit_projection
 from monitor.signals.predictions import normalised_entropy, prediction_stats

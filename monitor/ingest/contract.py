@@ -22,11 +22,12 @@ epoch milliseconds. Timestamps leave this module as float64 epoch seconds (UTC).
 
 Two kinds of defect:
 
-* file-level (checked from the footer only, before any row is used): a missing or mistyped
-  column, or a fixed-size list whose length matches no reference -> :class:`ContractError`;
-  the caller quarantines the whole file.
-* row-level: a bad row is dropped and counted by reason in :class:`RowRejections`, the rest of
-  the file goes on. Reasons, checked in this order (a row counts once, under its first reason):
+* file-level (checked from the footer only, before any row is used, in
+  ``monitor.ingest.schema``): a missing or mistyped column, or a fixed-size list whose length
+  matches no reference -> :class:`ContractError`; the caller quarantines the whole file.
+* row-level (this module): a bad row is dropped and counted by reason in
+  :class:`~monitor.ingest.rejections.RowRejections`, the rest of
+  the file goes on. Reasons (``monitor.ingest.counters``), checked in this order (a row counts once, under its first reason):
   ``null_field``, ``non_finite``, ``feature_dim``, ``probs_length``, ``probs_invalid``,
   ``prediction_invalid`` (a logged prediction outside ``[0, C)``); labels: ``null_field``,
   ``label_invalid``.
@@ -39,235 +40,29 @@ file (fixed-size list type, or the first valid row the reader saw in this file, 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Literal
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from monitor.errors import ContractError
+from monitor.ingest.counters import (
+    FEATURE_DIM,
+    LABEL_INVALID,
+    NON_FINITE,
+    NULL_FIELD,
+    PREDICTION_INVALID,
+    PROBS_INVALID,
+    PROBS_LENGTH,
+)
 from monitor.ingest.records import InferenceBatch, LabelBatch
-
-# Stable reason tokens (metric labels): pre-create them so dashboards show 0 before any defect.
-FILE_REASONS = ("unreadable", "schema", "feature_dim", "probs_length", "rewritten")
-ROW_REASONS = ("null_field", "non_finite", "feature_dim", "probs_length", "probs_invalid", "prediction_invalid",
-               "label_invalid", "duplicate_request_id")  # the last is the engine's, via the label joiner
+from monitor.ingest.rejections import RowRejections, classify_rows
+from monitor.ingest.schema import InferenceLayout, LabelLayout
 
 PROBS_TOLERANCE = 1e-3  # |sum(probs) - 1| allowed per row (float32 producers round)
 
 _TIME_UNITS = {"s": 1.0, "ms": 1e3, "us": 1e6, "ns": 1e9}
-_FLOATS = (pa.float16(), pa.float32(), pa.float64())
 
-
-@dataclass(frozen=True)
-class InferenceLayout:
-    """What one inference file's footer says: which columns to read and how to convert them."""
-
-    path: str
-    scores: Literal["probs", "logits"]   # which column holds the class scores
-    feature_dim: int | None              # D when ``features`` is a fixed-size list, else None
-    class_dim: int | None                # C when the scores column is a fixed-size list, else None
-    timestamp_unit: str                  # "s"/"ms"/"us"/"ns" for Arrow timestamps, "epoch_ms" for int64
-    has_prediction: bool
-    has_input_uri: bool
-    has_label: bool
-
-    @property
-    def columns(self) -> list[str]:
-        """The only columns a reader should fetch (extra columns are never read)."""
-        cols = ["request_id", "timestamp", "model_version", "features", self.scores]
-        cols += [name for name, present in (("prediction", self.has_prediction),
-                                           ("input_uri", self.has_input_uri),
-                                           ("label", self.has_label)) if present]
-        return cols
-
-
-@dataclass(frozen=True)
-class LabelLayout:
-    path: str
-    timestamp_unit: str                  # unit of ``labeled_at``, as in InferenceLayout
-
-    @property
-    def columns(self) -> list[str]:
-        return ["request_id", "label", "labeled_at"]
-
-
-@dataclass(frozen=True)
-class RowRejections:
-    """Rows dropped from one batch (or file), by reason, plus the first offender for the record.
-
-    ``first_row`` is a row index within the file; ``counts`` maps reason -> number of rows.
-    """
-
-    counts: Mapping[str, int] = field(default_factory=dict)
-    first_row: int | None = None
-    first_column: str = ""
-    first_reason: str = ""
-
-    @property
-    def total(self) -> int:
-        return sum(self.counts.values())
-
-    def __bool__(self) -> bool:
-        return self.total > 0
-
-    def merge(self, other: "RowRejections") -> "RowRejections":
-        """Counts added together; the first offender is the earlier row of the two."""
-        counts = dict(self.counts)
-        for reason, n in other.counts.items():
-            counts[reason] = counts.get(reason, 0) + n
-        first = self
-        if self.first_row is None or (other.first_row is not None and other.first_row < self.first_row):
-            first = other
-        return RowRejections(counts, first.first_row, first.first_column, first.first_reason)
-
-
-def classify_rows(first_row: int, checks: Sequence[tuple[str, str, np.ndarray]]) -> tuple[np.ndarray, RowRejections]:
-    """Apply row checks in order; each ``(reason, column, bad_mask)`` only claims rows still kept.
-
-    Returns the keep mask and the rejections (row indices offset by ``first_row``). The engine
-    uses this too, e.g. for ``duplicate_request_id``.
-    """
-    keep: np.ndarray | None = None
-    counts: dict[str, int] = {}
-    first: tuple[int, str, str] | None = None
-    for reason, column, bad in checks:
-        if keep is None:
-            keep = np.ones(bad.shape[0], dtype=bool)
-        hit = bad & keep
-        n = int(hit.sum())
-        if n == 0:
-            continue
-        counts[reason] = counts.get(reason, 0) + n
-        row = int(np.argmax(hit))
-        if first is None or row < first[0]:
-            first = (row, column, reason)
-        keep &= ~hit
-    if keep is None:
-        keep = np.ones(0, dtype=bool)
-    if first is None:
-        return keep, RowRejections()
-    return keep, RowRejections(counts, first_row + first[0], first[1], first[2])
-
-
-# ---------------------------------------------------------------------------- schema checks
-
-def _schema_error(path: str, column: str, found: str, expected: str) -> ContractError:
-    return ContractError(
-        f"{path}: column {column!r} is {found}, expected {expected}; "
-        "fix the producer (see monitor.ingest.writer.LogWriter) and write a corrected file under a new name",
-        reason="schema", path=path, column=column,
-    )
-
-
-def _field_type(schema: pa.Schema, name: str, path: str, expected: str, *, required: bool = True) -> pa.DataType | None:
-    index = schema.get_field_index(name)
-    if index < 0:
-        if required:
-            raise _schema_error(path, name, "missing", expected)
-        return None
-    return schema.field(index).type
-
-
-def _is_string(t: pa.DataType) -> bool:
-    return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t)
-
-
-def _check_string(schema: pa.Schema, name: str, path: str, *, required: bool = True) -> bool:
-    t = _field_type(schema, name, path, "string", required=required)
-    if t is None:
-        return False
-    if not _is_string(t):
-        raise _schema_error(path, name, f"of type {t}", "string")
-    return True
-
-
-def _check_int(schema: pa.Schema, name: str, path: str, *, required: bool = True) -> bool:
-    t = _field_type(schema, name, path, "an integer type", required=required)
-    if t is None:
-        return False
-    if not pa.types.is_integer(t):
-        raise _schema_error(path, name, f"of type {t}", "an integer type (int32/int64)")
-    return True
-
-
-def _time_unit(schema: pa.Schema, name: str, path: str) -> str:
-    expected = "an Arrow timestamp (any unit) or int64 epoch milliseconds"
-    t = _field_type(schema, name, path, expected)
-    if pa.types.is_timestamp(t):
-        return str(t.unit)
-    if pa.types.is_int64(t):
-        return "epoch_ms"
-    raise _schema_error(path, name, f"of type {t}", expected)
-
-
-def _float_list_dim(schema: pa.Schema, name: str, path: str, *, required: bool = True) -> tuple[bool, int | None]:
-    """(present, fixed size or None) for a list-of-float column."""
-    expected = "fixed_size_list<float32>[N] or list<float32> (float16/float64 values are accepted)"
-    t = _field_type(schema, name, path, expected, required=required)
-    if t is None:
-        return False, None
-    is_list = pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)
-    if not is_list or t.value_type not in _FLOATS:
-        raise _schema_error(path, name, f"of type {t}", expected)
-    return True, (t.list_size if pa.types.is_fixed_size_list(t) else None)
-
-
-def check_inference_schema(schema: pa.Schema, path: str) -> InferenceLayout:
-    """File-level check of an inference file from its footer schema.
-
-    Raises ContractError(reason="schema", column=...) naming the file, column, found and expected type.
-    """
-    _check_string(schema, "request_id", path)
-    unit = _time_unit(schema, "timestamp", path)
-    _check_string(schema, "model_version", path)
-    _, feature_dim = _float_list_dim(schema, "features", path)
-    has_probs, probs_dim = _float_list_dim(schema, "probs", path, required=False)
-    has_logits, logits_dim = _float_list_dim(schema, "logits", path, required=False)
-    if not (has_probs or has_logits):
-        raise _schema_error(path, "probs", "missing (and no 'logits' column either)",
-                            "a 'probs' or 'logits' list<float32> column")
-    return InferenceLayout(
-        path=path,
-        scores="probs" if has_probs else "logits",
-        feature_dim=feature_dim,
-        class_dim=probs_dim if has_probs else logits_dim,
-        timestamp_unit=unit,
-        has_prediction=_check_int(schema, "prediction", path, required=False),
-        has_input_uri=_check_string(schema, "input_uri", path, required=False),
-        has_label=_check_int(schema, "label", path, required=False),
-    )
-
-
-def check_label_schema(schema: pa.Schema, path: str) -> LabelLayout:
-    """File-level check of a label file; raises ContractError(reason="schema") like the above."""
-    _check_string(schema, "request_id", path)
-    _check_int(schema, "label", path)
-    return LabelLayout(path=path, timestamp_unit=_time_unit(schema, "labeled_at", path))
-
-
-def check_layout_dims(layout: InferenceLayout, expectations: Mapping[str, tuple[int, int]]) -> None:
-    """A fixed-size list whose length no reference expects makes every row unusable: a file defect.
-
-    Raises ContractError(reason="feature_dim" | "probs_length"). No-op when expectations is empty.
-    """
-    if not expectations:
-        return
-    checks = (("feature_dim", "features", layout.feature_dim, 0), ("probs_length", layout.scores, layout.class_dim, 1))
-    for reason, column, dim, i in checks:
-        wanted = sorted({dims[i] for dims in expectations.values()})
-        if dim is not None and dim not in wanted:
-            versions = ", ".join(f"{v}={d[i]}" for v, d in sorted(expectations.items()))
-            raise ContractError(
-                f"{layout.path}: column {column!r} is a fixed-size list of {dim} values but the references "
-                f"expect {wanted} ({versions}); the producer logs a different model than the references "
-                "describe: build a reference for it (`driftd reference build`) or fix the producer",
-                reason=reason, path=layout.path, column=column,
-            )
-
-
-# ---------------------------------------------------------------------------- row conversion
 
 def _column(data: pa.RecordBatch | pa.Table, name: str) -> pa.Array:
     col = data.column(name)
@@ -388,12 +183,12 @@ def to_inference_batch(
     wrong_c |= ok_so_far & (scores.lengths != batch_c)
 
     keep, rejections = classify_rows(first_row, [
-        ("null_field", _first_null_column([("request_id", rid_null), ("timestamp", ts_null), ("model_version", mv_null),
+        (NULL_FIELD, _first_null_column([("request_id", rid_null), ("timestamp", ts_null), ("model_version", mv_null),
                                             ("features", features.null), (layout.scores, scores.null)]), null),
-        ("non_finite", "features", features.bad),
-        ("non_finite", layout.scores, scores.bad),
-        ("feature_dim", "features", wrong_d),
-        ("probs_length", layout.scores, wrong_c),
+        (NON_FINITE, "features", features.bad),
+        (NON_FINITE, layout.scores, scores.bad),
+        (FEATURE_DIM, "features", wrong_d),
+        (PROBS_LENGTH, layout.scores, wrong_c),
     ])
     rows = np.flatnonzero(keep)
     feats = features.matrix(rows, batch_d)
@@ -415,7 +210,7 @@ def to_inference_batch(
         prediction = np.where(pred_null, argmax, values)  # a null prediction falls back to argmax
         bad_pred = keep & ((prediction < 0) | (prediction >= max(batch_c, 1)))
 
-    keep2, late = classify_rows(first_row, [("probs_invalid", layout.scores, invalid), ("prediction_invalid", "prediction", bad_pred)])
+    keep2, late = classify_rows(first_row, [(PROBS_INVALID, layout.scores, invalid), (PREDICTION_INVALID, "prediction", bad_pred)])
     keep &= keep2
     rejections = rejections.merge(late)
     final = np.flatnonzero(keep)
@@ -464,8 +259,8 @@ def to_label_batch(
     labeled_at, at_null = _epoch_seconds(_column(batch, "labeled_at"), layout.timestamp_unit)
     null_col = _first_null_column([("request_id", rid_null), ("label", label_null), ("labeled_at", at_null)])
     keep, rejections = classify_rows(first_row, [
-        ("null_field", null_col, rid_null | label_null | at_null),
-        ("label_invalid", "label", label < 0),
+        (NULL_FIELD, null_col, rid_null | label_null | at_null),
+        (LABEL_INVALID, "label", label < 0),
     ])
     out = LabelBatch(source=path, request_id=request_id[keep], label=label[keep].astype(np.int64), labeled_at=labeled_at[keep])
     return out, rejections

@@ -26,6 +26,17 @@ from dataclasses import dataclass
 import numpy as np
 
 from monitor.ingest.config import IngestConfig
+from monitor.ingest.counters import (
+    DROPPED_OVER_CAP,
+    DUPLICATE,
+    EXPIRED,
+    JOINED,
+    LABELLED,
+    LABELS,
+    PREDICTIONS,
+    PRUNED,
+    UNMATCHED,
+)
 from monitor.ingest.records import InferenceBatch, JoinedLabel, LabelBatch
 from monitor.ingest.store import JOIN_SEQ, StateStore, read_watermark
 
@@ -163,7 +174,7 @@ class LabelJoiner:
             fresh &= np.fromiter((i not in already for i in ids), dtype=bool, count=n)
         duplicates = n - int(fresh.sum())
         if duplicates:
-            self.store.add_counter("labels", "duplicate", duplicates)
+            self.store.add_counter(LABELS, DUPLICATE, duplicates)
         keep = np.flatnonzero(fresh).tolist()
         preds = {r[0]: r[1:] for r in self._lookup(
             "SELECT p.request_id, p.model_version, p.timestamp, p.prediction, p.confidence, p.source, p.row, p.input_uri "
@@ -197,7 +208,7 @@ class LabelJoiner:
               j.row, j.input_uri, j.timestamp if event_time is None else event_time, first + i)
              for i, j in enumerate(joined)])
         self.store.set_mark(JOIN_SEQ, self.join_seq)
-        self.store.add_counter("labels", "joined", len(joined))
+        self.store.add_counter(LABELS, JOINED, len(joined))
 
     def expire(self, event_time: float | None) -> ExpiryCounts:
         """Apply TTLs and labelled retention against ``event_time`` (the watermark; None: only the
@@ -215,11 +226,11 @@ class LabelJoiner:
                                          event_time - cfg.labelled_retention_seconds) if aged else 0,
         )
         # Labels dropped over the cap never matched either: they count as unmatched (plus a warning).
-        for name, key, value in (("labels", "unmatched", counts.labels_unmatched + counts.labels_dropped),
-                                 ("labels", "dropped_over_cap", counts.labels_dropped),
-                                 ("predictions", "expired", counts.predictions_expired),
-                                 ("predictions", "dropped_over_cap", counts.predictions_dropped),
-                                 ("labelled", "pruned", counts.labelled_pruned)):
+        for name, key, value in ((LABELS, UNMATCHED, counts.labels_unmatched + counts.labels_dropped),
+                                 (LABELS, DROPPED_OVER_CAP, counts.labels_dropped),
+                                 (PREDICTIONS, EXPIRED, counts.predictions_expired),
+                                 (PREDICTIONS, DROPPED_OVER_CAP, counts.predictions_dropped),
+                                 (LABELLED, PRUNED, counts.labelled_pruned)):
             if value:
                 self.store.add_counter(name, key, value)
         if counts.predictions_dropped or counts.labels_dropped:

@@ -34,7 +34,8 @@ import pyarrow.parquet as pq
 
 from monitor.configutil import redact_location
 from monitor.errors import ContractError
-from monitor.ingest.contract import RowRejections
+from monitor.ingest.counters import QUARANTINED_FILES, REJECTED_ROWS
+from monitor.ingest.rejections import RowRejections
 from monitor.ingest.store import FileProgress, StateStore
 from monitor.ingest.tail import FileInfo, resolve_filesystem
 
@@ -76,9 +77,9 @@ class Quarantine:
         rows = None if total is None else max(total - rows_done, 0)
         moved_to = self._move(kind, file) if self.quarantine_dir and move else None
         self.store.set_file_progress(kind, FileProgress(file.path, "quarantined", rows_done, file.size, file.mtime))
-        self.store.add_counter("quarantined_files", error.reason, 1)
+        self.store.add_counter(QUARANTINED_FILES, error.reason, 1)
         if rows:
-            self.store.add_counter("rejected_rows", error.reason, rows)
+            self.store.add_counter(REJECTED_ROWS, error.reason, rows)
         where = (f"moved to {moved_to}" if moved_to else "to be moved to quarantine_dir" if self.quarantine_dir and not move
                  else "left in place and skipped from now on")
         # the ContractError's message already says what to do about the producer
@@ -107,7 +108,7 @@ class Quarantine:
         if not rejections:
             return None
         for reason, n in rejections.counts.items():
-            self.store.add_counter("rejected_rows", reason, n)
+            self.store.add_counter(REJECTED_ROWS, reason, n)
         existing = self.store.query(
             "SELECT id FROM quarantine WHERE kind = ? AND path = ? AND whole_file = 0", (kind, file.path))
         if existing:

@@ -1,7 +1,8 @@
 """Typed, validated batches that leave the ingest layer.
 
 Everything downstream (signals, engine, retraining data) receives these, never raw Arrow
-tables, so the contract is checked in exactly one place (``monitor.ingest.contract``).
+tables, so the contract is checked in exactly one place (``monitor.ingest.contract`` for rows,
+``monitor.ingest.schema`` for a file's footer).
 """
 
 from __future__ import annotations

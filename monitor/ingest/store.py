@@ -12,15 +12,13 @@ WAL lets them read a consistent snapshot while the daemon writes (all on one hos
 shares memory between them, which network filesystems cannot provide).
 
 Opening runs SQLite's ``quick_check``, so a corrupt page anywhere is refused at start-up with the
-restore message instead of failing cycles later; :func:`classify_fault` names the state faults
-(full filesystem, corruption, I/O) that make a running cycle fail.
+restore message instead of failing cycles later; ``monitor.ingest.faults`` names the state faults
+(full filesystem, corruption, I/O) that make a running cycle fail. One writer per state directory:
+``monitor.ingest.claim`` holds its lock.
 """
 
 from __future__ import annotations
 
-import errno
-import fcntl
-import os
 import sqlite3
 import threading
 from collections.abc import Callable, Iterable, Sequence
@@ -29,10 +27,10 @@ from pathlib import Path
 from typing import IO, Any, Literal
 
 from monitor.errors import StateError
+from monitor.ingest.claim import adopt_claim, take_lock
 
 SCHEMA_VERSION = 3  # 2: labelled.joined_at; 3: marks, labelled.join_seq, event-time indexes
 DB_NAME = "state.db"
-LOCK_NAME = "state.lock"
 
 FileStatus = Literal["partial", "done", "quarantined"]
 
@@ -92,12 +90,12 @@ class FileProgress:
     mtime: float
 
 
-def _restore_hint(path: Path) -> str:
+def restore_hint(path: Path) -> str:
     return f"restore {path.name} from a backup, or move it away to start from scratch (all log files will be re-read)"
 
 
 def _corrupt(path: Path, exc: Exception | str) -> StateError:
-    return StateError(f"{path}: checkpoint database is unreadable ({exc}); {_restore_hint(path)}")
+    return StateError(f"{path}: checkpoint database is unreadable ({exc}); {restore_hint(path)}")
 
 
 # How many of quick_check's messages the refusal quotes (it lists every damaged page).
@@ -127,7 +125,7 @@ class StateStore:
             state_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise StateError(f"{state_dir}: cannot create state directory: {exc.strerror}; fix its permissions or point state_dir elsewhere") from None
-        owner = _adopt_claim(state_dir) or _claim(state_dir)
+        owner = adopt_claim(state_dir) or take_lock(state_dir)
         path = state_dir / DB_NAME
         # isolation_level=None: we issue BEGIN ourselves so a transaction spans exactly commit() to commit().
         conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
@@ -300,160 +298,6 @@ def read_watermark(conn: sqlite3.Connection) -> float | None:
     the last checkpoint. Ages (retention, lookback, TTLs) are measured against it, never the wall
     clock, so a replay of old logs behaves as live traffic did."""
     return read_mark(conn, WATERMARK)
-
-
-def _claim(state_dir: Path) -> IO[str]:
-    """One writer per state directory: two engines committing cursors and signal state in turn
-    would each overwrite the other's checkpoint. The kernel drops the lock if the process dies."""
-    lock_path = state_dir / LOCK_NAME
-    try:
-        handle = open(lock_path, "a+", encoding="utf-8")
-    except OSError as exc:
-        raise StateError(f"{lock_path}: cannot open the state lock: {exc.strerror}; fix the state directory's "
-                         "permissions or point state_dir elsewhere") from None
-    try:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.seek(0)
-        holder = handle.read().strip() or "unknown"
-        handle.close()
-        raise StateError(
-            f"{state_dir}: already in use by another driftd (pid {holder}); stop it, or give this one its own "
-            "state_dir (`driftd check` next to a running daemon needs a separate --state)"
-        ) from None
-    try:  # the pid only makes the refusal above more helpful: a full filesystem must not stop the start
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"{os.getpid()}\n")
-        handle.flush()
-    except OSError:
-        pass
-    return handle
-
-
-class StateClaim:
-    """This process's hold on a state directory, taken before the checkpoint is opened.
-
-    The daemon claims its state directory before it binds its HTTP port, so a second daemon on
-    the same directory refuses without ever listening. :meth:`StateStore.open` in this process
-    then adopts the claim (the same flock: a second ``open()`` + ``flock`` of the lock file would
-    conflict with it), and closing the store releases it. :meth:`release` frees a claim that was
-    never adopted (start-up failed before the store was opened).
-    """
-
-    def __init__(self, state_dir: Path):
-        self.state_dir = state_dir
-        self._key = _claim_key(state_dir)
-        handle = _claim(state_dir)
-        with _CLAIMS_LOCK:
-            if self._key in _CLAIMS:  # claimed twice in one process: the first claim still holds
-                handle.close()
-                raise StateError(f"{state_dir}: already claimed by this process; open its checkpoint first")
-            _CLAIMS[self._key] = handle
-
-    def release(self) -> None:
-        with _CLAIMS_LOCK:
-            handle = _CLAIMS.pop(self._key, None)
-        if handle is not None:
-            handle.close()
-
-
-# Claims taken by this process and not yet adopted by StateStore.open (see StateClaim).
-_CLAIMS: dict[str, IO[str]] = {}
-_CLAIMS_LOCK = threading.Lock()
-
-
-def _claim_key(state_dir: Path) -> str:
-    return os.path.realpath(state_dir)
-
-
-def claim_state_dir(state_dir: Path) -> StateClaim:
-    """Create ``state_dir`` if needed and take its lock; raises StateError when another process holds it."""
-    state_dir = Path(state_dir)
-    try:
-        state_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise StateError(f"{state_dir}: cannot create state directory: {exc.strerror}; fix its permissions or point state_dir elsewhere") from None
-    return StateClaim(state_dir)
-
-
-def _adopt_claim(state_dir: Path) -> IO[str] | None:
-    with _CLAIMS_LOCK:
-        return _CLAIMS.pop(_claim_key(state_dir), None)
-
-
-# -------------------------------------------------------------------------------- faults
-
-FaultKind = Literal["disk_full", "corrupt", "read_only", "io", "other"]
-
-# SQLite primary result codes (the low byte of sqlite_errorcode)
-_SQLITE_KINDS: dict[int, FaultKind] = {13: "disk_full", 11: "corrupt", 26: "corrupt", 8: "read_only", 10: "io"}
-_ERRNO_KINDS: dict[int, FaultKind] = {errno.ENOSPC: "disk_full", errno.EDQUOT: "disk_full", errno.EROFS: "read_only",
-                                      errno.EIO: "io"}
-
-
-@dataclass(frozen=True)
-class Fault:
-    """Why a cycle failed, grouped so a fault that repeats every cycle is reported once.
-
-    ``kind`` is ``disk_full``, ``corrupt``, ``read_only`` or ``io`` for state-directory faults,
-    ``other`` for anything else; ``message`` says what to do.
-    """
-
-    kind: FaultKind
-    message: str
-
-    @property
-    def is_state_fault(self) -> bool:
-        return self.kind != "other"
-
-    @property
-    def key(self) -> str:
-        """What makes two failures the same state: the kind of a state fault (its message names
-        whichever file hit it), the whole message of any other."""
-        return self.kind if self.is_state_fault else f"{self.kind}: {self.message}"
-
-
-def classify_fault(exc: BaseException, state_dir: Path) -> Fault:
-    """Name the fault behind ``exc`` (or an exception it was raised from or during)."""
-    seen: set[int] = set()
-    cause: BaseException | None = exc
-    while cause is not None and id(cause) not in seen:
-        seen.add(id(cause))
-        kind = _fault_kind(cause)
-        if kind is not None:
-            return Fault(kind, _fault_message(kind, Path(state_dir), cause))
-        cause = cause.__cause__ or cause.__context__
-    return Fault("other", f"{type(exc).__name__}: {exc}")
-
-
-def _fault_kind(exc: BaseException) -> FaultKind | None:
-    if isinstance(exc, sqlite3.Error):
-        code = getattr(exc, "sqlite_errorcode", None)
-        if isinstance(code, int) and (code & 0xFF) in _SQLITE_KINDS:
-            return _SQLITE_KINDS[code & 0xFF]
-        text = str(exc)
-        if "disk is full" in text:
-            return "disk_full"
-        if "malformed" in text or "not a database" in text:
-            return "corrupt"
-        return None
-    if isinstance(exc, OSError) and exc.errno in _ERRNO_KINDS:
-        return _ERRNO_KINDS[exc.errno]
-    return None
-
-
-def _fault_message(kind: FaultKind, state_dir: Path, exc: BaseException) -> str:
-    what = f"{type(exc).__name__}: {exc}"
-    if kind == "disk_full":
-        return (f"{state_dir}: the filesystem holding the state is full ({what}); free space or grow the volume: "
-                "driftd keeps retrying and resumes from its last checkpoint, no row is lost or counted twice")
-    if kind == "corrupt":
-        return (f"{state_dir / DB_NAME}: the checkpoint database is corrupt ({what}); stop driftd and "
-                f"{_restore_hint(state_dir / DB_NAME)}")
-    if kind == "read_only":
-        return f"{state_dir}: the state directory became read-only ({what}); remount it read-write or fix its permissions"
-    return f"{state_dir}: I/O error on the state directory ({what}); check the disk and the kernel log"
 
 
 def connect_readonly(state_dir: Path) -> sqlite3.Connection:

@@ -30,17 +30,17 @@ import pyarrow.parquet as pq
 from monitor.ingest.config import IngestConfig
 from monitor.configutil import redact_location
 from monitor.errors import ConfigError, ContractError
-from monitor.ingest.contract import (
+from monitor.ingest.contract import to_inference_batch, to_label_batch
+from monitor.ingest.counters import UNREADABLE
+from monitor.ingest.records import InferenceBatch, LabelBatch
+from monitor.ingest.rejections import RowRejections
+from monitor.ingest.schema import (
     InferenceLayout,
     LabelLayout,
-    RowRejections,
     check_inference_schema,
     check_label_schema,
     check_layout_dims,
-    to_inference_batch,
-    to_label_batch,
 )
-from monitor.ingest.records import InferenceBatch, LabelBatch
 from monitor.ingest.store import FileProgress
 
 Kind = Literal["inference", "labels"]
@@ -106,11 +106,11 @@ def resolve_filesystem(location: str) -> tuple[pafs.FileSystem, str]:
         raise ContractError(
             f"{shown}: cannot open this log location ({_redacted_text(str(exc), location, uri)}); use a local "
             "path or a file://, s3:// or gs:// URI",
-            reason="unreadable", path=shown,
+            reason=UNREADABLE, path=shown,
         ) from None
     if filesystem.type_name in _OBJECT_STORES and not path.strip("/"):
         raise ContractError(f"{shown}: names no bucket; use {filesystem.type_name}://BUCKET/PREFIX",
-                            reason="unreadable", path=shown)
+                            reason=UNREADABLE, path=shown)
     return filesystem, path
 
 
@@ -137,7 +137,7 @@ def _split_client_options(location: str) -> tuple[str, dict[str, float]]:
         if seconds is None:
             shown = redact_location(location)
             raise ContractError(f"{shown}: {key} must be a number of seconds > 0, got {value!r}",
-                                reason="unreadable", path=shown)
+                                reason=UNREADABLE, path=shown)
         options[key] = seconds
     return urllib.parse.urlunsplit(parts._replace(query="&".join(kept))), options
 
@@ -239,10 +239,10 @@ class Tailer:
             return
         raise ContractError(
             f"{self.location}: bucket {bucket!r} does not exist (or these credentials cannot see it); "
-            "fix the bucket name or the endpoint in the URI", reason="unreadable", path=self.location)
+            "fix the bucket name or the endpoint in the URI", reason=UNREADABLE, path=self.location)
 
     def _unlistable(self, exc: OSError) -> ContractError:
-        return ContractError(f"{self.location}: cannot list {self.kind} logs: {exc}", reason="unreadable",
+        return ContractError(f"{self.location}: cannot list {self.kind} logs: {exc}", reason=UNREADABLE,
                              path=self.location)
 
     def discover(self, known: Mapping[str, FileProgress]) -> list[FileInfo]:
@@ -297,7 +297,7 @@ class Tailer:
                 f"{file.path}: not a readable Parquet file ({exc}) and unchanged for {age:.0f}s "
                 f"(settle_seconds={self.config.settle_seconds:g}); producers must write to a temporary name "
                 "starting with '.' and rename when complete (monitor.ingest.writer does)",
-                reason="unreadable", path=file.path,
+                reason=UNREADABLE, path=file.path,
             ) from None
 
     def _layout(self, pf: pq.ParquetFile, file: FileInfo,
@@ -348,7 +348,7 @@ class Tailer:
                 return
             except (pa.ArrowException, OSError) as exc:
                 raise ContractError(f"{file.path}: data pages unreadable after row {row} ({exc}); the file is corrupt",
-                                    reason="unreadable", path=file.path, row=row) from None
+                                    reason=UNREADABLE, path=file.path, row=row) from None
             if row + batch.num_rows <= start_row:
                 row += batch.num_rows
                 continue

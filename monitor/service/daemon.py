@@ -40,7 +40,8 @@ from prometheus_client import CollectorRegistry
 
 from monitor.config import Config, load_config
 from monitor.errors import ConfigError, ReferenceMissingError
-from monitor.ingest.store import claim_state_dir, classify_fault
+from monitor.ingest.claim import claim_state_dir
+from monitor.ingest.faults import classify_fault
 from monitor.policy.policy import Policy
 from monitor.service.http_server import ApiServer
 from monitor.service.config import HttpConfig, load_token

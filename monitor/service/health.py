@@ -14,7 +14,7 @@ rule, shared by ``/healthz``, ``/readyz`` and the systemd watchdog:
   An idle daemon with nothing to read stays healthy; if the scheduler stops starting cycles at
   all, that is a stall too.
 
-:class:`Health` also groups failures into *states* (a :class:`~monitor.ingest.store.Fault`: its
+:class:`Health` also groups failures into *states* (a :class:`~monitor.ingest.faults.Fault`: its
 kind and message), so the daemon logs a fault that repeats every cycle once, when it starts,
 and once more when it ends.
 """
@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from monitor.ingest.store import Fault
+from monitor.ingest.faults import Fault
 
 
 @dataclass(frozen=True)

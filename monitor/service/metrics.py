@@ -16,7 +16,7 @@ from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from monitor.ingest.contract import FILE_REASONS, ROW_REASONS
+from monitor.ingest.counters import FILE_REASONS, ROW_REASONS
 from monitor.signals.results import WindowSignals
 
 # Enums that label series from the start, so alerts on rate() see a 0 first.

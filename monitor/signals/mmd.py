@@ -18,7 +18,8 @@ Kernels are float32; the sums behind the observed statistic are float64. Kernel 
 stored minus the mean c of K_rr (the unbiased MMD^2 is unchanged by a constant shift of k),
 which keeps the float32 partial sums of the permutation products small and accurate.
 
-Large references: K_rr is kept whole only up to ``dense_kernel_rows`` reference rows. Above,
+Large references (``monitor.signals.mmd_reference``): K_rr is kept whole only up to
+``dense_kernel_rows`` reference rows. Above,
 the reference keeps its rows and K_rr's float64 row sums, summed over row blocks of the upper
 triangle (time O(m^2 d), memory O(block + m d), never the m x m matrix); a plan then computes
 each permutation's S x S kernel from the rows (|S| <= window rows), and a window's pooled block
@@ -33,6 +34,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from monitor.signals.kernels import gaussian_kernel
+from monitor.signals.mmd_reference import MmdReference
 from monitor.signals.projection import check_matrix
 from monitor.signals.results import MmdResult
 
@@ -42,214 +45,6 @@ _TIE_TOLERANCE = 1e-7
 
 # Permutations per K_rr product when a plan is drawn; bounds memory at ~chunk x (m + n) floats per product.
 _PERMUTATION_CHUNK = 128
-# Reference rows up to which K_rr is kept whole (64 MB of float32 at 4096): a plan draw's S x S
-# sums are then one product with it (B m^2), much cheaper than kernels from the rows (B |S|^2 d).
-DENSE_KERNEL_ROWS = 4096
-# Kernel entries per block of a window's pooled block, summed in row chunks when larger (16M:
-# 64 MB of float32; the benchmark sizes, up to 4000 x 2000, stay one product).
-BLOCK_ENTRIES = 1 << 24
-# Kernel entries per block of K_rr's row sums in a large reference's build (4 MB: measured
-# fastest of 2^18..2^24, cache-sized blocks).
-ROW_SUM_BLOCK_ENTRIES = 1 << 20
-
-
-def default_device() -> torch.device:
-    """CUDA when available, else CPU."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def gaussian_kernel(
-    a: torch.Tensor,
-    b: torch.Tensor,
-    sigma: float,
-    *,
-    same: bool = False,
-    sq_a: torch.Tensor | None = None,
-    sq_b: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """k(a_i, b_j) = exp(-||a_i - b_j||^2 / (2 sigma^2)) as an (len(a), len(b)) float32 tensor.
-
-    ``same=True`` (a is b) sets the diagonal to exactly 1, which the unbiased estimator relies on.
-    ``sq_a``/``sq_b``: precomputed squared row norms (e.g. of a fixed reference), saving a pass.
-    """
-    if sq_a is None:
-        sq_a = (a * a).sum(1)
-    if sq_b is None:
-        sq_b = sq_a if same else (b * b).sum(1)
-    # The same arithmetic as the online detector's band tiles (_block_tiles), so both give a
-    # pair the same bits: its recurrence subtracts exactly what it added.
-    d2 = torch.addmm(sq_a[:, None] + sq_b[None, :], a, b.T, alpha=-2.0)
-    d2.clamp_(min=0.0).mul_(-0.5 / (sigma * sigma)).exp_()
-    if same:
-        d2.fill_diagonal_(1.0)
-    return d2
-
-
-def kernel_row_sums(
-    x: torch.Tensor, sigma: float, *, sq: torch.Tensor | None = None, block_entries: int = ROW_SUM_BLOCK_ENTRIES
-) -> torch.Tensor:
-    """float64 row sums of the Gaussian kernel of ``x`` (m, d) with itself, unit diagonal, without
-    the m x m matrix: row blocks of the upper triangle (each block's row sums go to its rows,
-    its column sums right of the diagonal block to those columns), ~block_entries floats at a time
-    in one reused buffer (fresh block-sized tensors cost more in page faults than the kernel
-    arithmetic), and half the kernel evaluations of the full square."""
-    m = int(x.shape[0])
-    if sq is None:
-        sq = (x * x).sum(1)
-    g = 0.5 / (sigma * sigma)
-    half = sq * g  # ||x||^2 / (2 sigma^2): the exponent is 2g a.b - half_a - half_b
-    # Blocks are summed in float32 after subtracting c0, the kernel's mean over a few rows, so
-    # the float32 partial sums stay small (raw float32 sums measured 2.5x the error of float64
-    # ones; centred, they match them), and c0 is added back in float64.
-    head = x[:512]
-    c0 = float(np.float32(float(gaussian_kernel(head, head, sigma, same=True).mean(dtype=torch.float64))))
-    out = torch.full((m,), float(m) * c0, dtype=torch.float64, device=x.device)
-    step = max(1, block_entries // m)
-    buffer = torch.empty(min(step, m) * m, dtype=x.dtype, device=x.device)
-    for lo in range(0, m, step):
-        hi = min(m, lo + step)
-        k = buffer[: (hi - lo) * (m - lo)].view(hi - lo, m - lo)
-        torch.addmm(half[lo:hi, None], x[lo:hi], x[lo:].T, beta=-1.0, alpha=2.0 * g, out=k)
-        k.sub_(half[None, lo:]).clamp_(max=0.0).exp_()
-        k.fill_diagonal_(1.0)  # the block starts at column lo: its diagonal is (i, i)
-        k.sub_(c0)
-        out[lo:hi] += k.sum(1).to(torch.float64)
-        if hi < m:
-            out[hi:] += k[:, hi - lo:].sum(0).to(torch.float64)
-    return out
-
-
-def median_bandwidth(x_ref: np.ndarray, *, max_rows: int = 1000, seed: int = 0) -> float:
-    """Median heuristic: sigma = median Euclidean distance between distinct reference rows.
-
-    Use with k(x, y) = exp(-||x - y||^2 / (2 sigma^2)). At most ``max_rows`` rows (a seeded
-    random subset) are used. Raises ValueError on bad input or when all rows coincide.
-    """
-    x = check_matrix(x_ref, "reference features", min_rows=2)
-    if x.shape[0] > max_rows:
-        rows = np.random.default_rng(seed).choice(x.shape[0], size=max_rows, replace=False)
-        x = x[np.sort(rows)]
-    t = torch.from_numpy(x.astype(np.float64))
-    t = t - t.mean(0)
-    dist = torch.cdist(t, t)
-    iu = torch.triu_indices(len(t), len(t), offset=1)
-    sigma = float(dist[iu[0], iu[1]].median())
-    if not sigma > 0.0:
-        raise ValueError("reference features: all sampled rows are identical, the kernel bandwidth is undefined")
-    return sigma
-
-
-@dataclass(frozen=True, eq=False)
-class MmdReference:
-    """The reference side of the test, precomputed once.
-
-    ``x_ref`` (m, d) float32 and ``sigma`` are the persisted state (:meth:`to_arrays`); the rest
-    (centred reference tensor, shifted K_rr, its float64 row sums and total) is rebuilt on load.
-    """
-
-    x_ref: np.ndarray
-    sigma: float
-    center: torch.Tensor      # (d,) reference mean, subtracted before kernels (less cancellation)
-    x: torch.Tensor           # (m, d) centred reference on the compute device
-    x_sq: torch.Tensor        # (m,) squared row norms of x
-    offset: float             # c = mean of K_rr; stored kernels are k - c
-    k_rr: torch.Tensor | None  # (m, m) float32, k - c; None above dense_kernel_rows (see module doc)
-    rr_row_sums: torch.Tensor  # (m,) float64 row sums of K_rr - c
-    rr_total: float           # float64 sum of K_rr - c
-    block_entries: int = BLOCK_ENTRIES  # kernel entries per block of a window's chunked sums
-    # Reused [reference; window] rows and squared norms, so a window's pooled kernel block is
-    # one product without copying the reference each time (see pooled_rows). Not thread-safe:
-    # one monitor owns a reference.
-    _scratch: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
-
-    @property
-    def rows(self) -> int:
-        return int(self.x.shape[0])
-
-    @property
-    def dims(self) -> int:
-        return int(self.x.shape[1])
-
-    @classmethod
-    def build(
-        cls,
-        x_ref: np.ndarray,
-        sigma: float,
-        *,
-        device: torch.device | None = None,
-        dense_kernel_rows: int = DENSE_KERNEL_ROWS,
-        block_entries: int = BLOCK_ENTRIES,
-    ) -> MmdReference:
-        """Precompute the reference side: K_rr whole for at most ``dense_kernel_rows`` rows, else
-        only its row sums, in blocks of ``block_entries`` kernel entries (memory linear in the
-        rows). Raises ValueError on bad x_ref (< 2 rows) or sigma <= 0."""
-        x_np = check_matrix(x_ref, "reference features", min_rows=2)
-        if not (np.isfinite(sigma) and sigma > 0):
-            raise ValueError(f"kernel bandwidth sigma must be finite and > 0, got {sigma!r}")
-        if block_entries < 1:
-            raise ValueError(f"block_entries must be >= 1, got {block_entries}")
-        dev = device or default_device()
-        t = torch.from_numpy(x_np).to(dev)
-        center = t.to(torch.float64).mean(0).to(torch.float32)
-        x = t - center
-        x_sq = (x * x).sum(1)
-        m = int(x.shape[0])
-        if m <= dense_kernel_rows:
-            k = gaussian_kernel(x, x, float(sigma), same=True, sq_a=x_sq)
-            # Rounded to float32 so the float32 K_rr shift and the float64 corrections of the window
-            # sums subtract the same number (a mismatch of one ulp costs ~1e-4 relative on MMD^2).
-            offset = float(np.float32(float(k.sum(dtype=torch.float64)) / k.numel()))
-            k -= offset
-            row_sums = k.sum(1, dtype=torch.float64)
-            total = float(k.sum(dtype=torch.float64))
-        else:
-            raw = kernel_row_sums(x, float(sigma), sq=x_sq, block_entries=min(block_entries, ROW_SUM_BLOCK_ENTRIES))
-            offset = float(np.float32(float(raw.sum()) / (m * m)))
-            row_sums = raw - m * offset
-            total = float(row_sums.sum())
-            k = None
-        return cls(
-            x_ref=x_np,
-            sigma=float(sigma),
-            center=center,
-            x=x,
-            x_sq=x_sq,
-            offset=offset,
-            k_rr=k,
-            rr_row_sums=row_sums,
-            rr_total=total,
-            block_entries=int(block_entries),
-        )
-
-    def pooled_rows(self, yt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """([x; yt], squared row norms) for a centred window ``yt`` (n, d), as views of a
-        buffer kept for the next window (grown when a larger window comes)."""
-        m, n = self.rows, int(yt.shape[0])
-        rows, sq = self._scratch.get("rows"), self._scratch.get("sq")
-        if rows is None or sq is None or rows.shape[0] < m + n:
-            rows = torch.empty((m + n, self.dims), dtype=torch.float32, device=self.x.device)
-            sq = torch.empty(m + n, dtype=torch.float32, device=self.x.device)
-            rows[:m], sq[:m] = self.x, self.x_sq
-            self._scratch.update(rows=rows, sq=sq)
-        rows[m:m + n] = yt
-        torch.sum(yt * yt, 1, out=sq[m:m + n])
-        return rows[:m + n], sq[:m + n]
-
-    def to_arrays(self) -> dict[str, np.ndarray]:
-        return {"x_ref": self.x_ref, "sigma": np.array(self.sigma, dtype=np.float64)}
-
-    @classmethod
-    def from_arrays(
-        cls, d: dict[str, np.ndarray], *, device: torch.device | None = None, dense_kernel_rows: int = DENSE_KERNEL_ROWS
-    ) -> MmdReference:
-        """Inverse of :meth:`to_arrays` (recomputes K_rr or its row sums). Raises ValueError on a missing key."""
-        missing = [k for k in ("x_ref", "sigma") if k not in d]
-        if missing:
-            raise ValueError(f"mmd reference arrays: missing key(s) {missing}; rebuild the reference")
-        return cls.build(
-            np.asarray(d["x_ref"]), float(np.asarray(d["sigma"]).item()), device=device,
-            dense_kernel_rows=dense_kernel_rows,
-        )
 
 
 @dataclass(frozen=True, eq=False)

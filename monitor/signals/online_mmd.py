@@ -11,11 +11,6 @@ statistics among bootstraps that did not cross an earlier threshold. From step W
 threshold holds. An alarm (statistic > threshold) resets the detector: t = 0, the window is the
 initial test window again.
 
-Calibration needs the reference kernel's column sums once plus, per bootstrap, only the
-(2W-1)^2 block of its extended window: sub-reference sums are the reference totals minus that
-block's share. Up to DENSE_KERNEL_ROWS reference rows the kernel is kept whole and the blocks are
-gathered from it; a larger reference sums it in blocks (monitor.signals.mmd.kernel_row_sums) and
-computes each bootstrap's block from its rows, so memory stays linear in the reference rows.
 ``update`` takes b rows at once: one kernel block between the batch and the sub-reference, and
 for stride 1 the kernel band |i - j| < W of the row sequence (window then batch), from which the
 window's off-diagonal kernel sum S follows row by row (``_every_row``):
@@ -26,27 +21,36 @@ B_p the new row's kernel sum against the W - 1 rows that stay, A_p the leaving r
 same rows. That is ~2 W d work per row instead of the (W + s)^2 d of a full segment kernel. S is
 kept as state and re-anchored from a direct sum every _ANCHOR_ROWS rows after a restart, so
 float64 rounding cannot accumulate over long streams.
+
+Calibration (the split and the bootstrap thresholds) is in ``monitor.signals.online_calibration``;
+the band algebra of the stride-1 update in ``monitor.signals.online_band``. This module holds the
+detector: its stream state, the row walk, status and the persisted state (STATE_VERSION).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from monitor.signals.bootstraps import calibrated_steps as _calibrated_steps
-from monitor.signals.bootstraps import required_bootstraps
-from monitor.signals.mmd import BLOCK_ENTRIES, DENSE_KERNEL_ROWS, default_device, gaussian_kernel, kernel_row_sums
+from monitor.signals.kernels import BLOCK_ENTRIES, default_device, gaussian_kernel
+from monitor.signals.online_band import (
+    RestartTables,
+    band_increments,
+    column_sums,
+    kernel_band,
+    kernel_vs,
+    leaving_sums,
+    window_offdiag,
+)
+from monitor.signals.online_calibration import calibrate_online
 from monitor.signals.projection import check_matrix
 from monitor.signals.results import OnlineMmdStatus
 
 # 2: the window's off-diagonal kernel sum ("window_offdiag") and "stride" are required keys.
 STATE_VERSION = 2
-# Bootstraps whose (2W-1)^2 kernel blocks are gathered at once (memory ~ chunk x (2W)^2 x 12 bytes).
-_BOOTSTRAP_CHUNK = 64
 # New rows per sub-reference kernel block in update(); bounds memory at ~sub-reference x chunk.
 _UPDATE_CHUNK = 4096
 # Strided segments (stride > 1): an alarm wastes the rest of a segment's tested-window kernels, so
@@ -57,8 +61,6 @@ _MAX_STRIDED_SEGMENT = 4096
 # the rows since the last restart reach a multiple of this, bounding accumulated rounding. The
 # positions depend on the stream alone, not on batch sizes, so results do not depend on batching.
 _ANCHOR_ROWS = 4096
-# Initial splits tried before giving up when each starts above the first threshold.
-_SPLIT_TRIES = 100
 
 
 @dataclass(frozen=True, eq=False)
@@ -68,239 +70,6 @@ class OnlineUpdate:
     statistics: np.ndarray   # (b,) float64 MMD^2 after each row
     thresholds: np.ndarray   # (b,) threshold in force at each row
     alarm_rows: list[int]    # batch positions of the rows that raised an alarm (each then reset)
-
-
-def _block_sums(prefix: torch.Tensor, starts: torch.Tensor, size: int) -> torch.Tensor:
-    """Sums of the size x size diagonal blocks [s, s+size)^2, read from 2-D prefix sums
-    ``prefix`` (..., L+1, L+1) with prefix[..., i, j] = sum of the top-left i x j corner."""
-    ends = starts + size
-    return (
-        prefix[..., ends, ends] - prefix[..., starts, ends] - prefix[..., ends, starts] + prefix[..., starts, starts]
-    )
-
-
-def _prefix_2d(k: torch.Tensor) -> torch.Tensor:
-    """float64 2-D prefix sums with a zero first row and column: shape (..., L+1, L+1)."""
-    p = torch.nn.functional.pad(k.to(torch.float64), (1, 0, 1, 0))
-    return p.cumsum(-1).cumsum(-2)
-
-
-def _window_statistics(
-    k_zz: torch.Tensor, colsums: torch.Tensor, window: int, sub_mean: float, sub_rows: int
-) -> torch.Tensor:
-    """MMD^2 of every W-row window of the sequence z (rows 0..L-1) against the sub-reference.
-
-    ``k_zz`` (..., L, L) kernel among z with a unit diagonal, ``colsums`` (..., L) float64 sums of
-    k(sub-reference, z_j); returns (..., L - W + 1) float64, window i = rows [i, i + W).
-    """
-    length = k_zz.shape[-1]
-    starts = torch.arange(length - window + 1, device=k_zz.device)
-    within = _block_sums(_prefix_2d(k_zz), starts, window) - window  # off-diagonal sum
-    c = torch.nn.functional.pad(colsums.cumsum(-1), (1, 0))
-    cross = c[..., starts + window] - c[..., starts]
-    return sub_mean + within / (window * (window - 1)) - 2.0 * cross / (sub_rows * window)
-
-
-def _column_sums(k: torch.Tensor) -> np.ndarray:
-    """float64 column sums of a float32 matrix. On CPU numpy's (row after row into a float64
-    accumulator) took ~1.2 ms for 1801 x 1000 where torch's sum(0, dtype=float64) took 4-11 ms."""
-    if k.device.type == "cpu":
-        return k.numpy().sum(0, dtype=np.float64)
-    return k.sum(0, dtype=torch.float64).cpu().numpy()
-
-
-def _block_tiles(rows: torch.Tensor, cols: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Gaussian kernel (blocks, W, 2W) float32 between each block of W rows (blocks, W, d) and its
-    2W columns (blocks, 2W, d). Every kernel value the every-row path uses comes from a product
-    of this one shape, so a pair's value does not depend on where its block starts: the
-    recurrence subtracts exactly the numbers it added earlier, in any batching."""
-    sq_rows, sq_cols = (rows * rows).sum(-1), (cols * cols).sum(-1)
-    d2 = torch.baddbmm(sq_rows[:, :, None] + sq_cols[:, None, :], rows, cols.transpose(1, 2), alpha=-2.0)
-    return d2.clamp_(min=0.0).mul_(-0.5 / (sigma * sigma)).exp_()
-
-
-def _kernel_band(u: torch.Tensor, window: int, sigma: float) -> torch.Tensor:
-    """band[j, k - 1] = k(u_j, u_{j-k}) for k = 1..W-1: the kernel of each row of ``u`` (L, d)
-    against the W - 1 rows before it, as an (R, W - 1) float32 contiguous tensor, R >= L.
-
-    Entries with j - k < 0 and rows j >= L are undefined; callers never read them. Rows go in
-    blocks of W, each against the block before (zeros before the first) and itself: ~2 W d per row.
-    """
-    length, dims = u.shape
-    blocks = -(-length // window)
-    padded = torch.empty(((blocks + 1) * window, dims), dtype=u.dtype, device=u.device)
-    padded[:window] = 0.0
-    padded[window:window + length] = u
-    padded[window + length:] = 0.0
-    # Block c's columns are blocks c-1 and c: overlapping views of the padded rows, no copy.
-    cols = padded.as_strided((blocks, 2 * window, dims), (window * dims, dims, 1))
-    k = _block_tiles(padded[window:].view(blocks, window, dims), cols, sigma)
-    # Row i of a block sits at column W + i of its tile; its k-th predecessor at W + i - k.
-    at = torch.arange(window, device=u.device)
-    column = (window + at[:, None] - at[None, 1:]).expand(blocks, window, window - 1)
-    return k.gather(2, column).reshape(blocks * window, window - 1)
-
-
-def _kernel_vs(rows: torch.Tensor, fixed: torch.Tensor, sigma: float) -> torch.Tensor:
-    """k(rows_n, fixed_j) as (len(rows), W) float32, ``fixed`` (W, d): ``fixed`` against each
-    block of 2W rows, the band's product shape (see _block_tiles), transposed."""
-    window, dims = fixed.shape
-    blocks = -(-len(rows) // (2 * window))
-    padded = torch.empty((blocks * 2 * window, dims), dtype=rows.dtype, device=rows.device)
-    padded[:len(rows)] = rows
-    padded[len(rows):] = 0.0
-    k = _block_tiles(fixed.expand(blocks, window, dims), padded.view(blocks, 2 * window, dims), sigma)
-    return k.transpose(1, 2).reshape(blocks * 2 * window, window)[:len(rows)]
-
-
-def _leaving_sums(band: torch.Tensor, window: int, rows: int) -> torch.Tensor:
-    """float64 (rows,): A_i = sum_k band[i + k, k - 1], row i's kernel sum against the W - 1 rows
-    after it (needs band rows up to rows + W - 2)."""
-    return band.as_strided((rows, window - 1), (window - 1, window), window - 1).sum(1, dtype=torch.float64)
-
-
-def _band_increments(band: torch.Tensor, window: int, rows: int) -> torch.Tensor:
-    """float64 (rows,): 2 (B_i - A_i), the change of the window's off-diagonal kernel sum as row
-    W + i of the banded sequence enters and row i leaves (both against rows i+1..i+W-1)."""
-    entering = band[window:window + rows].sum(1, dtype=torch.float64)
-    return 2.0 * (entering - _leaving_sums(band, window, rows))
-
-
-def _window_offdiag(band: torch.Tensor, start: int, window: int) -> float:
-    """Off-diagonal kernel sum of the window u[start : start + W] read off its sequence's band:
-    row start + 1 + o meets its o + 1 predecessors inside the window."""
-    return 2.0 * float(torch.tril(band[start + 1:start + window], 0).sum(dtype=torch.float64))
-
-
-def extended_windows(rng: np.random.Generator, rows: int, count: int, size: int) -> Iterator[np.ndarray]:
-    """Chunks (<= _BOOTSTRAP_CHUNK, size) of distinct reference indices in random order, ``count``
-    rows in all: the first ``size`` entries of uniform random permutations (partial Fisher-Yates,
-    vectorised over bootstraps)."""
-    for first in range(0, count, _BOOTSTRAP_CHUNK):
-        chunk = min(_BOOTSTRAP_CHUNK, count - first)
-        perm = np.tile(np.arange(rows, dtype=np.int64), (chunk, 1))
-        at = np.arange(chunk)
-        for k in range(size):
-            j = rng.integers(k, rows, size=chunk)
-            perm[at, k], perm[at, j] = perm[at, j], perm[at, k]
-        yield perm[:, :size]
-
-
-def _walk_mask(window: int, device: torch.device) -> torch.Tensor:
-    """(2W-1, 2W-1) 0/1 float32: row a < W keeps columns a+1..a+W-1 (the rows a leaving row
-    shares a window with), row a >= W keeps a-W+1..a-1 (the same for an entering row)."""
-    a = torch.arange(2 * window - 1, device=device)
-    ahead = (a[None, :] > a[:, None]) & (a[None, :] < a[:, None] + window)
-    behind = (a[None, :] < a[:, None]) & (a[None, :] > a[:, None] - window)
-    return torch.where(a[:, None] < window, ahead, behind).to(torch.float32)
-
-
-def _gather_blocks(k: torch.Tensor, idx: np.ndarray) -> torch.Tensor:
-    """k[idx_i, idx_j] for each row of ``idx`` (c, L): (c, L, L). On CPU numpy's flat take
-    measured 2.5x faster than torch's 2-D advanced indexing."""
-    flat = idx[:, :, None] * k.shape[1] + idx[:, None, :]
-    if k.device.type == "cpu":
-        return torch.from_numpy(np.take(k.numpy(), flat))
-    return torch.take(k, torch.from_numpy(flat).to(k.device))
-
-
-def _bootstrap_blocks(x: torch.Tensor, idx: torch.Tensor, sigma: float) -> torch.Tensor:
-    """k(x[idx_i], x[idx_j]) for each row of ``idx`` (c, L), unit diagonal: (c, L, L) float32
-    computed from the rows (a reference too large to keep its kernel)."""
-    rows = x[idx]
-    sq = (rows * rows).sum(-1)
-    k = torch.baddbmm(sq[:, :, None] + sq[:, None, :], rows, rows.transpose(1, 2), alpha=-2.0)
-    k.clamp_(min=0.0).mul_(-0.5 / (sigma * sigma)).exp_()
-    k.diagonal(dim1=1, dim2=2).fill_(1.0)
-    return k
-
-
-def _bootstrap_thresholds(
-    x: torch.Tensor,
-    sigma: float,
-    col_full: torch.Tensor,
-    window: int,
-    ert: float,
-    bootstraps: int,
-    rng: np.random.Generator,
-    stride: int = 1,
-    kernel: torch.Tensor | None = None,
-) -> np.ndarray:
-    """Thresholds for the tested steps after a (re)start (see module docstring): a step is tested
-    every ``stride`` rows, at a per-step false-alarm rate of stride / ERT rows; threshold k holds
-    for the test after k * stride rows. ``col_full``: float64 column sums of the reference's
-    kernel; ``kernel``: that kernel when kept (blocks are gathered from it), else None (blocks
-    are computed from the rows ``x``). Raises ValueError when too few bootstraps survive."""
-    n, ext = int(x.shape[0]), 2 * window - 1
-    sub_rows = n - ext
-    total = float(col_full.sum())
-    band_mask = _walk_mask(window, x.device)
-    stats = []
-    for chunk in extended_windows(rng, n, bootstraps, ext):
-        idx = torch.from_numpy(chunk).to(x.device)
-        # (c, 2W-1, 2W-1) float32
-        g = _gather_blocks(kernel, chunk) if kernel is not None else _bootstrap_blocks(x, idx, sigma)
-        g_cols = g.sum(1).to(torch.float64)                  # <= 2W-1 terms each: float32 is accurate enough
-        cross_cols = col_full[idx] - g_cols  # sum over sub-reference rows of k(., ext_j)
-        sub_off = total - 2.0 * cross_cols.sum(1) - g_cols.sum(1) - sub_rows
-        sub_mean = (sub_off / (sub_rows * (sub_rows - 1)))[:, None]
-        # The W windows of an extended window by the sliding recurrence (see _every_row): the
-        # first window's off-diagonal sum, then +2 (entering row's band) -2 (leaving row's band).
-        first = g[:, :window, :window].sum((1, 2), dtype=torch.float64) - window
-        bands = g.mul_(band_mask).sum(2).to(torch.float64)  # (c, 2W-1): row a's sum over its band
-        steps = 2.0 * (bands[:, window:] - bands[:, : window - 1])
-        within = torch.cat([first[:, None], first[:, None] + steps.cumsum(1)], 1)
-        c = torch.nn.functional.pad(cross_cols.cumsum(1), (1, 0))
-        cross = c[:, window:] - c[:, :window]
-        stats.append(sub_mean + within / (window * (window - 1)) - 2.0 * cross / (sub_rows * window))
-    # Column i is the window i rows after a restart; only every stride-th one is ever tested.
-    mmd = torch.cat(stats).cpu().numpy()[:, ::stride]  # (bootstraps, _calibrated_steps(W, stride))
-    quantile = 1.0 - stride / ert
-    steps = mmd.shape[1]
-    thresholds = np.empty(steps)
-    alive = np.ones(len(mmd), dtype=bool)
-    for w in range(steps):
-        values = mmd[alive, w]
-        if quantile > (len(values) - 1) / len(values):
-            raise ValueError(
-                f"online MMD calibration: {bootstraps} bootstraps cannot estimate the 1 - stride/ert_rows "
-                f"quantile for ert_rows={ert:g} over {steps} steps ({len(values)} left at step {w}); "
-                f"set bootstraps >= {required_bootstraps(ert, window, stride)} or lower ert_rows"
-            )
-        thresholds[w] = np.quantile(values, quantile)
-        alive[alive] = values < thresholds[w]
-    return thresholds
-
-
-@dataclass(frozen=True)
-class _RestartTables:
-    """float64 running sums over one chunk that give, in O(W) numpy work per restart, the S
-    increments of the first h <= W rows after a restart at chunk row p (u = window then chunk):
-    new row n meets initial rows n+1.. and its n predecessors since the restart; the leaving
-    initial row n meets initial rows n+1.. (not included here) and the new rows before n."""
-
-    first: int              # chunk row of vs[0]
-    since: np.ndarray       # (m, W-1): [i, n-1] = sum of k(chunk row i, its n predecessors)
-    after: np.ndarray       # (r, W): [r, n] = sum_{j > n} k(chunk row first + r, initial row j)
-    before: np.ndarray      # (r + 1, W): [r, j] = sum_{r' < r} k(chunk row first + r', initial row j)
-
-    @classmethod
-    def build(cls, band: torch.Tensor, vs: torch.Tensor, first: int) -> _RestartTables:
-        """``band`` of u (see _kernel_band), ``vs`` (r, W) kernel of chunk rows first.. against
-        the initial window."""
-        w = vs.shape[1]
-        since = band[w:w + first + len(vs)].cumsum(1, dtype=torch.float64)
-        suffix = vs.flip(1).cumsum(1, dtype=torch.float64).flip(1)
-        after = torch.nn.functional.pad(suffix[:, 1:], (0, 1))
-        before = torch.nn.functional.pad(vs.cumsum(0, dtype=torch.float64), (0, 0, 1, 0))
-        return cls(first, since.cpu().numpy(), after.cpu().numpy(), before.cpu().numpy())
-
-    def increments(self, start: int, head: int) -> np.ndarray:
-        """2 (B_n - A_n) for n < head, less the initial rows' own share of A (the caller's)."""
-        n, r = np.arange(head), start - self.first
-        since = np.where(n > 0, self.since[start + n, np.maximum(n - 1, 0)], 0.0)
-        leaving = self.before[r + n, n] - self.before[r, n]
-        return 2.0 * (since + self.after[r + n, n] - leaving)
 
 
 class OnlineMmd:
@@ -333,9 +102,9 @@ class OnlineMmd:
         # A restart needs each initial row's kernel sum against the initial rows after it (its
         # share of A while it leaves) and the initial window's off-diagonal sum, both from one band
         # so the recurrence subtracts exactly what it starts from.
-        init_band = _kernel_band(self._init_t, self.window_rows, self.sigma)
+        init_band = kernel_band(self._init_t, self.window_rows, self.sigma)
         tail = torch.zeros_like(init_band)  # no rows after the window
-        self._init_upper = _leaving_sums(torch.cat([init_band, tail]), self.window_rows, self.window_rows).cpu().numpy()
+        self._init_upper = leaving_sums(torch.cat([init_band, tail]), self.window_rows, self.window_rows).cpu().numpy()
         self._init_offdiag = 2.0 * float(self._init_upper.sum())
         # Mutable stream state: the current test window, its sub-reference column sums and its
         # off-diagonal kernel sum S.
@@ -377,71 +146,19 @@ class OnlineMmd:
         Needs more than 2 * window_rows reference rows, window_rows >= 2, 1 <= stride_rows <=
         window_rows, ert_rows > stride_rows and enough bootstraps; raises ValueError otherwise.
         """
-        x = check_matrix(x_ref, "reference features", min_rows=2)
-        if isinstance(window_rows, bool) or not isinstance(window_rows, (int, np.integer)) or window_rows < 2:
-            raise ValueError(f"online MMD window_rows must be an integer >= 2, got {window_rows!r}")
-        if x.shape[0] < 2 * window_rows + 1:
-            raise ValueError(
-                f"online MMD needs more than 2 x window_rows = {2 * window_rows} reference rows "
-                f"(sub-reference + extended test window), got {x.shape[0]}"
-            )
-        if isinstance(stride_rows, bool) or not isinstance(stride_rows, (int, np.integer)) or not (
-            1 <= stride_rows <= window_rows
-        ):
-            raise ValueError(f"online MMD stride_rows must be an integer in [1, window_rows], got {stride_rows!r}")
-        if not (np.isfinite(ert_rows) and ert_rows > stride_rows):
-            raise ValueError(f"online MMD ert_rows must be finite and > {stride_rows} (stride_rows), got {ert_rows!r}")
-        if isinstance(bootstraps, bool) or not isinstance(bootstraps, (int, np.integer)) or bootstraps < 2:
-            raise ValueError(f"online MMD bootstraps must be an integer >= 2, got {bootstraps!r}")
-        if not (np.isfinite(sigma) and sigma > 0):
-            raise ValueError(f"kernel bandwidth sigma must be finite and > 0, got {sigma!r}")
-        needed = required_bootstraps(float(ert_rows), int(window_rows), int(stride_rows))
-        if bootstraps < needed:
-            raise ValueError(
-                f"online MMD bootstraps={bootstraps} cannot estimate the 1 - stride/ert_rows quantile for "
-                f"ert_rows={ert_rows:g}, window_rows={window_rows}, stride_rows={stride_rows}: set "
-                f"bootstraps >= {needed}, raise stride_rows or lower ert_rows"
-            )
-        dev = device or default_device()
-        rng = np.random.default_rng(seed)
-        xt = torch.from_numpy(x).to(dev)
-        sigma = float(sigma)
-        if x.shape[0] <= DENSE_KERNEL_ROWS:
-            k = gaussian_kernel(xt, xt, sigma, same=True)
-            col_full = k.sum(0, dtype=torch.float64)
-        else:  # never the N x N kernel: column sums in blocks, bootstrap blocks from the rows
-            k, col_full = None, kernel_row_sums(xt, sigma)
-        thresholds = _bootstrap_thresholds(
-            xt, sigma, col_full, window_rows, float(ert_rows), int(bootstraps), rng, int(stride_rows), kernel=k
+        c = calibrate_online(
+            x_ref, sigma=sigma, window_rows=window_rows, ert_rows=ert_rows, bootstraps=bootstraps, seed=seed,
+            stride_rows=stride_rows, device=device,
         )
-        del k
-        total = float(col_full.sum())
-        n, sub_rows = x.shape[0], x.shape[0] - (2 * window_rows - 1)
-        for _ in range(_SPLIT_TRIES):
-            perm = rng.permutation(n)
-            sub, init = perm[:sub_rows], perm[n - window_rows:]
-            # The 2W - 1 rows outside the sub-reference (the initial window is their last W): the
-            # sub-reference's sums are the reference's minus theirs, so no N x N kernel is needed.
-            rest = torch.from_numpy(perm[sub_rows:]).to(dev)
-            k_rest = gaussian_kernel(xt[rest], xt[rest], sigma, same=True)
-            sub_sum = total - 2.0 * float(col_full[rest].sum()) + float(k_rest.sum(dtype=torch.float64))
-            sub_mean = (sub_sum - sub_rows) / (sub_rows * (sub_rows - 1))
-            colsums = col_full[rest[-window_rows:]] - k_rest[:, -window_rows:].sum(0, dtype=torch.float64)
-            first = _window_statistics(k_rest[-window_rows:, -window_rows:], colsums, window_rows, sub_mean, sub_rows)
-            if float(first[0]) < thresholds[0]:
-                return cls(
-                    sigma=sigma,
-                    thresholds=thresholds,
-                    sub_reference=x[sub],
-                    sub_mean=sub_mean,
-                    init_window=x[init],
-                    init_colsums=colsums.cpu().numpy(),
-                    stride=int(stride_rows),
-                    device=dev,
-                )
-        raise ValueError(
-            f"online MMD calibration: {_SPLIT_TRIES} random reference splits all started above the "
-            "first threshold; the reference is too small or too heterogeneous for this window_rows"
+        return cls(
+            sigma=c.sigma,
+            thresholds=c.thresholds,
+            sub_reference=c.sub_reference,
+            sub_mean=c.sub_mean,
+            init_window=c.init_window,
+            init_colsums=c.init_colsums,
+            stride=c.stride,
+            device=c.device,
         )
 
     def update(self, y: np.ndarray) -> OnlineUpdate:
@@ -456,7 +173,7 @@ class OnlineMmd:
         # so a block stays ~BLOCK_ENTRIES floats.
         part_rows = max(1, min(_UPDATE_CHUNK, BLOCK_ENTRIES // len(self._sub_np)))
         colsums = np.concatenate(
-            [_column_sums(gaussian_kernel(self._sub, part, self.sigma, sq_a=self._sub_sq)) for part in yt.split(part_rows)]
+            [column_sums(gaussian_kernel(self._sub, part, self.sigma, sq_a=self._sub_sq)) for part in yt.split(part_rows)]
         )
         out = OnlineUpdate(statistics=np.empty(len(rows)), thresholds=np.empty(len(rows)), alarm_rows=[])
         if self.stride == 1:
@@ -467,7 +184,7 @@ class OnlineMmd:
             self._strided(rows, colsums, out)
             # Only tested windows were computed; keep S right for a state that may switch stride.
             window = torch.from_numpy(self._window).to(self.device)
-            self._offdiag = _window_offdiag(_kernel_band(window, self.window_rows, self.sigma), 0, self.window_rows)
+            self._offdiag = window_offdiag(kernel_band(window, self.window_rows, self.sigma), 0, self.window_rows)
         self.rows_total += len(rows)
         return out
 
@@ -511,19 +228,19 @@ class OnlineMmd:
         restart in between, the window after it is u[i + 1 : i + W + 1]. The band of u gives
         B (new row vs the W - 1 rows before it) and A (leaving row u[i] vs the W - 1 after it)
         for every row at once; a restart inside the chunk replaces the first W increments after it
-        (_RestartTables). Rows since a restart are processed up to the next alarm or
+        (RestartTables). Rows since a restart are processed up to the next alarm or
         anchor row, whichever comes first.
         """
         w, m = self.window_rows, len(rows)
         u = np.concatenate([self._window, rows])
         uc = np.concatenate([self._colsums, colsums])
-        band = _kernel_band(torch.from_numpy(u).to(self.device), w, self.sigma)
-        d_offdiag = _band_increments(band, w, m).cpu().numpy()
+        band = kernel_band(torch.from_numpy(u).to(self.device), w, self.sigma)
+        d_offdiag = band_increments(band, w, m).cpu().numpy()
         d_cross = uc[w:] - uc[:m]
         scale_s, scale_c = 1.0 / (w * (w - 1)), 2.0 / (len(self._sub_np) * w)
         period = max(_ANCHOR_ROWS, w)  # >= W: an anchored window never holds initial rows
         restart: int | None = None     # chunk row where the current run restarted, if in this chunk
-        tables: _RestartTables | None = None
+        tables: RestartTables | None = None
         pos = 0
         while pos < m:
             end = min(m, pos + period - self.t % period)
@@ -531,7 +248,7 @@ class OnlineMmd:
             if restart == pos:
                 head = min(w, end - pos)
                 if tables is None:  # once per chunk, for all restarts to come
-                    tables = _RestartTables.build(band, _kernel_vs(yt[pos:], self._init_t, self.sigma), pos)
+                    tables = RestartTables.build(band, kernel_vs(yt[pos:], self._init_t, self.sigma), pos)
                 ds[:head] = tables.increments(pos, head) - 2.0 * self._init_upper[:head]
                 dc[:head] = colsums[pos:pos + head] - self._init_colsums[:head]
                 cross0 = float(self._init_colsums.sum())
@@ -548,7 +265,7 @@ class OnlineMmd:
                 continue
             self._offdiag = float(offdiag[taken - 1])
             if self.t % period == 0:
-                self._offdiag = _window_offdiag(band, pos, w)  # the window after chunk row pos - 1
+                self._offdiag = window_offdiag(band, pos, w)  # the window after chunk row pos - 1
         if restart is not None and m - restart < w:
             self._window = np.concatenate([self._init_window[m - restart:], rows[restart:]])
             self._colsums = np.concatenate([self._init_colsums[m - restart:], colsums[restart:]])

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 
@@ -117,7 +117,6 @@ class WindowSignals:
     accuracy: AccuracyStats
     estimate: EstimateStats | None  # None when the reference has no labels to fit a calibrator
     reference_id: str = ""          # which reference the window was compared against
-    extra: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
