@@ -73,7 +73,7 @@ def format_table(windows: list[WindowSignals], scored: list[tuple[int, int]] | N
 def run(args: argparse.Namespace) -> int:
     config = config_from_flags(args, _FLAGS)
     from monitor.engine.cycle import Engine  # torch and scipy load only for commands that need them
-    from monitor.signals.results import to_jsonable
+    from monitor.signals.results import to_json
 
     state_dir = config.monitor.state_dir
     existed = state_dir.exists()
@@ -93,9 +93,9 @@ def run(args: argparse.Namespace) -> int:
         json.dump(
             {
                 "state_dir": str(state_dir),
-                "windows": [{**to_jsonable(w), "labelled": {"labels": n, "accuracy": hits / n if n else None}}
+                "windows": [{**to_json(w), "labelled": {"labels": n, "accuracy": hits / n if n else None}}
                             for w, (n, hits) in zip(windows, scored)],
-                "label_evaluations": [to_jsonable(e) for e in evaluations],
+                "label_evaluations": [to_json(e) for e in evaluations],
                 "event_time": watermark,
                 "counters": [{"name": n, "key": k, "value": v} for (n, k), v in sorted(counters.items())],
             },

@@ -205,12 +205,12 @@ def _replay_windows(config_path: Path, state: Path) -> list[dict[str, Any]]:
     """Every window of the run, recomputed from the logs with the same config and references."""
     from monitor.config import load_config
     from monitor.engine.cycle import Engine
-    from monitor.signals.results import to_jsonable
+    from monitor.signals.results import to_json
 
     config = load_config(config_path)
     engine = Engine(dataclasses.replace(config.monitor, state_dir=state))
     try:
-        return [to_jsonable(w) for w in engine.catch_up()]
+        return [to_json(w) for w in engine.catch_up()]
     finally:
         engine.close()
 

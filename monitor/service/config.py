@@ -24,7 +24,7 @@ class HttpConfig:
     port: int = setting(9464, minimum=0, maximum=65535)
     token_file: Path | None = setting(None, location=True)  # file whose stripped content is the bearer token
     token_env: str | None = setting(None)     # or the name of an environment variable holding it
-    # The server's bounds (monitor.service.api): a fixed pool runs requests; connections are read
+    # The server's bounds (monitor.service.http_server): a fixed pool runs requests; connections are read
     # by one event loop, so idle or slow sockets cost a file descriptor, never a thread.
     threads: int = setting(16, minimum=1, maximum=256)       # worker threads answering requests
     backlog: int = setting(1024, minimum=1, maximum=65535)   # listen() queue for connection bursts (capped by net.core.somaxconn)

@@ -62,7 +62,7 @@ class JobRecord(JobRequest):
     result: JobResult | None = None
     progress: dict[str, Any] = field(default_factory=dict)  # last progress line of the job
 
-    def view(self) -> dict[str, Any]:
+    def to_json(self) -> dict[str, Any]:
         return {
             "job_id": self.job_id, "reason": self.reason, "source": self.source, "state": self.state,
             "requested_at": self.requested_at, "started_at": self.started_at, "attempts": self.attempts,
@@ -203,7 +203,7 @@ class RetrainQueue:
     def get(self, job_id: str) -> dict[str, Any] | None:
         with self._lock:
             rec = self._jobs.get(job_id)
-            return None if rec is None else rec.view()
+            return None if rec is None else rec.to_json()
 
     def active_job_id(self) -> str | None:
         """The id of the job running, else of the oldest queued one (None when neither)."""
@@ -219,7 +219,7 @@ class RetrainQueue:
     def summary(self) -> dict[str, Any]:
         with self._lock:
             recs = sorted(self._jobs.values(), key=lambda r: r.requested_at)
-            views = [r.view() for r in recs]
+            views = [r.to_json() for r in recs]
         finished = [v for v in views if v["state"] == "finished"]
         return {
             "queued": [v for v in views if v["state"] == "queued"],

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from monitor.policy.decisions import ReferenceFacts
 from monitor.service.metrics import MetricsSnapshot, RetrainProgress
-from monitor.signals.results import signal_values, to_jsonable
+from monitor.signals.results import signal_values, to_json
 
 if TYPE_CHECKING:
     import threading
@@ -131,7 +131,7 @@ class StatusView:
                             "served": mv in self._served}
         queue = self.queue
         first = pending[0] if pending else None
-        return to_jsonable({
+        return to_json({
             "model": self.config.monitor.model,
             "current_version": self._current_version,
             "build_version": snap.build_version,
@@ -155,7 +155,7 @@ class StatusView:
 
     def retrain_info(self, job_id: str) -> dict[str, Any] | None:
         info = None if self.queue is None else self.queue.get(job_id)
-        return None if info is None else to_jsonable(info)
+        return None if info is None else to_json(info)
 
     # -- the snapshot (cycle thread) ------------------------------------------------------------------
     def _refresh_snapshot(self, report: Any) -> None:

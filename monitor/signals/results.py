@@ -1,7 +1,7 @@
 """Typed results of every signal, and the per-window record that bundles them.
 
 These are what the engine hands to the policy, the metrics exporter, the status API and
-``driftd check``. The JSON view is derived in one place: :func:`to_jsonable`.
+``driftd check``. The JSON view is derived in one place: :func:`to_json`.
 """
 
 from __future__ import annotations
@@ -134,18 +134,18 @@ class LabelEvaluation:
     reference_id: str = ""
 
 
-def to_jsonable(value: Any) -> Any:
+def to_json(value: Any) -> Any:
     """Dataclasses -> plain JSON types; NaN/inf become None (JSON has no NaN)."""
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: to_jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        return {f.name: to_json(getattr(value, f.name)) for f in dataclasses.fields(value)}
     if isinstance(value, dict):
-        return {str(k): to_jsonable(v) for k, v in value.items()}
+        return {str(k): to_json(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [to_jsonable(v) for v in value]
+        return [to_json(v) for v in value]
     if isinstance(value, float):
         return value if math.isfinite(value) else None
     if hasattr(value, "item") and callable(value.item):  # numpy scalars
-        return to_jsonable(value.item())
+        return to_json(value.item())
     return value
 
 
