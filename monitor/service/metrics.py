@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from monitor.ingest import counters as k
 from monitor.ingest.counters import FILE_REASONS, ROW_REASONS
 from monitor.signals.results import WindowSignals
 
@@ -23,7 +24,7 @@ from monitor.signals.results import WindowSignals
 FILE_KINDS = ("inference", "labels")
 JOB_NAMES = ("cycle", "retrain", "http")  # each has one catch point that counts here
 RETRAIN_OUTCOMES = ("promoted", "rejected", "failed", "dropped", "deferred")
-LABEL_OUTCOMES = ("joined", "unmatched", "duplicate")
+LABEL_OUTCOMES = (k.JOINED, k.UNMATCHED, k.DUPLICATE)
 ON_PROMOTE_KINDS = ("command", "webhook")    # retrain.hooks.KINDS
 ON_PROMOTE_OUTCOMES = ("ok", "failed")       # retrain.hooks.OUTCOMES
 CYCLE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
@@ -67,7 +68,7 @@ class MetricsSnapshot:
 
 
 def _enum_counter(counters: Mapping[tuple[str, str], float], kind: str) -> dict[str, float]:
-    return {label: v for (k, label), v in counters.items() if k == kind}
+    return {label: v for (counter_kind, label), v in counters.items() if counter_kind == kind}
 
 
 class SnapshotCollector(Collector):
@@ -105,27 +106,27 @@ class SnapshotCollector(Collector):
                 fam.add_metric([m, key], values[key])
             return fam
 
-        yield per_version("driftd_ingest_rows", "Inference rows ingested", "rows", versions)
-        yield enum("driftd_ingest_files", "Log files fully ingested, by kind", "kind", "files", FILE_KINDS)
+        yield per_version("driftd_ingest_rows", "Inference rows ingested", k.ROWS, versions)
+        yield enum("driftd_ingest_files", "Log files fully ingested, by kind", "kind", k.FILES, FILE_KINDS)
         yield enum("driftd_ingest_rejected_rows", "Rows rejected by the log contract, by reason", "reason",
-                   "rejected_rows", ROW_REASONS)
-        yield enum("driftd_ingest_quarantined_files", "Files quarantined, by reason", "reason", "quarantined_files",
+                   k.REJECTED_ROWS, ROW_REASONS)
+        yield enum("driftd_ingest_quarantined_files", "Files quarantined, by reason", "reason", k.QUARANTINED_FILES,
                    FILE_REASONS)
-        labels = _enum_counter(c, "labels")
+        labels = _enum_counter(c, k.LABELS)
         for outcome in LABEL_OUTCOMES:
             fam = CounterMetricFamily(f"driftd_labels_{outcome}", f"Label rows {outcome}", labels=["model"])
             fam.add_metric([m], labels.get(outcome, 0.0))
             yield fam
         yield per_version(
             "driftd_rows_without_reference", "Rows of a model_version with no reference (not evaluated)",
-            "rows_without_reference", [mv for (k, mv) in c if k == "rows_without_reference" and mv in versions],
+            k.ROWS_WITHOUT_REFERENCE, [mv for (kind, mv) in c if kind == k.ROWS_WITHOUT_REFERENCE and mv in versions],
         )
-        yield per_version("driftd_windows", "Windows closed and evaluated", "windows", versions)
+        yield per_version("driftd_windows", "Windows closed and evaluated", k.WINDOWS, versions)
         for name, doc, kind, key in (
                 ("driftd_labelled_rows_pruned", "Joined rows pruned past ingest.labelled_retention_seconds (event time)",
-                 "labelled", "pruned"),
+                 k.LABELLED, k.PRUNED),
                 ("driftd_predictions_expired", "Predictions that waited ingest.prediction_ttl_seconds (event time) "
-                 "without a label", "predictions", "expired")):
+                 "without a label", k.PREDICTIONS, k.EXPIRED)):
             fam = CounterMetricFamily(name, doc, labels=["model"])
             fam.add_metric([m], c.get((kind, key), 0.0))
             yield fam
