@@ -144,9 +144,9 @@ def _tiny_world(work: Path, cache: Path) -> str:
     from retrain.model import resolve_data_config
     from retrain_helpers import SHIFT, SIZE, digits, load_source, source_checkpoint
 
-    # enough for the default min_labelled_rows (200), and ~250 held-out replay rows for the gate to
+    # enough for the default min_labelled_rows (200), and ~290 held-out replay rows for the gate to
     # show forgetting below the README's max_forgetting 0.02; its own source model (a smaller split)
-    d = digits(n_source=400, n_replay=997, n_production=400)
+    d = digits(n_source=250, n_replay=1147, n_production=400)
     (cache / "walkthrough").mkdir(exist_ok=True)
     checkpoint = source_checkpoint(cache / "walkthrough", d)
     for name, idx, images in (("val", d.replay, d.images[d.replay]),
