@@ -6,8 +6,8 @@ It loads the whole config file and calls :func:`retrain.job.run_job`. It sits he
 layer, because the whole file includes the sections above retrain (the service's): retrain itself
 reads only what a retrain needs (``retrain.config.JobSettings``). Not a ``driftd`` subcommand: it
 is the launchers' contract with the job, not a command for users (``driftd retrain`` asks the
-daemon for a job, or runs one in its own process with ``--local``). Exit 0 when the job finished with "promoted" or "rejected", 1 on "failed", 2 on a
-bad config.
+daemon for a job, or runs one in its own process with ``--local``). Exit 0 when the job finished
+with "promoted" or "rejected", 1 on "failed", 2 on a bad config.
 """
 
 from __future__ import annotations
