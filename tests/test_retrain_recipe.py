@@ -138,3 +138,18 @@ def test_a_diverging_fine_tune_backs_off_then_keeps_the_head_phase_and_says_so(s
     fine_tune(head_only, training, hyper, choose_strategy(10, 0.0, requested="head"), device=CPU)
     assert all(torch.allclose(v.float(), head_only.state_dict()[k].float(), atol=1e-3)
                for k, v in model.state_dict().items())
+
+
+@pytest.mark.slow
+def test_a_fine_tune_that_never_beats_the_head_phase_backs_off_without_a_guard_trip(setup) -> None:
+    # No guard can trip (bounds out of reach), yet at this rate validation loss stays above the
+    # head phase's until patience stops the phase: that is retried at a tenth of the rate too.
+    source, training, _, _ = setup
+    hyper = dataclasses.replace(FAST_HYPER, epochs_head=2, epochs_finetune=2, lr_backbone=0.3, max_backoffs=1,
+                                val_rise=1e9, grad_ratio=1e9, spike_factor=1e9, patience=1)
+    model, events = copy.deepcopy(source), []
+    report = fine_tune(model, training, hyper, choose_strategy(len(training.train), 0.0, requested="top_blocks"),
+                       device=CPU, progress=events.append)
+    assert "attempt 1 at lr 0.3: validation loss stayed above the head phase's" in report.trips[0], report.trips
+    backoffs = [e for e in events if e["event"] == "guard" and e["guard"] == "backoff"]
+    assert len(backoffs) == 1 and "retrying the phase from the head-trained weights at lr 0.03" in backoffs[0]["message"]
