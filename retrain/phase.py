@@ -126,6 +126,10 @@ class Trainer:
             loss = nn.functional.cross_entropy(self.forward(to_device(batch.x, ctx.device)).float(), batch.y.to(ctx.device))
         return loss + self.anchor.penalty() if self.anchor is not None else loss
 
+    def weight_drift(self) -> float:
+        """How far the weights moved from the start (0 with no anchor)."""
+        return self.anchor.drift() if self.anchor is not None else 0.0
+
     def val(self, ctx: RunContext) -> float:
         self.module.eval()
         self.before_eval()
@@ -144,6 +148,15 @@ def run_phase(name: str, tr: Trainer, optimizer: torch.optim.Optimizer, epochs: 
               "message": f"starting {name} phase" + (f" at lr {lr:.2g}" if lr is not None else "")})
     step, epoch, stopped, tripped = 0, 0, "max_epochs", None
     images, train_seconds, all_norms = 0, 0.0, []
+
+    def restore_after(exc: GuardTripped, norms: list[float]) -> str:
+        """A guard tripped (mid-epoch or at its end): back to the best weights, say so; the stop reason."""
+        tr.module.load_state_dict(best_state)
+        ctx.emit({"event": "guard", "phase": name, "epoch": epoch, "guard": exc.kind,
+                  "grad_norm": norms[-1] if norms else 0.0, "weight_drift": tr.weight_drift(),
+                  "message": f"{exc}; restored the weights of epoch {best_epoch}"})
+        return f"guard:{exc.kind}"
+
     for epoch in range(1, epochs + 1):
         tr.set_modes()
         norms: list[float] = []
@@ -171,7 +184,7 @@ def run_phase(name: str, tr: Trainer, optimizer: torch.optim.Optimizer, epochs: 
                 if guard is not None and step % PROGRESS_EVERY == 0:
                     ctx.emit({"event": "step", "phase": name, "epoch": epoch, "step": step,
                               "grad_norm": norms[-1], "grad_ratio": guard.ratio(norms[-1]),
-                              "weight_drift": tr.anchor.drift() if tr.anchor is not None else 0.0,
+                              "weight_drift": tr.weight_drift(),
                               "lr": max(g["lr"] for g in optimizer.param_groups), "train_loss": float(loss.detach())})
                 if guard is not None and step % CHECK_EVERY == 0 and len(norms) < steps_per_epoch(
                         tr.data, hyper.batch_size, hyper.replay_fraction):
@@ -182,12 +195,7 @@ def run_phase(name: str, tr: Trainer, optimizer: torch.optim.Optimizer, epochs: 
         except GuardTripped as exc:
             train_seconds += time.perf_counter() - started
             all_norms += norms
-            tr.module.load_state_dict(best_state)
-            ctx.emit({"event": "guard", "phase": name, "epoch": epoch, "guard": exc.kind,
-                      "grad_norm": norms[-1] if norms else 0.0,
-                      "weight_drift": tr.anchor.drift() if tr.anchor is not None else 0.0,
-                      "message": f"{exc}; restored the weights of epoch {best_epoch}"})
-            stopped, tripped = f"guard:{exc.kind}", exc
+            stopped, tripped = restore_after(exc, norms), exc
             break
         train_seconds += time.perf_counter() - started
         all_norms += norms
@@ -195,18 +203,13 @@ def run_phase(name: str, tr: Trainer, optimizer: torch.optim.Optimizer, epochs: 
         ctx.emit({"event": "epoch", "phase": name, "epoch": epoch, "train_loss": train_loss / max(1, len(norms)),
                   "val_loss": val, "grad_norm": max(norms, default=0.0),
                   "grad_norm_mean": sum(norms) / max(1, len(norms)),
-                  "weight_drift": tr.anchor.drift() if tr.anchor is not None else 0.0,
+                  "weight_drift": tr.weight_drift(),
                   "images_per_second": images / max(train_seconds, 1e-9)})
         if guard is not None:
             try:
                 guard.check_val(val)
             except GuardTripped as exc:
-                tr.module.load_state_dict(best_state)
-                ctx.emit({"event": "guard", "phase": name, "epoch": epoch, "guard": exc.kind,
-                          "grad_norm": norms[-1] if norms else 0.0,
-                          "weight_drift": tr.anchor.drift() if tr.anchor is not None else 0.0,
-                          "message": f"{exc}; restored the weights of epoch {best_epoch}"})
-                stopped, tripped = f"guard:{exc.kind}", exc
+                stopped, tripped = restore_after(exc, norms), exc
                 break
         if val < best_loss - 1e-4:
             best_loss, best_state, best_epoch = val, state_copy(tr.module), epoch
