@@ -132,7 +132,7 @@ def finetune_phase(model: nn.Module, data: TrainingSet, plan: StrategyPlan, ctx:
         if attempt < hyper.max_backoffs:
             ctx.emit({"event": "guard", "phase": "finetune", "guard": "backoff", "epoch": report.epochs,
                       "message": f"{tripped}; retrying the phase from the head-trained weights at lr {lr / 10:.2g}"})
-    improved = report.best_epoch > 0 and report.best_val_loss < head_val - 1e-4
+    improved = better  # the last attempt's
     if not improved:
         model.load_state_dict(head_state)
         detail = (f"{len(trips)} guard trip(s), the last: {trips[-1]}" if report.stopped.startswith("guard")
