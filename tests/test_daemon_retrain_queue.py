@@ -120,6 +120,15 @@ def _restart_and_finish(tmp: Path, job_id: str, recovered: list[str], external: 
     return again
 
 
+def _left_behind(tmp: Path, job_id: str, *, attempts: int) -> Path:
+    """A job directory as a daemon stopped during attempt ``attempts`` leaves it: a request, no result."""
+    job_dir = tmp / "retrain" / job_id
+    job_dir.mkdir(parents=True)
+    (job_dir / "request.json").write_text(json.dumps(
+        {"job_id": job_id, "reason": "drift", "source": "api", "requested_at": 1.0, "attempts": attempts}))
+    return job_dir
+
+
 def test_job_runs_once_and_reports_progress_and_outcome(tmp_path: Path) -> None:
     h = Harness(tmp_path).start()
     try:
@@ -196,10 +205,7 @@ def test_an_entry_left_for_the_interrupted_attempt_does_not_run_it_again(tmp_pat
     # attempt 2, once, and say so, not leave it to the stale entry.
     from monitor.service.retrain_queue import run_queued_retrain
 
-    job_dir = tmp_path / "retrain" / "j1"
-    job_dir.mkdir(parents=True)
-    (job_dir / "request.json").write_text(json.dumps(
-        {"job_id": "j1", "reason": "drift", "source": "api", "requested_at": 1.0, "attempts": 1}))
+    _left_behind(tmp_path, "j1", attempts=1)
     h = Harness(tmp_path).start(paused=True)
     h.scheduler.add_job(run_queued_retrain, trigger="date", args=["j1"], id="retrain-j1-a1", jobstore=JOBSTORE,
                         executor=EXECUTOR, misfire_grace_time=None)
@@ -216,10 +222,7 @@ def test_an_entry_left_for_the_interrupted_attempt_does_not_run_it_again(tmp_pat
 
 
 def test_job_interrupted_too_often_is_recorded_as_failed(tmp_path: Path) -> None:
-    job_dir = tmp_path / "retrain" / "j1"
-    job_dir.mkdir(parents=True)
-    (job_dir / "request.json").write_text(json.dumps(
-        {"job_id": "j1", "reason": "drift", "source": "api", "requested_at": 1.0, "attempts": 3}))
+    job_dir = _left_behind(tmp_path, "j1", attempts=3)
     h = Harness(tmp_path).start(paused=True)
     try:
         assert h.queue.recover() == []
