@@ -24,7 +24,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, TypeVar
 
-from retrain.files import read_json, write_atomic, write_json_atomic
+from retrain.files import read_json, write_json_atomic
 from retrain.progress import GAUGE_KEYS, ProgressEvent
 from retrain.result import JobResult
 
@@ -78,7 +78,7 @@ def write_request(job_dir: Path, request: JobRequest) -> None:
 def write_result(job_dir: Path, result: JobResult) -> Path:
     """Write ``result.json`` atomically (temp file, fsync, os.replace)."""
     path = Path(job_dir) / RESULT_FILE
-    write_atomic(path, json.dumps(result.to_json(), indent=1, default=str))
+    write_json_atomic(path, result.to_json())
     return path
 
 
