@@ -268,6 +268,8 @@ def speed(args: argparse.Namespace, hyper: HyperConfig) -> None:
     prefix_speedup(world.source, plan, training, rounds=args.speed_rounds)
     if args.speed_retrain:
         seconds, _ = timed(hyper, "default recipe (prefix cached)")
+        if args.no_hog:
+            return
         stop = multiprocessing.Event()
         hog = multiprocessing.Process(target=_hog, args=(stop,), daemon=True)
         hog.start()
@@ -405,6 +407,8 @@ def main() -> int:
     parser.add_argument("--backbone", choices=("mobilenetv2", "test_resnet"), default="mobilenetv2")
     parser.add_argument("--size", type=int, default=64, help="image size in pixels (the served model's: 64)")
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--seed-list", type=int, nargs="+", default=None,
+                        help="these seeds instead of 0..seeds-1 (to split the grid over processes)")
     parser.add_argument("--cases", nargs="+", default=None, help="kind:severity, e.g. noise:1 blur:0.5")
     parser.add_argument("--production-digits", type=int, default=120,
                         help="digits in the production set (x5 renders = labelled rows)")
@@ -427,6 +431,7 @@ def main() -> int:
                         help="strategy of the speed case (the table picks 'full' for 2000 shifted rows: "
                              "nothing frozen, nothing to cache)")
     parser.add_argument("--speed-only", action="store_true")
+    parser.add_argument("--no-hog", action="store_true", help="time the whole retrain quiet only, not beside a CPU hog")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (on the busy 2-core box, 2 threads ran ~10x slower than 1)")
     args = parser.parse_args()
@@ -435,7 +440,7 @@ def main() -> int:
     for item in args.hyper:
         hyper = _override(hyper, item)
     cases = args.cases or (["noise:1"] if args.quick else [f"{k}:{s:g}" for k in CORRUPTIONS for s in SEVERITIES])
-    seeds = [0] if args.quick else list(range(args.seeds))
+    seeds = [0] if args.quick else (args.seed_list or list(range(args.seeds)))
     started = time.perf_counter()
     print(f"{args.backbone} @ {args.size}px, cases {' '.join(cases)}, seeds {seeds}, load {os.getloadavg()[0]:.1f}; "
           f"hyper {dataclasses.asdict(hyper)}", flush=True)

@@ -140,8 +140,7 @@ def fine_tune(
                      rank=dist.get_rank() if distributed else 0,
                      world_size=dist.get_world_size() if distributed else 1, history=[])
     model.to(device)
-    if device.type == "cuda":
-        model.to(memory_format=torch.channels_last)
+    model.to(memory_format=torch.channels_last)  # matches to_device's batches, on CPU as on CUDA
     bn: BatchNormReport = inspect_batchnorm(model)
     ctx.emit({"event": "phase", "phase": "batchnorm", "message": bn.message(), **bn.to_json()})
     second = not data.features_only and plan.name != "head" and hyper.epochs_finetune > 0

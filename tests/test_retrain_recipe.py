@@ -153,3 +153,25 @@ def test_a_fine_tune_that_never_beats_the_head_phase_backs_off_without_a_guard_t
     assert "attempt 1 at lr 0.3: validation loss stayed above the head phase's" in report.trips[0], report.trips
     backoffs = [e for e in events if e["event"] == "guard" and e["guard"] == "backoff"]
     assert len(backoffs) == 1 and "retrying the phase from the head-trained weights at lr 0.03" in backoffs[0]["message"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("batchnorm, replay", [("frozen", 0.5), ("adapt", 0.7)])
+def test_the_replay_floor_applies_only_while_statistics_adapt(setup, monkeypatch, batchnorm, replay) -> None:
+    # all_but_stem raises replay to 0.7 so that adapted BN statistics stay mostly source; with the
+    # served statistics frozen, phase 2's batches mix the configured share (fewer steps per epoch).
+    import retrain.phase
+
+    source, training, _, _ = setup
+    seen: list[float] = []
+    real = retrain.phase.mixed_batches
+    monkeypatch.setattr(retrain.phase, "mixed_batches",
+                        lambda data, size, fraction, *a, **k: (seen.append(fraction), real(data, size, fraction, *a, **k))[1])
+    hyper = dataclasses.replace(FAST_HYPER, epochs_head=1, epochs_finetune=1, lr_backbone=1e-4, batchnorm=batchnorm,
+                                replay_fraction=0.5)
+    plan = choose_strategy(len(training.train), 1.0)
+    assert plan.name == "all_but_stem" and plan.replay_fraction(0.5) == 0.7
+    report = fine_tune(copy.deepcopy(source), training, hyper, plan, device=CPU)
+    assert report.batchnorm["finetune"]["adapted"] is (batchnorm == "adapt")
+    assert report.batchnorm["finetune"]["replay_fraction"] == replay
+    assert seen[0] == 0.5 and seen[1:] == [replay]  # the head phase's epoch, then phase 2's
