@@ -57,6 +57,7 @@ from retrain.strategy import choose_strategy, domain_gap  # noqa: E402
 
 CPU = torch.device("cpu")
 SEVERITIES = (0.5, 1.0)
+REPLAY_RENDERS = 4
 
 
 # -- data ---------------------------------------------------------------------------------------
@@ -135,7 +136,10 @@ def make_world(seed: int, args: argparse.Namespace, production_digits: int) -> W
     else:
         source, data_config = train_digits_model(source_r.images, source_r.labels, architecture=args.backbone,
                                                  epochs=10, seed=seed)
-    replay = _rendered(rep, 2, args.size, seed + 1)
+    # 4 renders per replay digit: the gate's reference slice (25% of the digits) then holds 300
+    # distinct inputs; with 2 (150) the gate refused every candidate, 268 being needed to resolve
+    # max_forgetting 0.01 at alpha 0.05
+    replay = _rendered(rep, REPLAY_RENDERS, args.size, seed + 1)
     production = _rendered(prod, 5, args.size, seed + 2)
     test_r = _rendered(test, 1, args.size, seed + 3)
     x_rep = images_to_tensor(replay.images, data_config)

@@ -47,7 +47,8 @@ class StrategyPlan:
     min_replay_fraction: float = 0.0  # floor on hyper.replay_fraction (unless that is 0: replay off)
 
     def replay_fraction(self, configured: float) -> float:
-        """The replay share of every batch: adapted BN statistics must stay mostly source."""
+        """The replay share of every batch while BN statistics adapt: they must stay mostly source.
+        (retrain.finetune goes back to ``configured`` when the statistics stay frozen.)"""
         return configured if configured == 0 else max(configured, self.min_replay_fraction)
 
     def trainable_groups(self, num_groups: int) -> range:
