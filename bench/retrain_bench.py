@@ -58,6 +58,7 @@ from retrain.strategy import choose_strategy, domain_gap  # noqa: E402
 CPU = torch.device("cpu")
 SEVERITIES = (0.5, 1.0)
 REPLAY_RENDERS = 4
+TEST_RENDERS = 2
 
 
 # -- data ---------------------------------------------------------------------------------------
@@ -141,7 +142,10 @@ def make_world(seed: int, args: argparse.Namespace, production_digits: int) -> W
     # max_forgetting 0.01 at alpha 0.05
     replay = _rendered(rep, REPLAY_RENDERS, args.size, seed + 1)
     production = _rendered(prod, 5, args.size, seed + 2)
-    test_r = _rendered(test, 1, args.size, seed + 3)
+    # test digits drawn like the source's (moved/rotated/scaled renders): one plain upsampled
+    # render each measured a distribution no training set holds (noise:1 seed 1: plain renders
+    # 0.937 -> 0.879 while the gate's held-out replay renders went 0.943 -> 0.957)
+    test_r = _rendered(test, TEST_RENDERS, args.size, seed + 3)
     x_rep = images_to_tensor(replay.images, data_config)
     return World(seed, source.eval(), data_config, replay, production, test_r, _three_way(x_rep, replay, seed + 4),
                  Split(images_to_tensor(test_r.images, data_config), torch.as_tensor(test_r.labels)))
