@@ -10,25 +10,32 @@ import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 
 @dataclass(frozen=True)
 class Split:
-    """Inputs and labels: x float32[N, C, H, W] (images) or float32[N, D] (pooled features); y int64[N]."""
+    """Inputs and labels: x float32[N, C, H, W] (images) or float32[N, D] (pooled features); y int64[N].
+    ``groups``: one key per row when rows come in groups (retrain.group_pattern), for the gate's
+    tests; None when every row stands alone."""
 
     x: torch.Tensor
     y: torch.Tensor
+    groups: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if self.x.shape[0] != self.y.shape[0]:
             raise ValueError(f"split has {self.x.shape[0]} inputs but {self.y.shape[0]} labels")
+        if self.groups is not None and len(self.groups) != self.y.shape[0]:
+            raise ValueError(f"split has {self.y.shape[0]} rows but {len(self.groups)} group keys")
 
     def __len__(self) -> int:
         return int(self.y.shape[0])
 
     def take(self, index: torch.Tensor) -> "Split":
-        return Split(self.x[index], self.y[index])
+        groups = None if self.groups is None else self.groups[index.numpy()]
+        return Split(self.x[index], self.y[index], groups)
 
 
 @dataclass(frozen=True)

@@ -80,7 +80,8 @@ class HyperConfig:
     spike_factor: float = setting(10.0, minimum=1.5)  # gradient norm above this x running median stops the phase
     grad_ratio: float = setting(10.0, minimum=1.5)  # phase 2: gradient norm above this x the head-trained model's trips a guard
     val_rise: float = setting(1.5, minimum=1.0)     # phase 2: validation loss above this x the head phase's trips a guard
-    max_backoffs: int = setting(2, minimum=0, maximum=6)  # retries of phase 2 at 1/10 the LR after a guard trip
+    max_backoffs: int = setting(2, minimum=0, maximum=6)  # retries of phase 2 at a lower LR after a guard trip
+    backoff_factor: float = setting(0.1, minimum=0.01, maximum=0.9)  # each retry's LR: the last one's x this
     # phase-2 BN statistics: auto (re-estimate, keep if val loss holds) | frozen | adapt
     batchnorm: str = setting("auto", choices=BATCHNORM_MODES)
     cache_mb: int = setting(2048, minimum=0)        # memory for cached frozen-prefix activations (0 = run the whole network)
@@ -179,6 +180,23 @@ class OnPromoteConfig:
     timeout_seconds: float = setting(30.0, minimum=0.1)  # per hook; a hook that overruns counts as failed
 
 
+def _group_pattern(r: Reading) -> str | None:
+    """A regular expression with one capture group, searched in each row's input_uri: rows with
+    the same captured text are one group (photos of one product, scans of one patient)."""
+    pattern = r.section.str(r.name, None)
+    if pattern is None:
+        return None
+    try:
+        compiled = re.compile(pattern)
+    except re.error as exc:
+        r.section.error(r.name, f"{pattern!r} is not a regular expression: {exc}")
+        return pattern
+    if compiled.groups < 1:
+        r.section.error(r.name, f"{pattern!r} has no capture group; put the part of input_uri that names the "
+                                "group in parentheses, e.g. '^products/([^/]+)/'")
+    return pattern
+
+
 @dataclass(frozen=True)
 class RetrainConfig:
     registry_dir: Path = setting(Path("./driftd-registry"), location=True)
@@ -190,6 +208,9 @@ class RetrainConfig:
     min_labelled_rows: int = setting(200, minimum=1)
     max_rows: int = setting(5000, minimum=2)
     lookback_seconds: float = setting(7 * 86400.0, minimum=1.0)
+    # regex whose first capture group, searched in input_uri, names the group a row belongs to:
+    # a group stays on one side of the split and the gate counts its rows as dependent (None: rows independent)
+    group_pattern: str | None = setting(None, parse=_group_pattern)
     gate: GateConfig = field(default_factory=GateConfig)
     hyper: HyperConfig = field(default_factory=HyperConfig)
     device: str = setting("auto", choices=DEVICES)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import datetime
 import io
+import re
 import urllib.parse
 from collections import defaultdict
 from collections.abc import Sequence
@@ -189,6 +190,21 @@ def read_replay(replay_logs: str, *, max_rows: int, num_classes: int, seed: int,
     return out
 
 
+def row_groups(uris: Sequence[str | None], keys: Sequence[str], pattern: str, where: str) -> list[str]:
+    """The group of each row: the first capture group of ``pattern`` (retrain.group_pattern)
+    searched in its input_uri. Raises DataError naming the first row it does not match: a row
+    without a group could share an object with a gate row unseen."""
+    compiled = re.compile(pattern)
+    out = []
+    for uri, key in zip(uris, keys):
+        found = compiled.search(uri) if uri is not None else None
+        if found is None or found.group(1) is None:
+            raise DataError(f"{where} row {key}: input_uri {uri!r} does not match retrain.group_pattern {pattern!r}; "
+                            "every row needs a group when the pattern is set (fix the pattern or the row's input_uri)")
+        out.append(found.group(1))
+    return out
+
+
 def _select(rows: list[JoinedLabel], onset: float | None, *, min_rows: int, window: str
             ) -> tuple[list[JoinedLabel], int, str | None]:
     """(rows to use, rows before the onset, head-only reason). Raises NotEnoughData."""
@@ -263,20 +279,33 @@ def load_training_data(config: JobSettings, data_config: dict[str, Any], *, num_
         prod_content, ref_content = content[: len(x_prod)], content[len(x_prod):]
     y_prod = torch.tensor([r.label for r in rows], dtype=torch.int64)
     y_ref = torch.from_numpy(replay["label"])
+    groups = replay_groups = None
+    if rc.group_pattern is not None:
+        if "input_uri" not in replay:
+            raise DataError(f"{rc.replay_logs}: replay logs have no input_uri column; retrain.group_pattern reads it")
+        groups = row_groups([r.input_uri for r in rows], [r.request_id for r in rows], rc.group_pattern, "labelled")
+        replay_groups = row_groups(list(replay["input_uri"]), list(replay["key"]), rc.group_pattern,
+                                   f"{rc.replay_logs}: replay")
     idx = split_rows(times=np.array([r.timestamp for r in rows]), keys=[r.request_id for r in rows],
                      content=prod_content, replay_content=ref_content, gate_fraction=rc.gate.gate_fraction,
-                     validation_fraction=VALIDATION_FRACTION)
+                     validation_fraction=VALIDATION_FRACTION, groups=groups, replay_groups=replay_groups)
     prod, ref = Split(x_prod, y_prod), Split(x_ref, y_ref)
 
     def take(split: Split, index: np.ndarray) -> Split:
         return split.take(torch.from_numpy(index))
 
+    def gate_slice(split: Split, index: np.ndarray, keys: list[str] | None) -> Split:
+        # the gate's slices carry their groups: the paired tests count a group's rows as dependent
+        part = take(split, index)
+        return part if keys is None else Split(part.x, part.y, np.asarray(keys, dtype=object)[index])
+
     train, replay_train = take(prod, idx.train), take(ref, idx.replay_train)
     if len(train) == 0 or len(replay_train) == 0:
         raise NotEnoughData(
             f"no rows left to train on: {len(train)} production rows (of {len(rows)}; {idx.production_copies_dropped} "
-            f"repeat an input held out for the gate) and {len(replay_train)} replay rows; wait for more labelled rows "
-            "or add replay data")
+            f"repeat an input{' or share a group' if groups is not None else ''} held out for the gate) and "
+            f"{len(replay_train)} replay rows; wait for more labelled rows or add replay data"
+            + (" (or make retrain.group_pattern finer)" if groups is not None else ""))
     used = len(idx.train) + len(idx.validation) + len(idx.gate)
     summary = DataSummary(
         since=since, until=until if until is not None else since, rows=len(rows),
@@ -286,12 +315,14 @@ def load_training_data(config: JobSettings, data_config: dict[str, Any], *, num_
         production_gate_rows=len(idx.gate), replay_rows=len(y_ref), replay_train_rows=len(idx.replay_train),
         replay_validation_rows=len(idx.replay_validation), reference_gate_rows=len(idx.replay_gate),
         production_copies_dropped=idx.production_copies_dropped, replay_copies_dropped=idx.replay_copies_dropped,
-        gate_copies_merged=idx.gate_copies_merged, head_only_reason=head_only,
+        gate_copies_merged=idx.gate_copies_merged, head_only_reason=head_only, group_pattern=rc.group_pattern,
+        production_gate_groups=None if groups is None else len({groups[i] for i in idx.gate.tolist()}),
+        reference_gate_groups=None if replay_groups is None else len({replay_groups[i] for i in idx.replay_gate.tolist()}),
     )
     return RetrainData(
         training=TrainingSet(train, take(prod, idx.validation), replay_train, take(ref, idx.replay_validation),
                              features_only=not images),
-        production_gate=take(prod, idx.gate), reference_gate=take(ref, idx.replay_gate),
+        production_gate=gate_slice(prod, idx.gate, groups), reference_gate=gate_slice(ref, idx.replay_gate, replay_groups),
         monitor_rows=take(prod, idx.distinct), monitor_heldout=idx.distinct_heldout, mode=summary.mode,
         labelled_rows=len(rows), summary=summary,
     )

@@ -3,7 +3,7 @@
 It measures the baseline the guards judge against (the gradient norm of the head-trained model),
 decides by measurement whether BatchNorm statistics follow the batches, takes its learning rate from
 the range test unless ``hyper.lr_backbone`` is set, and on a guard trip restores the head-phase
-weights and retries at 1/10 the rate (at most ``hyper.max_backoffs`` times). When it never beats the
+weights and retries at ``hyper.backoff_factor`` the rate (at most ``hyper.max_backoffs`` times). When it never beats the
 head phase's validation loss the head-phase weights are kept and the reason recorded.
 """
 
@@ -122,7 +122,7 @@ def finetune_phase(model: nn.Module, data: TrainingSet, plan: StrategyPlan, ctx:
     for attempt in range(hyper.max_backoffs + 1):
         if attempt:
             model.load_state_dict(start_state)
-            lr /= 10
+            lr *= hyper.backoff_factor
         optimizer = layerwise_optimizer(model, plan, hyper, lr)
         guard = BaselineGuard(baseline, head_val, factor=hyper.grad_ratio, val_rise=hyper.val_rise)
         report, tripped = run_phase("finetune", tr, optimizer, hyper.epochs_finetune, ctx,
@@ -142,7 +142,8 @@ def finetune_phase(model: nn.Module, data: TrainingSet, plan: StrategyPlan, ctx:
             break
         if attempt < hyper.max_backoffs:
             ctx.emit({"event": "guard", "phase": "finetune", "guard": "backoff", "epoch": report.epochs,
-                      "message": f"{tripped}; retrying the phase from the head-trained weights at lr {lr / 10:.2g}"})
+                      "message": f"{tripped}; retrying the phase from the head-trained weights at lr "
+                                 f"{lr * hyper.backoff_factor:.2g}"})
     improved = better  # the last attempt's
     if not improved:
         model.load_state_dict(head_state)

@@ -13,6 +13,8 @@ the reference slice (held-out source rows). Promote only if
 The burden of proof is on the candidate on both slices: a slice too small to show a forgetting
 below ``max_forgetting`` even for a candidate identical to the current model is a rejection that
 says how many rows it needs (268 distinct rows at the defaults), as is a slice below ``min_rows``.
+A slice whose rows come in groups (``Split.groups``, from retrain.group_pattern) is weighed by
+them (retrain.paired.grouped_counts): 300 rows that fail four at a time count as about 75.
 """
 
 from __future__ import annotations
@@ -25,8 +27,8 @@ from torch import nn
 
 from retrain.batches import Split
 from retrain.config import GateConfig
-from retrain.paired import (MCNEMAR, TANGO, PairedCounts, floor_rows, lower_bound, p_value, paired_counts,
-                            rows_needed)
+from retrain.paired import (MCNEMAR, TANGO, PairedCounts, floor_rows, grouped_counts, lower_bound, p_value,
+                            paired_counts, rows_needed)
 from retrain.result import GateResult, SliceTest  # the verdict's types, torch-free for the daemon
 
 __all__ = ["GateResult", "SliceTest", "accuracy", "choose_wise_alpha", "correct", "decide", "evaluate_gate",
@@ -84,13 +86,30 @@ def too_small(gate: GateConfig, *, production_rows: int, reference_rows: int) ->
 
 def _judge(counts: PairedCounts, margin: float, alpha: float, floor: int) -> SliceTest:
     p = p_value(counts, margin)
-    passed = counts.rows >= floor and p <= alpha
+    passed = counts.effective_rows >= floor and p <= alpha
     return SliceTest(
         rows=counts.rows, candidate_accuracy=counts.candidate_accuracy, current_accuracy=counts.current_accuracy,
         better=counts.better, worse=counts.worse, test=MCNEMAR if margin == 0 else TANGO, margin=margin,
         p_value=p, lower_bound=lower_bound(counts, alpha), min_rows=floor,
         rows_needed=None if passed else rows_needed(counts, margin, alpha), passed=passed,
+        groups=counts.groups, design_effect=None if counts.groups is None else counts.design_effect,
     )
+
+
+def _rows(counts: PairedCounts) -> str:
+    """"300 rows", or for grouped rows "300 rows in 75 groups, weighing as 140 independent"."""
+    if counts.groups is None:
+        return f"{counts.rows} rows"
+    return (f"{counts.rows} rows in {counts.groups} groups, weighing as {counts.effective_rows:.0f} independent "
+            f"(design effect {counts.design_effect:.2f})")
+
+
+def _grouped_too_small(counts: PairedCounts, floor: int, name: str) -> str | None:
+    """Why a slice big enough by rows is too small once its grouping is counted (None if it is not)."""
+    if counts.rows < floor or counts.effective_rows >= floor:
+        return None
+    return (f"{name} gate slice's {_rows(counts)} is below the {floor} independent rows the gate needs: "
+            "disagreements come in groups; hold out more groups (gate_fraction, more replay sources)")
 
 
 def _needed(t: SliceTest) -> str:
@@ -106,25 +125,27 @@ def decide(gate: GateConfig, *, production: PairedCounts, reference: PairedCount
     ref = _judge(reference, gate.max_forgetting, gate.alpha, ref_floor)
     gain, forgetting = production.difference, -reference.difference
     failures = too_small(gate, production_rows=production.rows, reference_rows=reference.rows)
-    if production.rows >= prod_floor:
+    failures += [why for why in (_grouped_too_small(production, prod_floor, "production"),
+                                 _grouped_too_small(reference, ref_floor, "reference")) if why]
+    if production.effective_rows >= prod_floor:
         if gain < gate.min_gain:
             failures.append(f"production accuracy gain {gain:+.3f} < min_gain {gate.min_gain}")
         elif not prod.passed:
             failures.append(
                 f"production gain {gain:+.3f} is not significant ({prod.test}: p {prod.p_value:.3g} > alpha "
-                f"{gate.alpha}, {prod.better} rows better / {prod.worse} worse of {prod.rows}{_needed(prod)})")
-    if reference.rows >= ref_floor:
+                f"{gate.alpha}, {prod.better} rows better / {prod.worse} worse of {_rows(production)}{_needed(prod)})")
+    if reference.effective_rows >= ref_floor:
         if forgetting > gate.max_forgetting:
             failures.append(f"reference accuracy dropped {forgetting:.3f} > max_forgetting {gate.max_forgetting}")
         elif not ref.passed:
             failures.append(
                 f"reference accuracy drop {forgetting:.3f} not shown below max_forgetting {gate.max_forgetting} "
                 f"({ref.test}: p {ref.p_value:.3g} > alpha {gate.alpha}, upper bound {-ref.lower_bound:.3f} on "
-                f"{ref.rows} rows{_needed(ref)})")
+                f"{_rows(reference)}{_needed(ref)})")
     summary = (f"production {production.current_accuracy:.3f} -> {production.candidate_accuracy:.3f} "
-               f"({production.rows} held-out rows, p {prod.p_value:.2g}), reference {reference.current_accuracy:.3f} "
-               f"-> {reference.candidate_accuracy:.3f} ({reference.rows} rows, drop <= {-ref.lower_bound:.3f} at "
-               f"{1 - gate.alpha:.0%})")
+               f"({_rows(production).replace(' rows', ' held-out rows', 1)}, p {prod.p_value:.2g}), reference "
+               f"{reference.current_accuracy:.3f} -> {reference.candidate_accuracy:.3f} ({_rows(reference)}, drop <= "
+               f"{-ref.lower_bound:.3f} at {1 - gate.alpha:.0%})")
     reason = ("; ".join(failures) + f": keeping current model ({summary})") if failures else f"promote: {summary}"
     return GateResult(
         promote=not failures, reason=reason,
@@ -141,16 +162,18 @@ def evaluate_gate(
     current_correct: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> GateResult:
     """Score both models on both slices and decide. ``current_correct``: the current model's
-    per-row correctness on (production, reference), when already computed."""
+    per-row correctness on (production, reference), when already computed. A slice with
+    ``groups`` is judged as grouped rows (retrain.paired.grouped_counts)."""
     if current_correct is None:
         current_correct = (correct(current, production, device, features_only=features_only),
                            correct(current, reference, device, features_only=features_only))
-    return decide(
-        gate,
-        production=paired_counts(correct(candidate, production, device, features_only=features_only), current_correct[0]),
-        reference=paired_counts(correct(candidate, reference, device, features_only=features_only), current_correct[1]),
-        wise_alpha=wise_alpha,
-    )
+
+    def counts(split: Split, current_hits: np.ndarray) -> PairedCounts:
+        hits = correct(candidate, split, device, features_only=features_only)
+        return paired_counts(hits, current_hits) if split.groups is None else grouped_counts(hits, current_hits, split.groups)
+
+    return decide(gate, production=counts(production, current_correct[0]),
+                  reference=counts(reference, current_correct[1]), wise_alpha=wise_alpha)
 
 
 def interpolate(start: dict[str, torch.Tensor], tuned: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:

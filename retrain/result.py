@@ -49,10 +49,13 @@ class DataSummary:
     replay_train_rows: int
     replay_validation_rows: int
     reference_gate_rows: int        # distinct replay inputs held out for the forgetting test
-    production_copies_dropped: int  # older rows left out: the same input is in a gate slice
+    production_copies_dropped: int  # older rows left out: the same input (or group) is in a gate slice
     replay_copies_dropped: int
     gate_copies_merged: int         # repeated inputs among the most recent rows, counted once
     head_only_reason: str | None    # why the job trains the head only (too few post-onset rows)
+    group_pattern: str | None = None          # retrain.group_pattern the split and the gate grouped rows by
+    production_gate_groups: int | None = None  # groups among the production gate rows (None: ungrouped)
+    reference_gate_groups: int | None = None
 
 
 @dataclass(frozen=True)
@@ -95,6 +98,8 @@ class SliceTest:
     min_rows: int               # the slice size below which this criterion is not judged
     rows_needed: int | None     # rows at which it would pass at the observed rates (when it failed)
     passed: bool
+    groups: int | None = None   # groups the rows came in (retrain.group_pattern); None: rows independent
+    design_effect: float | None = None  # variance inflation of grouped rows; the test's counts were divided by it
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,9 @@ inputs it was trained on. Here:
   entirely, including copies on the other (replay <-> production) side;
 - each gate slice holds one row per content (the newest), so no input counts twice in the paired
   test, whose rows must be independent;
+- when rows come in groups (``groups``: photos of one product, scans of one patient, named by
+  retrain.group_pattern), a group is judged or trained on, never both: the candidate is judged
+  on objects it has never seen, and the gate counts a group's rows as dependent (retrain.paired);
 - the replay (source) gate slice and both validation slices are drawn by a hash of the content,
   so every run of the job splits the same inputs the same way.
 """
@@ -114,33 +117,41 @@ def _first_per_content(order: np.ndarray, content: Sequence[str]) -> np.ndarray:
 def split_rows(
     *, times: np.ndarray, keys: Sequence[str], content: Sequence[str], replay_content: Sequence[str],
     gate_fraction: float, validation_fraction: float, salt: str = "",
+    groups: Sequence[str] | None = None, replay_groups: Sequence[str] | None = None,
 ) -> SplitIndex:
     """Split production rows (prediction ``times``, tie-broken by request id ``keys``) and replay
-    rows, each with its ``content`` key, into training, validation and gate slices."""
+    rows, each with its ``content`` key, into training, validation and gate slices. ``groups`` /
+    ``replay_groups``: a group key per row, kept on one side like a content (None: each content
+    its own group)."""
     n = len(content)
     if not (len(times) == len(keys) == n):
         raise ValueError(f"times, keys and content must have one entry per row: {len(times)}, {len(keys)}, {n}")
+    side = content if groups is None else groups
+    replay_side = replay_content if replay_groups is None else replay_groups
+    if len(side) != n or len(replay_side) != len(replay_content):
+        raise ValueError(f"groups must have one key per row: {len(side)} for {n}, {len(replay_side)} for "
+                         f"{len(replay_content)} replay rows")
     order = np.lexsort((np.asarray(keys, dtype=object).astype(str), np.asarray(times, dtype=np.float64)))
     recent = order[n - math.ceil(gate_fraction * n):]
     # newest copy of each recent content (its label is the latest word), then back to time order
     gate = _first_per_content(recent[::-1], content)[::-1].copy()
     gate_content = {content[i] for i in gate.tolist()}
 
-    m = len(replay_content)
-    replay_gate_content = {c for c in set(replay_content) if hash_fraction(c, f"{salt}-reference-gate") < gate_fraction}
-    in_replay_gate = np.array([c in replay_gate_content for c in replay_content], dtype=bool)
+    replay_gate_side = {g for g in set(replay_side) if hash_fraction(g, f"{salt}-reference-gate") < gate_fraction}
+    in_replay_gate = np.array([g in replay_gate_side for g in replay_side], dtype=bool)
     replay_gate = _first_per_content(np.flatnonzero(in_replay_gate), replay_content)
-    judged = gate_content | replay_gate_content
+    judged = gate_content | {replay_content[i] for i in replay_gate.tolist()}
+    judged_side = {side[i] for i in recent.tolist()} | replay_gate_side
 
-    def rest(contents: Sequence[str], candidates: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
-        free = [i for i in candidates.tolist() if contents[i] not in judged]
-        val = np.array([hash_fraction(contents[i], f"{salt}-validation") < validation_fraction for i in free], dtype=bool)
+    def rest(contents: Sequence[str], sides: Sequence[str], candidates: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+        free = [i for i in candidates.tolist() if contents[i] not in judged and sides[i] not in judged_side]
+        val = np.array([hash_fraction(sides[i], f"{salt}-validation") < validation_fraction for i in free], dtype=bool)
         free_arr = np.asarray(free, dtype=np.int64)
         return free_arr[~val], free_arr[val], len(candidates) - len(free)
 
-    # every row of the recent window has its content in the gate: only older rows can train
-    train, validation, dropped = rest(content, order[: n - len(recent)])
-    replay_train, replay_validation, replay_dropped = rest(replay_content, np.flatnonzero(~in_replay_gate))
+    # every row of the recent window has its content (and group) in the gate: only older rows can train
+    train, validation, dropped = rest(content, side, order[: n - len(recent)])
+    replay_train, replay_validation, replay_dropped = rest(replay_content, replay_side, np.flatnonzero(~in_replay_gate))
     # a sample that counts one input twice looks tighter than traffic: one row per content
     heldout = np.concatenate([gate[::-1], _first_per_content(validation[::-1], content)])
     distinct = np.concatenate([heldout, _first_per_content(train[::-1], content)])

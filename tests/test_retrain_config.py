@@ -62,3 +62,12 @@ def test_every_bad_key_is_named_in_one_error() -> None:
         "retrain.kubernetes.image: required",
     ):
         assert key in text
+
+
+def test_group_pattern_must_be_a_regex_with_a_capture_group() -> None:
+    assert _parse({}).group_pattern is None
+    assert _parse({"group_pattern": r"^products/([^/]+)/"}).group_pattern == r"^products/([^/]+)/"
+    with pytest.raises(ConfigError, match=r"retrain.group_pattern: '\^products/\[\^/\]\+/' has no capture group"):
+        _parse({"group_pattern": r"^products/[^/]+/"})
+    with pytest.raises(ConfigError, match=r"retrain.group_pattern: '\(unclosed' is not a regular expression"):
+        _parse({"group_pattern": "(unclosed"})

@@ -82,3 +82,28 @@ def test_gate_keys_are_validated_by_name() -> None:
     with pytest.raises(ConfigError) as err:
         parse({"alpha": 0.0, "min_rows": 3})
     assert "retrain.gate.alpha:" in str(err.value) and "retrain.gate.min_rows:" in str(err.value)
+
+
+def test_forgetting_that_comes_in_groups_needs_more_groups_to_be_shown_small() -> None:
+    """300 reference rows, 4 per object: the candidate learns 4 objects and forgets 2. Counted as
+    independent rows that passes; judged as 75 objects the slice cannot show the drop is below
+    max_forgetting, and the reason says how the rows were weighed."""
+    import numpy as np
+
+    from retrain.paired import grouped_counts, paired_counts
+
+    current = np.ones(300, bool)
+    current[:16] = False                # objects 0-3: only the candidate gets them right
+    candidate = current.copy()
+    candidate[:16] = True
+    candidate[16:24] = False            # objects 4 and 5: forgotten, all four renders each
+    groups = np.repeat(np.arange(75), 4)
+    production = slice_of(400, 200, 90, 10)
+    plain = decide(GATE, production=production, reference=paired_counts(candidate, current))
+    grouped = decide(GATE, production=production, reference=grouped_counts(candidate, current, groups))
+    assert plain.promote, plain.reason
+    assert not grouped.promote
+    assert "300 rows in 75 groups, weighing as 74 independent (design effect 4.05)" in grouped.reason
+    assert "below the 268 independent rows the gate needs" in grouped.reason
+    doc = grouped.to_json()["reference"]
+    assert doc["groups"] == 75 and doc["design_effect"] == pytest.approx(4.05, abs=0.01) and doc["rows"] == 300

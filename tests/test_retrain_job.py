@@ -127,3 +127,30 @@ def test_features_mode_refuses_replay_features_of_another_backbone(tmp_path: Pat
     assert len(read_replay(str(tmp_path / "replay"), max_rows=30, num_classes=3, seed=0, features_of="v1")["label"])
     with pytest.raises(DataError, match="no labelled replay rows logged by model_version v2"):
         read_replay(str(tmp_path / "replay"), max_rows=30, num_classes=3, seed=0, features_of="v2")
+
+
+@pytest.mark.slow
+def test_grouped_rows_are_split_and_judged_by_group(tmp_path: Path, checkpoint: Path) -> None:
+    """Files whose names differ only in the last digit are one group (say, photos of one
+    product): a group never trains and judges, and the gate weighs each slice by its groups."""
+    pattern = r"^((?:source|production)/[a-z]+-\d*)\d\.png$"
+    world = build_world(tmp_path, checkpoint, digits(), retrain={"group_pattern": pattern})
+    result = run_job(load_config(world.config_path), tmp_path / "job", reason="test", clock=lambda: NOW)
+    assert result.outcome in ("promoted", "rejected"), result.reason
+    data, gate = result.data, result.gate
+    assert data is not None and gate is not None and data.group_pattern == pattern
+    assert gate.reference is not None and gate.production is not None
+    assert gate.reference.groups == data.reference_gate_groups and 0 < data.reference_gate_groups < data.reference_gate_rows
+    assert gate.production.groups == data.production_gate_groups
+    assert gate.reference.design_effect is not None and gate.reference.design_effect >= 1.0
+    assert "groups, weighing as" in result.reason
+    # the older rows of every product in the newest window left training
+    assert data.production_copies_dropped > 0
+
+
+def test_a_row_outside_the_group_pattern_fails_the_job_naming_it(tmp_path: Path, checkpoint: Path) -> None:
+    world = build_world(tmp_path, checkpoint, digits(n_production=120),
+                        retrain={"group_pattern": r"^production/([a-z]+-\d*)\d\.png$"})
+    result = run_job(load_config(world.config_path), tmp_path / "job", reason="test", clock=lambda: NOW)
+    assert result.outcome == "failed"
+    assert "replay row src-" in result.reason and "does not match retrain.group_pattern" in result.reason

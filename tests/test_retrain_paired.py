@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from scipy import optimize, stats
 
-from retrain.paired import (PairedCounts, _restricted_better, floor_rows, lower_bound, p_value, paired_counts,
-                            rows_needed)
+from retrain.paired import (PairedCounts, _restricted_better, floor_rows, grouped_counts, lower_bound, p_value,
+                            paired_counts, rows_needed)
 
 
 def counts(rows: int, better: int, worse: int) -> PairedCounts:
@@ -74,3 +74,57 @@ def test_rows_needed_would_pass_at_the_observed_rates() -> None:
     scaled = counts(n, round(15 * n / 1250), round(20 * n / 1250))
     assert p_value(scaled, 0.01) == pytest.approx(0.05, abs=0.01)
     assert rows_needed(counts(300, 0, 9), 0.01, 0.05) is None  # a 3-point loss passes at no size
+
+
+def _grouped_slice(rng: np.random.Generator, groups: int, size: int, worse: float, better: float
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(candidate, current, group) per row: each group of ``size`` rows is wholly broken by the
+    candidate (p ``worse``), wholly fixed (p ``better``) or unchanged, as when it forgets an object."""
+    u = rng.random(groups)
+    state = np.repeat(np.where(u < worse, -1, np.where(u < worse + better, 1, 0)), size)
+    current, candidate = state != 1, state != -1
+    return candidate, current, np.repeat(np.arange(groups), size)
+
+
+def test_rows_that_fail_together_are_judged_as_groups_and_the_test_keeps_its_level() -> None:
+    """Forgetting exactly at the margin, in whole groups of 4: counted as independent rows the
+    test passes the candidate about 4x too often; with its groups, about alpha of the time."""
+    rng = np.random.default_rng(1)
+    ungrouped = grouped = 0
+    effects = []
+    for _ in range(400):
+        candidate, current, groups = _grouped_slice(rng, 400, 4, worse=0.06, better=0.04)
+        ungrouped += p_value(paired_counts(candidate, current), 0.02) <= 0.05
+        c = grouped_counts(candidate, current, groups)
+        effects.append(c.design_effect)
+        grouped += p_value(c, 0.02) <= 0.05
+    assert ungrouped / 400 > 0.12
+    assert grouped / 400 < 0.09
+    assert np.mean(effects) == pytest.approx(4.0, rel=0.05)  # each disagreement comes four at a time
+
+
+def test_scattered_disagreements_cost_grouped_rows_nothing() -> None:
+    rng = np.random.default_rng(2)
+    current = rng.random(1200) < 0.9
+    candidate = np.where(rng.random(1200) < 0.05, ~current, current)  # flips independent of the groups
+    groups = np.repeat(np.arange(300), 4)
+    plain, grouped = paired_counts(candidate, current), grouped_counts(candidate, current, groups)
+    assert grouped.design_effect < 1.3 and grouped.groups == 300
+    assert (grouped.rows, grouped.better, grouped.worse) == (plain.rows, plain.better, plain.worse)
+    # one group per row is the ungrouped test exactly
+    single = grouped_counts(candidate, current, np.arange(1200))
+    assert single.design_effect == 1.0 and p_value(single, 0.01) == p_value(plain, 0.01)
+    assert lower_bound(single, 0.05) == lower_bound(plain, 0.05)
+    with pytest.raises(ValueError, match="one key per row"):
+        grouped_counts(candidate, current, groups[:10])
+
+
+def test_grouped_rows_need_more_rows_and_an_identical_candidate_is_no_evidence_of_grouping() -> None:
+    candidate, current, groups = _grouped_slice(np.random.default_rng(0), 300, 4, worse=0.025, better=0.03)
+    plain, grouped = paired_counts(candidate, current), grouped_counts(candidate, current, groups)
+    assert grouped.design_effect > 3 and grouped.effective_rows < plain.rows / 3
+    assert lower_bound(grouped, 0.05) < lower_bound(plain, 0.05)  # a wider bound on forgetting
+    needed_plain, needed_grouped = rows_needed(plain, 0.01, 0.05), rows_needed(grouped, 0.01, 0.05)
+    assert needed_plain is not None and needed_grouped is not None and needed_grouped > 3 * needed_plain
+    same = grouped_counts(current, current, groups)
+    assert same.design_effect == 1.0 and same.effective_rows == 1200

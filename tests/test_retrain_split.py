@@ -63,3 +63,27 @@ def test_feature_content_groups_reruns_of_one_input_and_only_those() -> None:
     assert keys[450:] == keys[:100]  # every rerun found its original ...
     assert len(set(keys[:450])) == 450  # ... and no two distinct inputs merged
     assert features_content(f[:5]) == keys[:5]  # a row's key does not depend on the other rows
+
+
+def test_a_group_is_judged_or_trained_on_never_both() -> None:
+    """Photos of one product (a group) are different files: each is its own content, yet a
+    candidate trained on some of them would be judged on a product it has seen."""
+    rng = np.random.default_rng(4)
+    n = 200
+    content = [f"photo{i}" for i in range(n)]
+    groups = [f"product{int(g)}" for g in rng.integers(0, 40, n)]       # production: 40 products
+    replay = [f"src{i}" for i in range(300)]
+    replay_groups = [f"object{i // 4}" for i in range(300)]              # replay: 75 objects, 4 photos each
+    idx = split_rows(times=np.arange(float(n)), keys=content, content=content, replay_content=replay,
+                     gate_fraction=0.25, validation_fraction=0.15, groups=groups, replay_groups=replay_groups)
+    judged = {groups[i] for i in idx.gate}
+    assert judged == {groups[i] for i in range(n - 50, n)}              # every product of the newest 50 rows
+    assert not judged & {groups[i] for i in np.concatenate([idx.train, idx.validation])}
+    assert not {groups[i] for i in idx.train} & {groups[i] for i in idx.validation}
+    ref_judged = {replay_groups[i] for i in idx.replay_gate}
+    assert len(idx.replay_gate) == 4 * len(ref_judged) > 0              # whole objects, one row per photo
+    assert not ref_judged & {replay_groups[i] for i in np.concatenate([idx.replay_train, idx.replay_validation])}
+    # without groups each photo stands alone: the same products land on both sides
+    plain = split_rows(times=np.arange(float(n)), keys=content, content=content, replay_content=replay,
+                       gate_fraction=0.25, validation_fraction=0.15)
+    assert {groups[i] for i in plain.gate} & {groups[i] for i in plain.train}
