@@ -86,7 +86,7 @@ def too_small(gate: GateConfig, *, production_rows: int, reference_rows: int) ->
 
 def _judge(counts: PairedCounts, margin: float, alpha: float, floor: int) -> SliceTest:
     p = p_value(counts, margin)
-    passed = counts.effective_rows >= floor and p <= alpha
+    passed = counts.rows >= floor and p <= alpha
     return SliceTest(
         rows=counts.rows, candidate_accuracy=counts.candidate_accuracy, current_accuracy=counts.current_accuracy,
         better=counts.better, worse=counts.worse, test=MCNEMAR if margin == 0 else TANGO, margin=margin,
@@ -104,14 +104,6 @@ def _rows(counts: PairedCounts) -> str:
             f"(design effect {counts.design_effect:.2f})")
 
 
-def _grouped_too_small(counts: PairedCounts, floor: int, name: str) -> str | None:
-    """Why a slice big enough by rows is too small once its grouping is counted (None if it is not)."""
-    if counts.rows < floor or counts.effective_rows >= floor:
-        return None
-    return (f"{name} gate slice's {_rows(counts)} is below the {floor} independent rows the gate needs: "
-            "disagreements come in groups; hold out more groups (gate_fraction, more replay sources)")
-
-
 def _needed(t: SliceTest) -> str:
     return (f"; about {t.rows_needed} rows would show it at these rates" if t.rows_needed is not None
             and t.rows_needed > t.rows else "")
@@ -125,16 +117,14 @@ def decide(gate: GateConfig, *, production: PairedCounts, reference: PairedCount
     ref = _judge(reference, gate.max_forgetting, gate.alpha, ref_floor)
     gain, forgetting = production.difference, -reference.difference
     failures = too_small(gate, production_rows=production.rows, reference_rows=reference.rows)
-    failures += [why for why in (_grouped_too_small(production, prod_floor, "production"),
-                                 _grouped_too_small(reference, ref_floor, "reference")) if why]
-    if production.effective_rows >= prod_floor:
+    if production.rows >= prod_floor:
         if gain < gate.min_gain:
             failures.append(f"production accuracy gain {gain:+.3f} < min_gain {gate.min_gain}")
         elif not prod.passed:
             failures.append(
                 f"production gain {gain:+.3f} is not significant ({prod.test}: p {prod.p_value:.3g} > alpha "
                 f"{gate.alpha}, {prod.better} rows better / {prod.worse} worse of {_rows(production)}{_needed(prod)})")
-    if reference.effective_rows >= ref_floor:
+    if reference.rows >= ref_floor:
         if forgetting > gate.max_forgetting:
             failures.append(f"reference accuracy dropped {forgetting:.3f} > max_forgetting {gate.max_forgetting}")
         elif not ref.passed:

@@ -20,7 +20,9 @@ to miss all its rows at once, and a test that counts them as independent is over
 grouped rows the tests use the Rao-Scott adjustment (Rao & Scott 1992, Biometrics 48:577-585):
 the design effect (the cluster-robust variance of the paired difference, from the groups' sums,
 over the variance independent rows would give; never below 1) divides every count, so a slice of
-300 rows whose disagreements come in fours weighs about as much as 75 independent rows.
+300 rows whose disagreements come in fours weighs about as much as 75 independent rows. The
+floors (``floor_rows``) stay in rows: they are about a candidate identical to the current model,
+whose design effect is 1.
 """
 
 from __future__ import annotations
