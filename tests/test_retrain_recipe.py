@@ -175,3 +175,41 @@ def test_the_replay_floor_applies_only_while_statistics_adapt(setup, monkeypatch
     assert report.batchnorm["finetune"]["adapted"] is (batchnorm == "adapt")
     assert report.batchnorm["finetune"]["replay_fraction"] == replay
     assert seen[0] == 0.5 and seen[1:] == [replay]  # the head phase's epoch, then phase 2's
+
+
+@pytest.mark.slow
+def test_a_long_epoch_is_checked_for_divergence_every_50_steps_within_it(setup) -> None:
+    # An epoch of ~175 steps (batch 4) at a rate that diverges: the validation check 50 steps
+    # into the epoch trips the guard; the epoch never reaches its end.
+    source, training, _, _ = setup
+    hyper = dataclasses.replace(FAST_HYPER, epochs_head=2, epochs_finetune=1, batch_size=4, lr_backbone=1.0,
+                                max_backoffs=0, grad_ratio=1e9, spike_factor=1e9)
+    events: list[dict] = []
+    report = fine_tune(copy.deepcopy(source), training, hyper,
+                       choose_strategy(len(training.train), 0.0, requested="top_blocks"), device=CPU,
+                       progress=events.append)
+    phase2 = [e for e in events if e.get("phase") == "finetune"]
+    trip = next(i for i, e in enumerate(phase2) if e["event"] == "guard")
+    assert phase2[trip]["guard"] == "val_rise" and phase2[trip]["epoch"] == 1
+    assert [e["step"] for e in phase2[:trip] if e["event"] == "step"] == [25, 50]
+    assert not [e for e in phase2[:trip] if e["event"] == "epoch"]
+    assert report.phases[-1].stopped == "guard:val_rise"
+
+
+@pytest.mark.slow
+def test_an_epoch_shorter_than_50_steps_is_validated_at_its_end_only(setup, monkeypatch) -> None:
+    # 3 epochs of ~22 steps: one validation pass per epoch, none in between (on a global step
+    # count, step 50 fell inside epoch 3 and paid an extra pass)
+    import retrain.phase
+
+    source, training, _, _ = setup
+    order: list[str] = []
+    real = retrain.phase.val_loss
+    monkeypatch.setattr(retrain.phase, "val_loss", lambda *a, **k: (order.append("val"), real(*a, **k))[1])
+    hyper = dataclasses.replace(FAST_HYPER, epochs_head=1, epochs_finetune=3, lr_backbone=1e-4, patience=5)
+    fine_tune(copy.deepcopy(source), training, hyper, choose_strategy(len(training.train), 0.0, requested="top_blocks"),
+              device=CPU, progress=lambda e: order.append(f"{e['event']}:{e.get('phase')}:{e.get('step', '')}"))
+    phase2 = order[order.index("phase:finetune:"):]
+    steps = [e for e in phase2 if e.startswith("step:")]
+    assert len(steps) >= 2 and steps[-1] == "step:finetune:50"  # the run passed global step 50
+    assert phase2.count("val") == 3 and phase2.count("epoch:finetune:") == 3
