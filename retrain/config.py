@@ -76,12 +76,18 @@ class HyperConfig:
     ewc_weight: float = setting(0.0, minimum=0.0)   # EWC (Fisher-weighted) pull, 0 = off
     # share of every batch drawn from the replay buffer (strategies may raise it)
     replay_fraction: float = setting(0.5, minimum=0.0, maximum=0.9)
-    patience: int = setting(2, minimum=1)           # epochs without validation-loss improvement before stopping
+    # epochs without validation-loss improvement before stopping; 4, not 2: on MobileNetV2 the
+    # range test's rate first raises validation loss and the anneal brings it below the head
+    # phase's only from epoch 3-6 (bench/README.md, the full grid: with backoff 0.3, mean target
+    # 0.677 -> 0.711 over 24 cells, better in 16, worse in 1)
+    patience: int = setting(4, minimum=1)
     spike_factor: float = setting(10.0, minimum=1.5)  # gradient norm above this x running median stops the phase
     grad_ratio: float = setting(10.0, minimum=1.5)  # phase 2: gradient norm above this x the head-trained model's trips a guard
     val_rise: float = setting(1.5, minimum=1.0)     # phase 2: validation loss above this x the head phase's trips a guard
     max_backoffs: int = setting(2, minimum=0, maximum=6)  # retries of phase 2 at a lower LR after a guard trip
-    backoff_factor: float = setting(0.1, minimum=0.01, maximum=0.9)  # each retry's LR: the last one's x this
+    # each retry's LR: the last one's x this; 0.3, not 0.1: a tenth of the range test's rate
+    # (8e-5 -> 8e-6, 8e-7) trained the backbone too little to matter (bench/README.md)
+    backoff_factor: float = setting(0.3, minimum=0.01, maximum=0.9)
     # phase-2 BN statistics: auto (re-estimate, keep if val loss holds) | frozen | adapt
     batchnorm: str = setting("auto", choices=BATCHNORM_MODES)
     cache_mb: int = setting(2048, minimum=0)        # memory for cached frozen-prefix activations (0 = run the whole network)

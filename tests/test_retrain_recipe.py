@@ -76,10 +76,10 @@ def test_gradient_explosion_trips_the_guard_and_restores_best_weights(setup) -> 
     report = fine_tune(model, training, hyper, choose_strategy(10, 1.0), device=CPU,
                        progress=lambda e: (record(e), events.append(e)))
     finetune = report.phases[-1]
-    # the spike stopped the first attempt before it improved: the phase restarted at 1/10 the LR
+    # the spike stopped the first attempt before it improved: the phase restarted at backoff_factor (0.3) the LR
     assert len(report.trips) == 1 and "attempt 1 at lr 0.002" in report.trips[0] and "running median" in report.trips[0]
     assert [e["guard"] for e in events if e["event"] == "guard"] == ["grad_spike", "backoff"]
-    assert finetune.lr == pytest.approx(2e-4) and not finetune.stopped.startswith("guard:")
+    assert finetune.lr == pytest.approx(6e-4) and not finetune.stopped.startswith("guard:")
     best = snapshots[finetune.best_epoch]
     assert all(torch.equal(v, best[k]) for k, v in model.state_dict().items())
     assert all(torch.isfinite(p).all() for p in model.parameters())
@@ -122,7 +122,8 @@ def test_cached_prefix_trains_like_the_whole_network_and_the_lr_comes_from_a_ran
 @pytest.mark.slow
 def test_a_diverging_fine_tune_backs_off_then_keeps_the_head_phase_and_says_so(setup) -> None:
     source, training, _, _ = setup
-    hyper = dataclasses.replace(FAST_HYPER, epochs_head=2, epochs_finetune=2, lr_backbone=10.0, max_backoffs=1)
+    hyper = dataclasses.replace(FAST_HYPER, epochs_head=2, epochs_finetune=2, lr_backbone=10.0, max_backoffs=1,
+                                backoff_factor=0.1)
     model, events = copy.deepcopy(source), []
     report = fine_tune(model, training, hyper, choose_strategy(len(training.train), 0.0, requested="top_blocks"),
                        device=CPU, progress=events.append)
@@ -146,6 +147,7 @@ def test_a_fine_tune_that_never_beats_the_head_phase_backs_off_without_a_guard_t
     # head phase's until patience stops the phase: that is retried at a tenth of the rate too.
     source, training, _, _ = setup
     hyper = dataclasses.replace(FAST_HYPER, epochs_head=2, epochs_finetune=2, lr_backbone=0.3, max_backoffs=1,
+                                backoff_factor=0.1,
                                 val_rise=1e9, grad_ratio=1e9, spike_factor=1e9, patience=1)
     model, events = copy.deepcopy(source), []
     report = fine_tune(model, training, hyper, choose_strategy(len(training.train), 0.0, requested="top_blocks"),
