@@ -79,7 +79,8 @@ class HyperConfig:
     # epochs without validation-loss improvement before stopping; 4, not 2: on MobileNetV2 the
     # range test's rate first raises validation loss and the anneal brings it below the head
     # phase's only from epoch 3-6 (bench/README.md, the full grid: with backoff 0.3, mean target
-    # 0.677 -> 0.711 over 24 cells, better in 16, worse in 1)
+    # 0.677 -> 0.711 over 24 cells, better in 16, worse in 1; but at 2000 rows the range test
+    # then picks a lower rate after the longer head phase, and noise:1 fell 0.809 -> 0.605)
     patience: int = setting(4, minimum=1)
     spike_factor: float = setting(10.0, minimum=1.5)  # gradient norm above this x running median stops the phase
     grad_ratio: float = setting(10.0, minimum=1.5)  # phase 2: gradient norm above this x the head-trained model's trips a guard

@@ -3,8 +3,9 @@
 It measures the baseline the guards judge against (the gradient norm of the head-trained model),
 decides by measurement whether BatchNorm statistics follow the batches, takes its learning rate from
 the range test unless ``hyper.lr_backbone`` is set, and on a guard trip restores the head-phase
-weights and retries at ``hyper.backoff_factor`` the rate (at most ``hyper.max_backoffs`` times). When it never beats the
-head phase's validation loss the head-phase weights are kept and the reason recorded.
+weights and retries at ``hyper.backoff_factor`` x the rate (at most ``hyper.max_backoffs`` times).
+When it never beats the head phase's validation loss the head-phase weights are kept and the
+reason recorded.
 """
 
 from __future__ import annotations

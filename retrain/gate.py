@@ -96,11 +96,11 @@ def _judge(counts: PairedCounts, margin: float, alpha: float, floor: int) -> Sli
     )
 
 
-def _rows(counts: PairedCounts) -> str:
-    """"300 rows", or for grouped rows "300 rows in 75 groups, weighing as 140 independent"."""
+def _rows(counts: PairedCounts, noun: str = "rows") -> str:
+    """"300 rows", or for grouped rows "300 rows in 75 groups, weighing as 140 independent (...)"."""
     if counts.groups is None:
-        return f"{counts.rows} rows"
-    return (f"{counts.rows} rows in {counts.groups} groups, weighing as {counts.effective_rows:.0f} independent "
+        return f"{counts.rows} {noun}"
+    return (f"{counts.rows} {noun} in {counts.groups} groups, weighing as {counts.effective_rows:.0f} independent "
             f"(design effect {counts.design_effect:.2f})")
 
 
@@ -133,7 +133,7 @@ def decide(gate: GateConfig, *, production: PairedCounts, reference: PairedCount
                 f"({ref.test}: p {ref.p_value:.3g} > alpha {gate.alpha}, upper bound {-ref.lower_bound:.3f} on "
                 f"{_rows(reference)}{_needed(ref)})")
     summary = (f"production {production.current_accuracy:.3f} -> {production.candidate_accuracy:.3f} "
-               f"({_rows(production).replace(' rows', ' held-out rows', 1)}, p {prod.p_value:.2g}), reference "
+               f"({_rows(production, 'held-out rows')}, p {prod.p_value:.2g}), reference "
                f"{reference.current_accuracy:.3f} -> {reference.candidate_accuracy:.3f} ({_rows(reference)}, drop <= "
                f"{-ref.lower_bound:.3f} at {1 - gate.alpha:.0%})")
     reason = ("; ".join(failures) + f": keeping current model ({summary})") if failures else f"promote: {summary}"

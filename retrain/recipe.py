@@ -11,8 +11,8 @@ What keeps phase 2 from diverging silently on a real pretrained backbone:
   ``lr_backbone`` is set;
 - guards judge it against the head-trained model it started from (guards.BaselineGuard: gradient
   norm x the norm measured there, validation loss x the head phase's) as well as step to step
-  (SpikeDetector); a trip restores the head-phase weights and retries at 1/10 the rate, at most
-  ``max_backoffs`` times, each trip a progress event and a line in the report;
+  (SpikeDetector); a trip restores the head-phase weights and retries at ``backoff_factor`` x the
+  rate, at most ``max_backoffs`` times, each trip a progress event and a line in the report;
 - BatchNorm statistics stay as served unless re-estimating them is measured not to hurt
   (retrain.batchnorm);
 - when the phase never beats the head phase's validation loss, the head-only model is kept and
