@@ -82,7 +82,7 @@ def test_baseline_guard_trips_on_a_sustained_jump_and_on_a_validation_rise() -> 
         guard.check_val(float("nan"))
 
 
-def test_lr_range_test_suggests_a_third_of_the_divergence_onset_and_stops_there() -> None:
+def test_lr_range_test_suggests_the_divergence_onset_and_stops_there() -> None:
     from retrain.lr_finder import range_test
 
     seen: list[float] = []
@@ -94,10 +94,12 @@ def test_lr_range_test_suggests_a_third_of_the_divergence_onset_and_stops_there(
     test = range_test(step, start=1e-7, end=1.0, steps=36)
     assert test.lrs[0] == pytest.approx(1e-7) and len(seen) < 36  # stopped once the loss ran away
     onset = max(lr for lr in test.lrs if lr <= 1e-2)  # the last LR before the loss turned up
-    assert test.suggestion == pytest.approx(onset / 3) and "using 1/3" in test.reason
+    assert test.suggestion == pytest.approx(onset) and "using it" in test.reason
+    third = range_test(step, start=1e-7, end=1.0, steps=36, divisor=3)
+    assert third.suggestion == pytest.approx(onset / 3) and "using 1/3 of it" in third.reason
     flip = itertools.count()
     noisy = range_test(lambda lr: 1.0 + 0.05 * (-1) ** next(flip) if lr < 1e-4 else 5.0, steps=30)
-    assert 3e-5 < noisy.suggestion * 3 < 1e-4  # a flat, noisy start does not pull it down
+    assert 3e-5 < noisy.suggestion < 1e-4  # a flat, noisy start does not pull it down
     nan = range_test(lambda lr: float("nan"), steps=5)
     assert nan.suggestion == 1e-7 and "diverged" in nan.reason
     with pytest.raises(ValueError, match="0 < start < end"):
