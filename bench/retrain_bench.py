@@ -410,8 +410,9 @@ def _override(hyper: HyperConfig, item: str) -> HyperConfig:
         parsed = int(value)
     elif isinstance(current, str):
         parsed = value
-    else:
-        parsed = float(value)
+    else:  # a float, or an optional int such as max_finetune_steps (unset: None)
+        kind = str(next(f.type for f in dataclasses.fields(hyper) if f.name == key))
+        parsed = int(value) if kind.startswith("int") else float(value)
     return dataclasses.replace(hyper, **{key: parsed})
 
 

@@ -64,6 +64,11 @@ class HyperConfig:
 
     epochs_head: int = setting(10, minimum=0)       # phase 1 upper bound; stops earlier when validation loss plateaus
     epochs_finetune: int = setting(8, minimum=0)    # phase 2 upper bound
+    # phase 2 ends after the epoch that reaches this many optimizer steps (None: epochs_finetune
+    # alone), and its schedule anneals over that: a bound on a retrain's time on a slow box. Not
+    # the default: at 2000 rows, 200 (6 of 38-step epochs) cost noise:1 0.737 -> 0.635 target
+    # accuracy, contrast:1 0.821 -> 0.817 (bench/README.md)
+    max_finetune_steps: int | None = setting(None, minimum=1)
     batch_size: int = setting(64, minimum=2)
     lr_head: float = setting(1e-2, minimum=1e-12)
     # phase-2 LR of the head (each group below: x layer_decay); None: range test
@@ -79,8 +84,9 @@ class HyperConfig:
     # epochs without validation-loss improvement before stopping; 4, not 2: on MobileNetV2 the
     # range test's rate first raises validation loss and the anneal brings it below the head
     # phase's only from epoch 3-6 (bench/README.md, the full grid: with backoff 0.3, mean target
-    # 0.677 -> 0.711 over 24 cells, better in 16, worse in 1; but at 2000 rows the range test
-    # then picks a lower rate after the longer head phase, and noise:1 fell 0.809 -> 0.605)
+    # 0.677 -> 0.711 over 24 cells, better in 16, worse in 1; at 2000 rows the range test then
+    # measured a lower onset after the longer head phase: noise:1 fell 0.809 -> 0.605 with a third
+    # of it, 0.737 with the onset itself, lr_finder's rule now)
     patience: int = setting(4, minimum=1)
     spike_factor: float = setting(10.0, minimum=1.5)  # gradient norm above this x running median stops the phase
     grad_ratio: float = setting(10.0, minimum=1.5)  # phase 2: gradient norm above this x the head-trained model's trips a guard

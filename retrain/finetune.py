@@ -11,6 +11,7 @@ reason recorded.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import replace
 from itertools import islice
 from typing import Any
@@ -118,7 +119,18 @@ def finetune_phase(model: nn.Module, data: TrainingSet, plan: StrategyPlan, ctx:
                   "message": f"lr_backbone {lr:.2g}: {test.reason}"})
     else:
         lr = hyper.lr_backbone
-    total = max(1, hyper.epochs_finetune * steps_per_epoch(train_data, hyper.batch_size, hyper.replay_fraction))
+    per_epoch = steps_per_epoch(train_data, hyper.batch_size, hyper.replay_fraction)
+    if hyper.max_finetune_steps is not None:
+        epochs = min(hyper.epochs_finetune, max(1, math.ceil(hyper.max_finetune_steps / per_epoch)))
+        if epochs < hyper.epochs_finetune:
+            record["epochs_capped"] = {"epochs": epochs, "of": hyper.epochs_finetune, "steps_per_epoch": per_epoch,
+                                       "max_finetune_steps": hyper.max_finetune_steps}
+            ctx.emit({"event": "phase", "phase": "finetune_budget", "epochs": epochs, "message": (
+                f"phase 2 runs at most {epochs} of epochs_finetune {hyper.epochs_finetune} epochs: "
+                f"{per_epoch} steps each, max_finetune_steps {hyper.max_finetune_steps}")})
+        hyper = replace(hyper, epochs_finetune=epochs)
+        ctx = replace(ctx, hyper=hyper)
+    total = max(1, hyper.epochs_finetune * per_epoch)
     trips: list[str] = []
     for attempt in range(hyper.max_backoffs + 1):
         if attempt:

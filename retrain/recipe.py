@@ -65,6 +65,7 @@ class RecipeReport:
     batchnorm: dict[str, Any] = field(default_factory=dict)   # inspection + what phase 2 did with the statistics
     lr_search: dict[str, Any] | None = None  # the range test, when the LR was chosen by it
     prefix_cache: dict[str, Any] = field(default_factory=dict)  # where frozen activations were cached, or why not
+    epochs_capped: dict[str, Any] | None = None  # phase 2's epochs cut by max_finetune_steps, when they were
 
     def outcome_reason(self, outcome: str, gate_reason: str) -> str:
         """The job's result line: says "head-only" when phase 2 was thrown away."""
@@ -76,7 +77,7 @@ class RecipeReport:
         return {"phases": [p.__dict__ for p in self.phases], "trips": list(self.trips),
                 "finetune_kept": self.finetune_kept, "head_only_reason": self.head_only_reason,
                 "batchnorm": self.batchnorm, "lr_search": self.lr_search, "prefix_cache": self.prefix_cache,
-                "weight_drift": self.weight_drift, "seconds": self.seconds}
+                "epochs_capped": self.epochs_capped, "weight_drift": self.weight_drift, "seconds": self.seconds}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -171,7 +172,7 @@ def fine_tune(
         seconds=time.monotonic() - started, history=tuple(ctx.history), trips=tuple(trips),
         finetune_kept=record.get("kept", False), head_only_reason=record.get("head_only_reason"),
         batchnorm={"inspection": bn.to_json(), "finetune": record.get("batchnorm")},
-        lr_search=record.get("lr_search"),
+        lr_search=record.get("lr_search"), epochs_capped=record.get("epochs_capped"),
         prefix_cache={**cache.record, "feature_pass_images_per_second": feature_rate})
 
 

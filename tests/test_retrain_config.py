@@ -22,6 +22,9 @@ def test_defaults_and_relative_paths() -> None:
     assert (cfg.mode, cfg.strategy, cfg.min_labelled_rows, cfg.max_rows) == ("auto", "auto", 200, 5000)
     assert cfg.gate.min_gain == 0.02 and cfg.gate.max_forgetting == 0.01 and cfg.gate.gate_fraction == 0.25
     assert cfg.hyper.replay_fraction == 0.5 and cfg.hyper.layer_decay is None
+    assert _parse({"hyper": {"max_finetune_steps": 200}}).hyper.max_finetune_steps == 200
+    with pytest.raises(ConfigError, match="retrain.hyper.max_finetune_steps: must be >= 1, got 0"):
+        _parse({"hyper": {"max_finetune_steps": 0}})
     assert cfg.launcher == "local" and cfg.nproc_per_node == 1
 
 

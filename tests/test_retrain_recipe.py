@@ -215,3 +215,28 @@ def test_an_epoch_shorter_than_50_steps_is_validated_at_its_end_only(setup, monk
     steps = [e for e in phase2 if e.startswith("step:")]
     assert len(steps) >= 2 and steps[-1] == "step:finetune:50"  # the run passed global step 50
     assert phase2.count("val") == 3 and phase2.count("epoch:finetune:") == 3
+
+
+def test_max_finetune_steps_cuts_phase_two_to_whole_epochs_and_says_so(setup) -> None:
+    from monitor.cli.retrain import progress_line
+
+    source, training, _, _ = setup
+    hyper = dataclasses.replace(FAST_HYPER, epochs_head=1, epochs_finetune=4, lr_backbone=1e-4, patience=5,
+                                max_finetune_steps=1)
+    events: list[dict] = []
+    report = fine_tune(copy.deepcopy(source), training, hyper,
+                       choose_strategy(len(training.train), 0.0, requested="top_blocks"), device=CPU,
+                       progress=events.append)
+    assert report.phases[-1].name == "finetune" and report.phases[-1].epochs == 1  # one whole epoch, not one step
+    capped = report.epochs_capped
+    assert capped is not None and (capped["epochs"], capped["of"], capped["max_finetune_steps"]) == (1, 4, 1)
+    assert report.to_json()["epochs_capped"] == capped
+    budget_event = next(e for e in events if e.get("phase") == "finetune_budget")
+    assert "at most 1 of epochs_finetune 4 epochs" in budget_event["message"]
+    budget = {"head": 1, "finetune": 4}
+    assert "max_finetune_steps 1" in (progress_line(budget_event, budget) or "")
+    epoch = next(e for e in events if e["event"] == "epoch" and e.get("phase") == "finetune")
+    assert "epoch 1/1" in (progress_line(epoch, budget) or "")  # the bar counts the capped epochs
+    uncapped = fine_tune(copy.deepcopy(source), training, dataclasses.replace(hyper, max_finetune_steps=10_000),
+                         choose_strategy(len(training.train), 0.0, requested="top_blocks"), device=CPU)
+    assert uncapped.epochs_capped is None

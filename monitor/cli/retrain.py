@@ -92,6 +92,8 @@ def progress_line(event: dict[str, Any], budget: dict[str, int]) -> str | None:
     """What ``--local`` prints for one progress event (None: nothing). An "epoch" event carries
     the number of the epoch just finished (1-based), which is what the bar shows."""
     kind, phase = event.get("event"), event.get("phase")
+    if phase == "finetune_budget" and "epochs" in event:  # max_finetune_steps cut phase 2's epochs
+        budget["finetune"] = int(event["epochs"])
     if kind in ("epoch", "step") and phase in budget:
         done, total = int(event.get("epoch", 0)), max(1, budget[phase])
         filled = min(20, round(20 * (done if kind == "epoch" else done - 1) / total))
