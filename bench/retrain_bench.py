@@ -268,7 +268,9 @@ def speed(args: argparse.Namespace, hyper: HyperConfig) -> None:
         t = time.perf_counter()
         report = fine_tune(model, training, h, plan, device=CPU)
         seconds = time.perf_counter() - t
-        rates = ", ".join(f"{p.name} {p.images_per_second:.0f} img/s" for p in report.phases)
+        rates = ", ".join(f"{p.name} {p.images_per_second:.0f} img/s, {p.epochs} epoch(s)" for p in report.phases)
+        if report.lr_search is not None:  # what the time bought: the rate, and attempts the guards threw away
+            rates += f"; lr {report.lr_search['suggestion']:.2g}, {len(report.trips)} trip(s)"
         cache = report.prefix_cache
         print(f"  {label:34s} {seconds:6.1f}s  ({rates}; feature/prefix pass "
               f"{cache.get('feature_pass_images_per_second', 0):.0f} img/s"
