@@ -128,8 +128,8 @@ def finetune_phase(model: nn.Module, data: TrainingSet, plan: StrategyPlan, ctx:
             ctx.emit({"event": "phase", "phase": "finetune_budget", "epochs": epochs, "message": (
                 f"phase 2 runs at most {epochs} of epochs_finetune {hyper.epochs_finetune} epochs: "
                 f"{per_epoch} steps each, max_finetune_steps {hyper.max_finetune_steps}")})
-        hyper = replace(hyper, epochs_finetune=epochs)
-        ctx = replace(ctx, hyper=hyper)
+            hyper = replace(hyper, epochs_finetune=epochs)
+            ctx = replace(ctx, hyper=hyper)
     total = max(1, hyper.epochs_finetune * per_epoch)
     trips: list[str] = []
     for attempt in range(hyper.max_backoffs + 1):

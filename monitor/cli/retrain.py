@@ -90,7 +90,9 @@ def _local(config: Any, reason: str) -> int:
 
 def progress_line(event: dict[str, Any], budget: dict[str, int]) -> str | None:
     """What ``--local`` prints for one progress event (None: nothing). An "epoch" event carries
-    the number of the epoch just finished (1-based), which is what the bar shows."""
+    the number of the epoch just finished (1-based), which is what the bar shows. A
+    "finetune_budget" event (max_finetune_steps cut phase 2) sets ``budget["finetune"]`` to the
+    epochs that will run, so the bars after it count those."""
     kind, phase = event.get("event"), event.get("phase")
     if phase == "finetune_budget" and "epochs" in event:  # max_finetune_steps cut phase 2's epochs
         budget["finetune"] = int(event["epochs"])
