@@ -35,6 +35,7 @@ import os
 import statistics
 import sys
 import time
+import typing
 from collections import defaultdict
 from pathlib import Path
 
@@ -413,8 +414,8 @@ def _override(hyper: HyperConfig, item: str) -> HyperConfig:
     elif isinstance(current, str):
         parsed = value
     else:  # a float, or an optional int such as max_finetune_steps (unset: None)
-        kind = str(next(f.type for f in dataclasses.fields(hyper) if f.name == key))
-        parsed = int(value) if kind.startswith("int") else float(value)
+        optional_int = int in typing.get_args(typing.get_type_hints(HyperConfig)[key])
+        parsed = int(value) if optional_int else float(value)
     return dataclasses.replace(hyper, **{key: parsed})
 
 
