@@ -16,6 +16,7 @@ from __future__ import annotations
 import builtins
 import dataclasses
 import os
+import re
 import tomllib
 import types
 import typing
@@ -316,6 +317,16 @@ def _unwrap(hint: object) -> tuple[object, bool]:
 
 # -- files -----------------------------------------------------------------------------------
 
+class _Loader(yaml.SafeLoader):  # type: ignore[misc]  # PyYAML ships no type stubs
+    """PyYAML's safe loader with YAML 1.2's floats: YAML 1.1 wants a dot and a signed exponent,
+    so ``lr_backbone: 1e-4`` was the string '1e-4' and a config error."""
+
+
+_Loader.add_implicit_resolver(  # after 1.1's own float and int rules: only what they miss (1e-4, 1.5e3)
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."))
+
+
 def read_document(path: Path) -> object:
     """Parse a YAML (.yaml/.yml) or TOML (.toml) file into plain Python data."""
     try:
@@ -327,7 +338,7 @@ def read_document(path: Path) -> object:
     try:
         if path.suffix.lower() == ".toml":
             return tomllib.loads(text)
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_Loader)  # safe: _Loader is a SafeLoader
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""

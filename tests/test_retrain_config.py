@@ -74,3 +74,18 @@ def test_group_pattern_must_be_a_regex_with_a_capture_group() -> None:
         _parse({"group_pattern": r"^products/[^/]+/"})
     with pytest.raises(ConfigError, match=r"retrain.group_pattern: '\(unclosed' is not a regular expression"):
         _parse({"group_pattern": "(unclosed"})
+
+
+def test_a_yaml_file_reads_exponent_floats_as_numbers(tmp_path: Path) -> None:
+    """YAML 1.1 (PyYAML's default) reads 1e-4 as a string: `lr_backbone: 1e-4` was a config error."""
+    from monitor.config import load_config
+
+    path = tmp_path / "driftd.yaml"
+    path.write_text("logs: {inference: logs}\nretrain:\n  hyper:\n    lr_backbone: 1e-4\n    l2sp_weight: 1.5e-2\n"
+                    "    epochs_head: 10\n  gate: {max_forgetting: 2E-2}\n")
+    retrain = load_config(path).retrain
+    assert (retrain.hyper.lr_backbone, retrain.hyper.l2sp_weight, retrain.gate.max_forgetting) == (1e-4, 0.015, 0.02)
+    assert retrain.hyper.epochs_head == 10 and isinstance(retrain.hyper.epochs_head, int)
+    path.write_text('logs: {inference: logs}\nretrain:\n  hyper:\n    lr_backbone: "1e-4"\n')  # quoted: a string
+    with pytest.raises(ConfigError, match="retrain.hyper.lr_backbone: expected a number, got '1e-4'"):
+        load_config(path)
