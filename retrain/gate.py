@@ -20,6 +20,7 @@ them (retrain.paired.grouped_counts): 300 rows that fail four at a time count as
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -178,8 +179,13 @@ def choose_wise_alpha(
     alphas: Sequence[float] = (0.25, 0.5, 0.75, 1.0),
 ) -> GateResult:
     """Load into ``model`` the WiSE-FT mix that passes the gate with the highest production
-    accuracy (or, if none passes, the one with the best gain minus excess forgetting); returns its gate result."""
+    accuracy (or, if none passes, the one with the best gain minus excess forgetting); returns its gate result.
+
+    Every mix is judged on the same gate slices, so each is tested at ``gate.alpha`` / the number
+    of mixes (Bonferroni): at ``gate.alpha`` each, four tries would promote a model that does not
+    gain (or does forget) up to four times as often as the gate promises."""
     tuned = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    gate = replace(gate, alpha=gate.alpha / len(alphas))
     fixed = (correct(current, production, device, features_only=features_only),
              correct(current, reference, device, features_only=features_only))
     results = []

@@ -63,6 +63,25 @@ def test_wise_ft_interpolates_and_keeps_the_chosen_mix() -> None:
     assert all(torch.equal(v, kept[k]) for k, v in tuned.state_dict().items())
 
 
+def test_wise_ft_judges_each_of_its_mixes_at_a_bonferroni_share_of_alpha(monkeypatch: pytest.MonkeyPatch) -> None:
+    import retrain.gate
+
+    levels: list[float] = []
+    real = retrain.gate.evaluate_gate
+
+    def evaluate(*args, **kwargs):  # type: ignore[no-untyped-def]
+        levels.append(args[4].alpha)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(retrain.gate, "evaluate_gate", evaluate)
+    model = timm.create_model("test_resnet", num_classes=3).eval()
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    data = Split(torch.randn(12, 3, 16, 16), torch.randint(0, 3, (12,)))
+    choose_wise_alpha(model, start, model, data, data, GateConfig(alpha=0.05), torch.device("cpu"))
+    # four mixes tried on the same slices: each at 0.05 / 4, so a lucky one passes at most 5% of the time
+    assert levels == [pytest.approx(0.0125)] * 4
+
+
 def test_baseline_guard_trips_on_a_sustained_jump_and_on_a_validation_rise() -> None:
     from retrain.guards import BaselineGuard
 
