@@ -111,7 +111,9 @@ def finetune_phase(model: nn.Module, data: TrainingSet, plan: StrategyPlan, ctx:
     record["head_grad_norm"] = head.grad_norm_median
 
     if hyper.lr_backbone is None:
-        test = lr_range_test(model, tr, plan, ctx)
+        # The test reads the label loss alone (no distillation term): its onset rule and noise
+        # margin were measured on that loss (retrain.lr_finder).
+        test = lr_range_test(model, tr, plan, replace(ctx, hyper=replace(hyper, distill_weight=0.0)))
         model.load_state_dict(start_state)
         lr = test.suggestion
         record["lr_search"] = test.to_json()

@@ -1,9 +1,9 @@
 """One phase of the recipe: the epoch loop the head and fine-tune phases share, and what it steps.
 
 ``run_phase`` steps a ``Trainer`` (a forward over images or cached activations, the parameters that
-train and those whose gradient norm is watched, an optional L2-SP/EWC anchor) through mixed batches
-under the step-to-step guard (SpikeDetector) and, in phase 2, the baseline guard; it stops on a
-plateau and ends on the best weights. ``RunContext`` carries what every phase reads (hyper-parameters,
+train and those whose gradient norm is watched, an optional L2-SP/EWC anchor, replay distillation)
+through mixed batches under the step-to-step guard (SpikeDetector) and, in phase 2, the baseline
+guard; it stops on a plateau and ends on the best weights. ``RunContext`` carries what every phase reads (hyper-parameters,
 device, DDP rank and size, the progress callback and the epoch history). Apart from retrain.recipe,
 which decides what each phase trains, so the loop and its guards read on their own.
 """
@@ -22,6 +22,7 @@ from torch import nn
 
 from retrain.batches import Split, TrainingSet, mixed_batches, steps_per_epoch
 from retrain.config import HyperConfig
+from retrain.distill import distill_loss
 from retrain.guards import Anchor, BaselineGuard, GuardTripped, SpikeDetector, grad_norm
 
 Progress = Callable[[dict], None]
@@ -127,7 +128,11 @@ class Trainer:
 
     def loss(self, batch: Split, ctx: RunContext) -> torch.Tensor:
         with autocast(ctx.device):
-            loss = nn.functional.cross_entropy(self.forward(to_device(batch.x, ctx.device)).float(), batch.y.to(ctx.device))
+            logits = self.forward(to_device(batch.x, ctx.device)).float()
+        loss = nn.functional.cross_entropy(logits, batch.y.to(ctx.device))
+        distilled = distill_loss(logits, batch, ctx.hyper.distill_weight)
+        if distilled is not None:
+            loss = loss + distilled
         return loss + self.anchor.penalty() if self.anchor is not None else loss
 
     def weight_drift(self) -> float:

@@ -4,7 +4,8 @@ Phase 1 trains the head alone on pooled features of the frozen backbone (BatchNo
 so its statistics cannot drift) until validation loss plateaus. Phase 2 unfreezes the layer
 groups the strategy names with layer-wise learning rates (timm optimizer + timm/one-cycle
 scheduler, which apply each group's ``lr_scale``), gradient clipping, an L2-SP/EWC anchor to the
-starting weights and early stopping.
+starting weights and early stopping. With ``hyper.distill_weight`` > 0 both phases also pull the
+replay rows' predictions toward the served model's (retrain.distill).
 
 What keeps phase 2 from diverging silently on a real pretrained backbone:
 - its learning rate comes from a short range test on the head-trained model (lr_finder) unless
@@ -39,9 +40,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from retrain.batches import Split, TrainingSet, all_splits
+from retrain.batches import Split, TrainingSet, all_splits, with_replay_teacher
 from retrain.batchnorm import BatchNormReport, inspect_batchnorm
 from retrain.config import HyperConfig
+from retrain.distill import teacher_logits
 from retrain.finetune import finetune_phase
 from retrain.guards import GuardTripped
 from retrain.layer_lrs import set_trainable
@@ -99,9 +101,10 @@ def _map(fn: Callable[[torch.Tensor], torch.Tensor], split: Split, device: torch
 
 
 def _head_phase(model: nn.Module, data: TrainingSet, ctx: RunContext, cache: PrefixCache
-                ) -> tuple[PhaseReport, GuardTripped | None, float]:
+                ) -> tuple[PhaseReport, GuardTripped | None, float, torch.Tensor | None]:
     """Phase 1 on pooled features: exactly a frozen backbone with BN in eval mode, computed once.
-    Returns the report, a trip, and the images/s of the one feature pass."""
+    Returns the report, a trip, the images/s of the one feature pass, and the served model's
+    logits on the replay rows (the distillation targets; None when distillation is off)."""
     model.eval()
     t = time.perf_counter()
     if data.features_only:
@@ -117,11 +120,15 @@ def _head_phase(model: nn.Module, data: TrainingSet, ctx: RunContext, cache: Pre
     rows = sum(len(s) for s in all_splits(data))
     feature_rate = rows / max(time.perf_counter() - t, 1e-9)
     head = model.get_classifier()
+    teacher = None
+    if ctx.hyper.distill_weight > 0 and len(features.replay):
+        teacher = teacher_logits(head, features.replay)  # the served head: it has not trained yet
+        features = with_replay_teacher(features, teacher)
     optimizer = torch.optim.AdamW(head.parameters(), lr=ctx.hyper.lr_head, weight_decay=1e-4)
     trainer = Trainer(head, head, features, list(head.parameters()), list(head.parameters()))
     # Every DDP rank runs this small phase in full, identically (same data, same seed): no sharding.
     report, tripped = run_phase("head", trainer, optimizer, ctx.hyper.epochs_head, replace(ctx, world_size=1))
-    return report, tripped, feature_rate
+    return report, tripped, feature_rate, teacher
 
 
 def fine_tune(
@@ -156,11 +163,14 @@ def fine_tune(
             f"epochs run only the trainable part" if cache.record["cached"]
             else f"no activation cache: {cache.record['reason']}")})
     phases = []
-    report, tripped, feature_rate = _head_phase(model, data, ctx, cache)
+    report, tripped, feature_rate, teacher = _head_phase(model, data, ctx, cache)
     phases.append(report)
     record: dict[str, Any] = {}
     trips = [f"head phase: {tripped}"] if tripped is not None else []
     if tripped is None and second:
+        data = with_replay_teacher(data, teacher)
+        if cache.data is not None:
+            cache = replace(cache, data=with_replay_teacher(cache.data, teacher))
         record = finetune_phase(model, data, plan, ctx, anchor_data, cache, report, backbone)
         phases.append(record["report"])
         trips += record["trips"]
