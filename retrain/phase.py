@@ -3,9 +3,10 @@
 ``run_phase`` steps a ``Trainer`` (a forward over images or cached activations, the parameters that
 train and those whose gradient norm is watched, an optional L2-SP/EWC anchor, replay distillation)
 through mixed batches under the step-to-step guard (SpikeDetector) and, in phase 2, the baseline
-guard; it stops on a plateau and ends on the best weights. ``RunContext`` carries what every phase reads (hyper-parameters,
-device, DDP rank and size, the progress callback and the epoch history). Apart from retrain.recipe,
-which decides what each phase trains, so the loop and its guards read on their own.
+guard; it stops on a plateau and ends on the best weights. ``RunContext`` carries what every phase
+reads (hyper-parameters, device, DDP rank and size, the progress callback and the epoch history).
+Apart from retrain.recipe, which decides what each phase trains, so the loop and its guards read
+on their own.
 """
 
 from __future__ import annotations

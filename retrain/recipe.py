@@ -43,7 +43,7 @@ from torch import nn
 from retrain.batches import Split, TrainingSet, all_splits, with_replay_teacher
 from retrain.batchnorm import BatchNormReport, inspect_batchnorm
 from retrain.config import HyperConfig
-from retrain.distill import teacher_logits
+from retrain.distill import TEMPERATURE, teacher_logits
 from retrain.finetune import finetune_phase
 from retrain.guards import GuardTripped
 from retrain.layer_lrs import set_trainable
@@ -124,6 +124,9 @@ def _head_phase(model: nn.Module, data: TrainingSet, ctx: RunContext, cache: Pre
     if ctx.hyper.distill_weight > 0 and len(features.replay):
         teacher = teacher_logits(head, features.replay)  # the served head: it has not trained yet
         features = with_replay_teacher(features, teacher)
+        ctx.emit({"event": "phase", "phase": "distill", "message": (
+            f"distilling {len(features.replay)} replay rows toward the served model's predictions "
+            f"(distill_weight {ctx.hyper.distill_weight:g}, temperature {TEMPERATURE:g})")})
     optimizer = torch.optim.AdamW(head.parameters(), lr=ctx.hyper.lr_head, weight_decay=1e-4)
     trainer = Trainer(head, head, features, list(head.parameters()), list(head.parameters()))
     # Every DDP rank runs this small phase in full, identically (same data, same seed): no sharding.

@@ -138,7 +138,12 @@ def test_phase_two_distils_but_its_range_test_reads_the_label_loss(features, mon
     monkeypatch.setattr(retrain.finetune, "lr_range_test", range_test)
     monkeypatch.setattr(retrain.phase.Trainer, "loss", loss)
     hyper = dataclasses.replace(FAST_HYPER, lr_backbone=None, epochs_head=2, epochs_finetune=1, distill_weight=1.0)
-    report = fine_tune(copy.deepcopy(source), training, hyper, choose_strategy(len(training.train), 1.0), device=CPU)
+    events: list[dict] = []
+    report = fine_tune(copy.deepcopy(source), training, hyper, choose_strategy(len(training.train), 1.0), device=CPU,
+                       progress=events.append)
     assert [p.name for p in report.phases] == ["head", "finetune"] and report.lr_search is not None
+    said = [e["message"] for e in events if e.get("phase") == "distill"]
+    assert said == [f"distilling {len(training.replay)} replay rows toward the served model's predictions "
+                    "(distill_weight 1, temperature 2)"]
     assert seen["range_test"] == [0.0]
     assert seen["distilled_steps"] and all(seen["distilled_steps"])
