@@ -24,16 +24,6 @@ from retrain.batches import Split
 TEMPERATURE = 2.0
 
 
-@torch.no_grad()
-def teacher_logits(head: nn.Module, features: Split, batch_size: int = 1024) -> torch.Tensor:
-    """The served head's logits over pooled ``features`` (computed before the head trains)."""
-    was_training = head.training
-    head.eval()
-    out = [head(features.x[i : i + batch_size]).float() for i in range(0, len(features), batch_size)]
-    head.train(was_training)
-    return torch.cat(out) if out else features.x.new_zeros((0, 0))
-
-
 def distill_loss(logits: torch.Tensor, batch: Split, weight: float) -> torch.Tensor | None:
     """``weight`` x T^2 x KL(served || candidate) at temperature T, averaged over the batch's
     distilled rows; None when the batch has none (or weight is 0)."""

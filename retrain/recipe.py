@@ -43,7 +43,7 @@ from torch import nn
 from retrain.batches import Split, TrainingSet, all_splits, with_replay_teacher
 from retrain.batchnorm import BatchNormReport, inspect_batchnorm
 from retrain.config import HyperConfig
-from retrain.distill import TEMPERATURE, teacher_logits
+from retrain.distill import TEMPERATURE
 from retrain.finetune import finetune_phase
 from retrain.guards import GuardTripped
 from retrain.layer_lrs import set_trainable
@@ -122,7 +122,8 @@ def _head_phase(model: nn.Module, data: TrainingSet, ctx: RunContext, cache: Pre
     head = model.get_classifier()
     teacher = None
     if ctx.hyper.distill_weight > 0 and len(features.replay):
-        teacher = teacher_logits(head, features.replay)  # the served head: it has not trained yet
+        # the served head (the model is in eval mode and the head has not trained yet)
+        teacher = _map(head, features.replay, ctx.device, unwrap(model).num_classes).x
         features = with_replay_teacher(features, teacher)
         ctx.emit({"event": "phase", "phase": "distill", "message": (
             f"distilling {len(features.replay)} replay rows toward the served model's predictions "
