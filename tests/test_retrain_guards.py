@@ -28,7 +28,21 @@ def test_spike_detector_waits_for_warmup_then_flags_a_spike() -> None:
     assert err.value.kind == "non_finite"
     restored = SpikeDetector(10.0, warmup=3)
     restored.load_state_dict(spike.state_dict())
-    assert restored.median() == spike.median()
+    assert restored.median() == spike.median() and restored.start_scale() == spike.start_scale()
+
+
+def test_a_converged_phase_meeting_a_harder_batch_is_not_a_spike() -> None:
+    # The head phase on MobileNetV2 (blur:1, 2000 rows) began near 4, fitted its batches down to a
+    # median of 0.08, then met a batch at 0.97: 11x the median, far below where it began. Tripping
+    # there threw the fine-tune away. An explosion past the starting scale still trips.
+    spike = SpikeDetector(10.0, warmup=3)
+    for norm in (4.6, 3.6, 2.2) + (0.08,) * 25:
+        spike.check(norm, loss=0.01)
+    assert spike.start_scale() == pytest.approx(3.6) and spike.median() == pytest.approx(0.08)
+    spike.check(0.97, loss=0.05)
+    with pytest.raises(GuardTripped) as err:
+        spike.check(40.0, loss=3.0)
+    assert err.value.kind == "grad_spike" and "starting 3.6" in str(err.value)
 
 
 def test_anchor_penalties_and_drift() -> None:
