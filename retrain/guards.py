@@ -84,7 +84,7 @@ class SpikeDetector:
     def load_state_dict(self, state: dict[str, list[float]]) -> None:
         self._norms.clear()
         self._norms.extend(state["norms"])
-        self._start = list(state.get("start", state["norms"][: self.warmup]))
+        self._start = list(state["start"])
 
 
 class BaselineGuard:
