@@ -108,3 +108,87 @@ def reestimate(layers: list[nn.modules.batchnorm._BatchNorm], forward: Callable[
             bn.momentum = momentum
             bn.train(training)
     return rows
+
+
+@dataclass
+class CollapsedRescale:
+    """A function-preserving reparametrisation of the channels whose running variance is collapsed.
+
+    ``y = gamma * (W x - mean) / sqrt(var + eps) + beta`` is unchanged when ``W``, ``mean`` (and a
+    conv bias) are multiplied by ``s`` and ``var`` becomes ``s^2 (var + eps) - eps``. With
+    ``var`` floored at ``floor``, ``s = sqrt((floor + eps) / (var + eps))`` (up to ~10x at 1e-3,
+    eps 1e-5): the served model computes the same function, but an Adam step of the same size on
+    ``s W`` moves the channel's output ``s`` x less. Without it a step on a collapsed channel's
+    filter is amplified by ``gamma / sqrt(eps)`` in the forward pass, which is where a phase-2
+    rate that suits the healthy channels sends validation loss up (bench/README.md, "Collapsed
+    BatchNorm channels"). ``undo`` divides the scale back out after training.
+    """
+
+    pairs: list[tuple[nn.Conv2d, nn.modules.batchnorm._BatchNorm, torch.Tensor]]  # (conv, bn, s per channel)
+    floor: float
+
+    @property
+    def channels(self) -> int:
+        return sum(int((s > 1).sum()) for _, _, s in self.pairs)
+
+    @torch.no_grad()
+    def _apply(self, inverse: bool) -> None:
+        for conv, bn, s in self.pairs:
+            k = 1 / s if inverse else s
+            shape = (-1,) + (1,) * (conv.weight.ndim - 1)
+            conv.weight.mul_(k.view(shape).to(conv.weight.dtype))
+            if conv.bias is not None:
+                conv.bias.mul_(k.to(conv.bias.dtype))
+            bn.running_mean.mul_(k.to(bn.running_mean.dtype))
+            var = (bn.running_var.double() + bn.eps) * k.double() ** 2 - bn.eps
+            bn.running_var.copy_(var.clamp_min(0).to(bn.running_var.dtype))
+
+    def apply(self) -> None:
+        self._apply(inverse=False)
+
+    def undo(self) -> None:
+        self._apply(inverse=True)
+
+
+def conv_batchnorm_pairs(model: nn.Module, example: torch.Tensor) -> list[tuple[nn.Conv2d, nn.modules.batchnorm._BatchNorm]]:
+    """(conv, BN) pairs where the BN reads exactly the conv's output, found by one eval forward of
+    ``example`` (tensor identity, not module order: a residual add or activation in between
+    would break the rescale's algebra, and then the pair is not listed)."""
+    outputs: dict[int, tuple[torch.Tensor, nn.Conv2d]] = {}  # the tensors stay referenced: ids stay unique
+    pairs: list[tuple[nn.Conv2d, nn.modules.batchnorm._BatchNorm]] = []
+
+    def after_conv(module, _inputs, output):
+        outputs[id(output)] = (output, module)
+
+    def before_bn(module, inputs):
+        hit = outputs.get(id(inputs[0]))
+        if hit is not None and hit[0] is inputs[0] and hit[1].out_channels == module.num_features:
+            pairs.append((hit[1], module))
+
+    handles = [m.register_forward_hook(after_conv) for m in model.modules() if isinstance(m, nn.Conv2d)]
+    handles += [bn.register_forward_pre_hook(before_bn) for _, bn in batchnorm_layers(model)]
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(example)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(training)
+    return pairs
+
+
+def collapsed_rescale(pairs: Iterable[tuple[nn.Conv2d, nn.modules.batchnorm._BatchNorm]],
+                      floor: float) -> CollapsedRescale:
+    """The rescale that floors the running variance of ``pairs``' BN channels at ``floor`` (not yet
+    applied). Only pairs whose conv trains are listed: a frozen filter gains nothing from it."""
+    out = []
+    for conv, bn in pairs:
+        if not conv.weight.requires_grad:
+            continue
+        var = bn.running_var.detach().double()
+        s = torch.sqrt((torch.clamp(var, min=floor) + bn.eps) / (var + bn.eps)).float()
+        if bool((s > 1).any()):
+            out.append((conv, bn, s.to(bn.running_var.device)))
+    return CollapsedRescale(out, floor)

@@ -107,6 +107,9 @@ class HyperConfig:
     backoff_factor: float = setting(0.3, minimum=0.01, maximum=0.9)
     # phase-2 BN statistics: auto (re-estimate, keep if val loss holds) | frozen | adapt
     batchnorm: str = setting("auto", choices=BATCHNORM_MODES)
+    # phase 2 trains the filters of BN channels with running_var below this as if it were this
+    # (a function-preserving rescale, undone after the phase; retrain.batchnorm.CollapsedRescale); 0 = off
+    bn_var_floor: float = setting(0.0, minimum=0.0)
     cache_mb: int = setting(2048, minimum=0)        # memory for cached frozen-prefix activations (0 = run the whole network)
     wise_ft: bool = setting(False)                  # interpolate start and fine-tuned weights, alpha chosen on gate slices
     seed: int = setting(0)

@@ -21,7 +21,8 @@ import torch.distributed as dist
 from torch import nn
 
 from retrain.batches import Split, TrainingSet, mixed_batches, steps_per_epoch
-from retrain.batchnorm import batchnorm_layers, load_stats, reestimate, stats_of
+from retrain.batchnorm import (CollapsedRescale, batchnorm_layers, collapsed_rescale, conv_batchnorm_pairs,
+                               load_stats, reestimate, stats_of)
 from retrain.guards import Anchor, AnchorWeights, BaselineGuard, grad_norm
 from retrain.layer_lrs import layerwise_optimizer, lr_range_test, lr_schedule
 from retrain.phase import PhaseReport, RunContext, Trainer, run_phase, state_copy, to_device, val_loss
@@ -46,6 +47,9 @@ def finetune_phase(model: nn.Module, data: TrainingSet, plan: StrategyPlan, ctx:
     configured = ctx.hyper.replay_fraction
     hyper = replace(ctx.hyper, replay_fraction=plan.replay_fraction(configured))
     ctx = replace(ctx, hyper=hyper)
+    record: dict[str, Any] = {}
+    head_state = state_copy(model)  # the head-phase model as served: what a discarded phase 2 leaves
+    rescale = precondition_collapsed(model, data, ctx, record)
     anchor = Anchor(model, backbone, AnchorWeights(hyper.l2sp_weight * plan.l2sp_scale, hyper.ewc_weight))
     if hyper.ewc_weight > 0 and anchor_data is not None and len(anchor_data):
         model.eval()
@@ -83,10 +87,10 @@ def finetune_phase(model: nn.Module, data: TrainingSet, plan: StrategyPlan, ctx:
                 dist.broadcast(buffer, src=0)
 
     tr = Trainer(model, wrapped, train_data, trainable, watched, set_modes, sync_buffers, anchor)
-    record: dict[str, Any] = {}
     head_val = head.best_val_loss
-    head_state = state_copy(model)  # the head-phase model, with the statistics its head was trained on
     record["batchnorm"] = choose_batchnorm(net, tr, trainable_bn, plan, ctx, head_val, adapt)
+    if rescale is not None:
+        record["batchnorm"]["collapsed_rescale"] = record.pop("collapsed_rescale")
     if not adapt["value"] and hyper.replay_fraction != configured:
         # The strategy's replay floor keeps adapted statistics mostly source; with the served
         # statistics frozen it buys nothing and costs steps (0.7 -> 0.5: 1.7x fewer per epoch).
@@ -160,6 +164,10 @@ def finetune_phase(model: nn.Module, data: TrainingSet, plan: StrategyPlan, ctx:
                       "message": f"{tripped}; retrying the phase from the head-trained weights at lr "
                                  f"{lr * hyper.backoff_factor:.2g}"})
     improved = better  # the last attempt's
+    if improved and rescale is not None and not adapt["value"]:
+        # back to the served parametrisation, so WiSE-FT mixes like with like (statistics that
+        # followed the batches are no longer the floored ones: the rescaled form stays, exact)
+        rescale.undo()
     if not improved:
         model.load_state_dict(head_state)
         detail = (f"{len(trips)} guard trip(s), the last: {trips[-1]}" if report.stopped.startswith("guard")
@@ -172,6 +180,23 @@ def finetune_phase(model: nn.Module, data: TrainingSet, plan: StrategyPlan, ctx:
                   "message": f"kept the head-phase weights: {why}"})
     record.update(report=report, trips=trips, drift=anchor.drift(), kept=improved, lr=lr)
     return record
+
+
+def precondition_collapsed(model: nn.Module, data: TrainingSet, ctx: RunContext,
+                           record: dict[str, Any]) -> CollapsedRescale | None:
+    """Apply the function-preserving rescale of collapsed BatchNorm channels (retrain.batchnorm)
+    to the trainable layers when ``hyper.bn_var_floor`` > 0; recorded and reported."""
+    floor = ctx.hyper.bn_var_floor
+    if floor <= 0 or len(data.train) == 0:
+        return None
+    pairs = conv_batchnorm_pairs(model, to_device(data.train.x[:1], ctx.device))
+    rescale = collapsed_rescale(pairs, floor)
+    rescale.apply()
+    record["collapsed_rescale"] = {"floor": floor, "layers": len(rescale.pairs), "channels": rescale.channels}
+    ctx.emit({"event": "phase", "phase": "batchnorm", "message": (
+        f"preconditioned {rescale.channels} collapsed BatchNorm channels in {len(rescale.pairs)} trainable layers: "
+        f"their filters train as if running_var were >= {floor:g} (the served function is unchanged)")})
+    return rescale
 
 
 def choose_batchnorm(net: nn.Module, tr: Trainer, layers: list, plan: StrategyPlan, ctx: RunContext,

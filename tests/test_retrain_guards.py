@@ -164,6 +164,34 @@ def test_batchnorm_inspection_counts_collapsed_channels_and_reestimation_is_exac
     assert torch.allclose(first_bn.running_var, per_batch, rtol=1e-4)
 
 
+def test_collapsed_channels_are_rescaled_without_changing_the_function_and_the_rescale_undoes() -> None:
+    from retrain.batchnorm import batchnorm_layers, collapsed_rescale, conv_batchnorm_pairs
+
+    torch.manual_seed(0)
+    model = timm.create_model("test_resnet", num_classes=10).eval()
+    x = torch.randn(6, 3, 16, 16)
+    pairs = conv_batchnorm_pairs(model, x[:1])
+    # every BN of test_resnet reads a conv's output directly, and is found once
+    assert len(pairs) == len(batchnorm_layers(model)) and len({id(bn) for _, bn in pairs}) == len(pairs)
+    conv, bn = pairs[2]
+    bn.running_var[:4] = torch.tensor([5.6e-45, 1e-8, 1e-4, 2e-3])
+    for c, b in pairs:
+        c.weight.requires_grad_(c is conv)  # only a trainable conv is preconditioned
+    before = model(x)
+    weights = conv.weight.detach().clone()
+    rescale = collapsed_rescale(pairs, 1e-3)
+    assert [b for _, b, _ in rescale.pairs] == [bn] and rescale.channels == 3  # 2e-3 is above the floor
+    rescale.apply()
+    assert torch.allclose(bn.running_var[:3], torch.full((3,), 1e-3)) and float(bn.running_var[3]) == pytest.approx(2e-3)
+    scale = torch.sqrt(torch.tensor(1e-3 + bn.eps) / (torch.tensor([5.6e-45, 1e-8, 1e-4]) + bn.eps))
+    assert torch.allclose(conv.weight[:3].flatten(1).norm(dim=1) / weights[:3].flatten(1).norm(dim=1), scale, rtol=1e-5)
+    assert torch.equal(conv.weight[3:], weights[3:])
+    assert torch.allclose(model(x), before, atol=1e-5)  # the served function is unchanged
+    rescale.undo()
+    assert torch.allclose(conv.weight, weights, rtol=1e-6) and float(bn.running_var[1]) == pytest.approx(1e-8, rel=1e-3)
+    assert torch.allclose(model(x), before, atol=1e-5)
+
+
 def test_trunk_is_forward_features_as_a_chain_and_the_suffix_is_the_rest() -> None:
     from retrain.trunk import Suffix, find_trunk, prefix_activations
 

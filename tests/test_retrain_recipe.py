@@ -240,3 +240,29 @@ def test_max_finetune_steps_cuts_phase_two_to_whole_epochs_and_says_so(setup) ->
     uncapped = fine_tune(copy.deepcopy(source), training, dataclasses.replace(hyper, max_finetune_steps=10_000),
                          choose_strategy(len(training.train), 0.0, requested="top_blocks"), device=CPU)
     assert uncapped.epochs_capped is None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("lr_backbone", [1e-4, 10.0])
+def test_collapsed_channels_are_preconditioned_in_phase_two_and_the_model_ends_as_parametrised(setup, lr_backbone) -> None:
+    # A BN layer the fine-tune trains, with collapsed channels as ImageNet MobileNetV2 has; at a
+    # sane rate the phase keeps its weights, at 10 it is thrown away: either way the model ends
+    # in the served parametrisation (the rescale undone, or the head-phase weights restored).
+    from retrain.batchnorm import batchnorm_layers
+
+    source, training, _, _ = setup
+    model = copy.deepcopy(source)
+    name, bn = batchnorm_layers(model)[-1]
+    bn.running_var[:3] = 1e-9
+    hyper = dataclasses.replace(FAST_HYPER, epochs_head=1, epochs_finetune=1, lr_backbone=lr_backbone, max_backoffs=0,
+                                batchnorm="frozen", bn_var_floor=1e-3)
+    events: list[dict] = []
+    report = fine_tune(model, training, hyper, choose_strategy(len(training.train), 0.0, requested="top_blocks"),
+                       device=CPU, progress=events.append)
+    rescaled = report.batchnorm["finetune"]["collapsed_rescale"]
+    assert rescaled["floor"] == 1e-3 and rescaled["channels"] >= 3 and rescaled["layers"] >= 1
+    assert any("preconditioned" in e.get("message", "") and "collapsed BatchNorm channels" in e["message"]
+               for e in events)
+    assert report.finetune_kept is (lr_backbone < 1)
+    after = dict(batchnorm_layers(model))[name]
+    assert torch.allclose(after.running_var[:3], torch.full((3,), 1e-9), rtol=1e-3)  # not left at the floor
