@@ -77,7 +77,7 @@ def test_the_cli_passes_onset_and_the_monitors_shift_into_the_plan(tmp_path: Pat
     plan = result.strategy
     assert plan.onset == onset and plan.rows_before_onset == 300 and plan.rows_after_onset == 297
     assert plan.domain_gap == 0.61 and plan.monitor_domain_gap == 0.61 and plan.monitor_mmd == 0.12
-    assert plan.name == "all_but_stem" and "gap from the monitor (job " in plan.reason
+    assert plan.name == "full" and "gap from the monitor (job " in plan.reason
     assert result.shift is not None and result.shift.strategy_domain_gap_from == "monitor"
     assert result.shift.job_domain_gap == plan.job_domain_gap > 0.5
     assert result.data is not None and result.data.onset == onset

@@ -35,11 +35,11 @@ def test_job_promotes_a_better_model_and_writes_its_reference(tmp_path: Path, ch
                      progress=events.append, clock=lambda: NOW)
     assert result.outcome == "promoted", result.reason
     assert (result.current_version, result.candidate_version) == ("v1", "v2")
-    assert result.strategy.name == "all_but_stem" and result.strategy.mode == "images"
+    assert result.strategy.name == "full" and result.strategy.mode == "images"
     assert result.gate.gain >= 0.02 and result.gate.forgetting <= 0.01
     assert world.registry.current().version == "v2" and world.registry.history() == ["v1", "v2"]
     meta = world.registry.get("v2").meta
-    assert meta.parent == "v1" and meta.strategy == "all_but_stem" and meta.gate["promote"] is True
+    assert meta.parent == "v1" and meta.strategy == "full" and meta.gate["promote"] is True
     assert meta.data_window["rows"] == result.labelled_rows == 597
     ref = load_references(tmp_path / "reference")["v2"]
     assert ref.model_version == "v2"
