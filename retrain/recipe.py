@@ -45,7 +45,7 @@ from retrain.batchnorm import BatchNormReport, inspect_batchnorm
 from retrain.config import HyperConfig
 from retrain.distill import TEMPERATURE
 from retrain.finetune import finetune_phase
-from retrain.guards import GuardTripped
+from retrain.guards import Anchor, AnchorWeights, GuardTripped
 from retrain.layer_lrs import set_trainable
 from retrain.model import pooled_features, unwrap
 from retrain.phase import PhaseReport, Progress, RunContext, Trainer, autocast, run_phase, to_device
@@ -129,7 +129,10 @@ def _head_phase(model: nn.Module, data: TrainingSet, ctx: RunContext, cache: Pre
             f"distilling {len(features.replay)} replay rows toward the served model's predictions "
             f"(distill_weight {ctx.hyper.distill_weight:g}, temperature {TEMPERATURE:g})")})
     optimizer = torch.optim.AdamW(head.parameters(), lr=ctx.hyper.lr_head, weight_decay=1e-4)
-    trainer = Trainer(head, head, features, list(head.parameters()), list(head.parameters()))
+    anchor = None
+    if ctx.hyper.l2sp_head > 0:  # pulled toward the served head: what it knew of the source stays
+        anchor = Anchor(head, [n for n, _ in head.named_parameters()], AnchorWeights(ctx.hyper.l2sp_head, 0.0))
+    trainer = Trainer(head, head, features, list(head.parameters()), list(head.parameters()), anchor=anchor)
     # Every DDP rank runs this small phase in full, identically (same data, same seed): no sharding.
     report, tripped = run_phase("head", trainer, optimizer, ctx.hyper.epochs_head, replace(ctx, world_size=1))
     return report, tripped, feature_rate, teacher

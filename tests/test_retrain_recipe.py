@@ -267,3 +267,19 @@ def test_collapsed_channels_are_preconditioned_in_phase_two_and_the_model_ends_a
     assert report.finetune_kept is (lr_backbone < 1)
     after = dict(batchnorm_layers(model))[name]
     assert torch.allclose(after.running_var[:3], torch.full((3,), 1e-9), rtol=1e-3)  # not left at the floor
+
+
+@pytest.mark.slow
+def test_the_head_phase_is_pulled_toward_the_served_head(setup) -> None:
+    source, training, _, _ = setup
+    served = source.get_classifier().weight.detach()
+    moved = {}
+    for weight in (0.0, 1.0):
+        model, events = copy.deepcopy(source), []
+        hyper = dataclasses.replace(FAST_HYPER, epochs_head=3, l2sp_head=weight)
+        fine_tune(model, training, hyper, choose_strategy(len(training.train), 0.0, requested="head"), device=CPU,
+                  progress=events.append)
+        moved[weight] = float((model.get_classifier().weight.detach() - served).norm())
+        drift = [e["weight_drift"] for e in events if e["event"] == "epoch" and e["phase"] == "head"]
+        assert drift and (all(d > 0 for d in drift) if weight else all(d == 0 for d in drift))
+    assert 0 < moved[1.0] < 0.5 * moved[0.0], moved
