@@ -120,8 +120,10 @@ class CollapsedRescale:
     eps 1e-5): the served model computes the same function, but an Adam step of the same size on
     ``s W`` moves the channel's output ``s`` x less. Without it a step on a collapsed channel's
     filter is amplified by ``gamma / sqrt(eps)`` in the forward pass, which is where a phase-2
-    rate that suits the healthy channels sends validation loss up (bench/README.md, "Collapsed
-    BatchNorm channels"). ``undo`` divides the scale back out after training.
+    rate that suits the healthy channels would send validation loss up. Measured on the
+    MobileNetV2 grid and left off by default (bench/README.md, "Small and dissimilar: full, not
+    all_but_stem; collapsed BatchNorm channels preconditioned"). ``undo`` divides the scale back
+    out after training.
     """
 
     pairs: list[tuple[nn.Conv2d, nn.modules.batchnorm._BatchNorm, torch.Tensor]]  # (conv, bn, s per channel)

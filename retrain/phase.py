@@ -126,6 +126,9 @@ class Trainer:
     set_modes: Callable[[], None] = lambda: None
     before_eval: Callable[[], None] = lambda: None
     anchor: Anchor | None = None
+    # whether weight_drift reports the anchor's drift: the driftd_retrain_weight_drift gauge reads
+    # the backbone's, so the head phase's pull toward the served head is not reported as drift
+    reports_drift: bool = True
 
     def loss(self, batch: Split, ctx: RunContext) -> torch.Tensor:
         with autocast(ctx.device):
@@ -137,8 +140,8 @@ class Trainer:
         return loss + self.anchor.penalty() if self.anchor is not None else loss
 
     def weight_drift(self) -> float:
-        """How far the weights moved from the start (0 with no anchor)."""
-        return self.anchor.drift() if self.anchor is not None else 0.0
+        """How far the backbone moved from the start (0 with no anchor, or in the head phase)."""
+        return self.anchor.drift() if self.anchor is not None and self.reports_drift else 0.0
 
     def val(self, ctx: RunContext) -> float:
         self.module.eval()

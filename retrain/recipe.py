@@ -132,7 +132,8 @@ def _head_phase(model: nn.Module, data: TrainingSet, ctx: RunContext, cache: Pre
     anchor = None
     if ctx.hyper.l2sp_head > 0:  # pulled toward the served head: what it knew of the source stays
         anchor = Anchor(head, [n for n, _ in head.named_parameters()], AnchorWeights(ctx.hyper.l2sp_head, 0.0))
-    trainer = Trainer(head, head, features, list(head.parameters()), list(head.parameters()), anchor=anchor)
+    trainer = Trainer(head, head, features, list(head.parameters()), list(head.parameters()), anchor=anchor,
+                      reports_drift=False)
     # Every DDP rank runs this small phase in full, identically (same data, same seed): no sharding.
     report, tripped = run_phase("head", trainer, optimizer, ctx.hyper.epochs_head, replace(ctx, world_size=1))
     return report, tripped, feature_rate, teacher

@@ -111,7 +111,9 @@ def test_cached_prefix_trains_like_the_whole_network_and_the_lr_comes_from_a_ran
     assert not whole_report.prefix_cache["cached"] and "cache_mb 0" in whole_report.prefix_cache["reason"]
     # the same steps on the same batches: only where the frozen layers' output came from differs
     assert report.lr_search["suggestion"] == pytest.approx(whole_report.lr_search["suggestion"], rel=1e-3)
-    assert report.phases[-1].lr == report.lr_search["suggestion"]
+    # phase 2 ran at the range test's rate, or at backoff_factor x it per guard trip before it
+    backoffs = sum(1 for t in report.trips if t.startswith("finetune attempt"))
+    assert report.phases[-1].lr == pytest.approx(report.lr_search["suggestion"] * hyper.backoff_factor ** backoffs)
     assert report.phases[-1].best_val_loss == pytest.approx(whole_report.phases[-1].best_val_loss, rel=1e-2)
     assert any(e["event"] == "phase" and e["phase"] == "lr_range_test" for e in events)
     steps = [e for e in events if e["event"] == "step"]
@@ -280,6 +282,7 @@ def test_the_head_phase_is_pulled_toward_the_served_head(setup) -> None:
         fine_tune(model, training, hyper, choose_strategy(len(training.train), 0.0, requested="head"), device=CPU,
                   progress=events.append)
         moved[weight] = float((model.get_classifier().weight.detach() - served).norm())
+        # the weight-drift gauge reads the backbone's drift, which the head phase leaves at 0
         drift = [e["weight_drift"] for e in events if e["event"] == "epoch" and e["phase"] == "head"]
-        assert drift and (all(d > 0 for d in drift) if weight else all(d == 0 for d in drift))
+        assert drift and all(d == 0 for d in drift)
     assert 0 < moved[1.0] < 0.5 * moved[0.0], moved
