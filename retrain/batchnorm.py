@@ -133,6 +133,9 @@ class CollapsedRescale:
     def channels(self) -> int:
         return sum(int((s > 1).sum()) for _, _, s in self.pairs)
 
+    def to_json(self) -> dict:
+        return {"floor": self.floor, "layers": len(self.pairs), "channels": self.channels}
+
     @torch.no_grad()
     def _apply(self, inverse: bool) -> None:
         for conv, bn, s in self.pairs:

@@ -47,9 +47,8 @@ def finetune_phase(model: nn.Module, data: TrainingSet, plan: StrategyPlan, ctx:
     configured = ctx.hyper.replay_fraction
     hyper = replace(ctx.hyper, replay_fraction=plan.replay_fraction(configured))
     ctx = replace(ctx, hyper=hyper)
-    record: dict[str, Any] = {}
     head_state = state_copy(model)  # the head-phase model as served: what a discarded phase 2 leaves
-    rescale = precondition_collapsed(model, data, ctx, record)
+    rescale = precondition_collapsed(model, data, ctx)
     anchor = Anchor(model, backbone, AnchorWeights(hyper.l2sp_weight * plan.l2sp_scale, hyper.ewc_weight))
     if hyper.ewc_weight > 0 and anchor_data is not None and len(anchor_data):
         model.eval()
@@ -87,10 +86,11 @@ def finetune_phase(model: nn.Module, data: TrainingSet, plan: StrategyPlan, ctx:
                 dist.broadcast(buffer, src=0)
 
     tr = Trainer(model, wrapped, train_data, trainable, watched, set_modes, sync_buffers, anchor)
+    record: dict[str, Any] = {}
     head_val = head.best_val_loss
     record["batchnorm"] = choose_batchnorm(net, tr, trainable_bn, plan, ctx, head_val, adapt)
     if rescale is not None:
-        record["batchnorm"]["collapsed_rescale"] = record.pop("collapsed_rescale")
+        record["batchnorm"]["collapsed_rescale"] = rescale.to_json()
     if not adapt["value"] and hyper.replay_fraction != configured:
         # The strategy's replay floor keeps adapted statistics mostly source; with the served
         # statistics frozen it buys nothing and costs steps (0.7 -> 0.5: 1.7x fewer per epoch).
@@ -182,17 +182,15 @@ def finetune_phase(model: nn.Module, data: TrainingSet, plan: StrategyPlan, ctx:
     return record
 
 
-def precondition_collapsed(model: nn.Module, data: TrainingSet, ctx: RunContext,
-                           record: dict[str, Any]) -> CollapsedRescale | None:
+def precondition_collapsed(model: nn.Module, data: TrainingSet, ctx: RunContext) -> CollapsedRescale | None:
     """Apply the function-preserving rescale of collapsed BatchNorm channels (retrain.batchnorm)
-    to the trainable layers when ``hyper.bn_var_floor`` > 0; recorded and reported."""
+    to the trainable layers when ``hyper.bn_var_floor`` > 0, and report it."""
     floor = ctx.hyper.bn_var_floor
     if floor <= 0 or len(data.train) == 0:
         return None
     pairs = conv_batchnorm_pairs(model, to_device(data.train.x[:1], ctx.device))
     rescale = collapsed_rescale(pairs, floor)
     rescale.apply()
-    record["collapsed_rescale"] = {"floor": floor, "layers": len(rescale.pairs), "channels": rescale.channels}
     ctx.emit({"event": "phase", "phase": "batchnorm", "message": (
         f"preconditioned {rescale.channels} collapsed BatchNorm channels in {len(rescale.pairs)} trainable layers: "
         f"their filters train as if running_var were >= {floor:g} (the served function is unchanged)")})
